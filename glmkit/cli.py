@@ -1,0 +1,48 @@
+"""The `glmkit` command line: one verb per module, each module giving `add_arguments(parser)` and
+`run(args) -> int`. Modules are imported only when their verb runs, so `glmkit --help` is instant."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from glmkit.errors import GlmkitError
+
+# verb -> (module, one-line help). Keep in the order a new user meets them.
+COMMANDS: dict[str, tuple[str, str]] = {
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="glmkit", description="GLM language models: pretraining, checkpoints, inference, evaluation.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        parser = build_parser()
+        if not argv:
+            parser.print_help()
+            return 0
+        parser.parse_args(argv)  # prints the usage error for an unknown verb
+        return 2
+    name, rest = argv[0], argv[1:]
+    module_name, help_text = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"glmkit {name}", description=help_text)
+    module.add_arguments(parser)
+    args = parser.parse_args(rest)
+    try:
+        return int(module.run(args) or 0)
+    except GlmkitError as e:
+        print(f"glmkit {name}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"glmkit {name}: interrupted", file=sys.stderr)
+        return 130

