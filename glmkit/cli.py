@@ -11,6 +11,7 @@ from glmkit.errors import GlmkitError
 
 # verb -> (module, one-line help). Keep in the order a new user meets them.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "bench": ("glmkit.bench", "measure speed against a named peer in the same run"),
 }
 
 
