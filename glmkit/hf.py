@@ -1,0 +1,293 @@
+"""HF transformers checkpoints of GLM-4, GLM-4-0414 and GLM-4.5/4.6, loaded into and saved from glmkit.
+
+Three architectures (`../shared/DESIGN.md` §2), read from `config.json` → `architectures` / `model_type`:
+
+| HF architecture | model_type | glmkit family |
+|---|---|---|
+| `GlmForCausalLM` | glm | GLM-4 / ChatGLM2-3: pre-RMSNorm, SwiGLU, GQA, interleaved partial RoPE |
+| `Glm4ForCausalLM` | glm4 | GLM-4-0414: GLM-4 plus an RMSNorm on each sublayer output |
+| `Glm4MoeForCausalLM` | glm4_moe | GLM-4.5/4.6: MoE with shared expert, rotate-half partial RoPE, QK norm |
+
+Checkpoint layout (what `save_pretrained` writes): `config.json` plus either `model.safetensors` or
+shards `model-0000i-of-0000n.safetensors` with `model.safetensors.index.json`
+(`{"metadata": {"total_size": bytes}, "weight_map": {tensor name: shard file}}`). MoE experts are
+stored one module per expert (`mlp.experts.{e}.gate_proj.weight`, as released), whatever layout
+transformers uses in memory.
+
+Streaming: `from_hf` builds the model on the `meta` device, then reads one checkpoint tensor at a
+time with `safe_open` (memory-mapped) straight into its final, preallocated glmkit tensor (fused
+tensors are filled slice by slice), and hands those tensors to the model with
+`load_state_dict(assign=True)`: a 9B checkpoint needs one copy of the weights in memory, not two.
+`to_hf` plans the shards from the tensor sizes first, then writes them one at a time, so at most one
+shard of copies exists besides the model.
+
+Every tensor is checked before anything is read: a missing, unexpected or wrongly shaped tensor is a
+`GlmkitError` naming it, its shape and the shape the config implies.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+
+from glmkit.errors import GlmkitError
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading: one safetensors file or an index of shards, opened lazily, tensors read one at a time.
+
+class CheckpointReader:
+    """The tensors of an HF checkpoint directory, by name; use as a context manager."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.weight_map = _weight_map(self.path)  # tensor name -> shard file name
+        self._stack = ExitStack()
+        self._files: dict[str, object] = {}
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+        self._files.clear()
+
+    def _file(self, name: str):
+        from safetensors import safe_open
+
+        fname = self.weight_map[name]
+        if fname not in self._files:
+            self._files[fname] = self._stack.enter_context(safe_open(self.path / fname, framework="pt"))
+        return self._files[fname]
+
+    def names(self) -> list[str]:
+        return list(self.weight_map)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._file(name).get_slice(name).get_shape())
+
+    def dtype(self, name: str) -> torch.dtype | None:
+        return _ST_DTYPES.get(self._file(name).get_slice(name).get_dtype())
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._file(name).get_tensor(name)
+
+
+def _weight_map(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    if not path.is_dir():
+        raise GlmkitError(f"{path} is not a directory; point at an HF checkpoint folder (config.json + *.safetensors)")
+    index = path / INDEX_FILE
+    if index.exists():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise GlmkitError(f"{index} has no 'weight_map' object; it is not a safetensors index")
+        missing = sorted({f for f in weight_map.values() if not (path / f).exists()})
+        if missing:
+            raise GlmkitError(f"{index} names shard files that are not in {path}: {', '.join(missing)}")
+        return dict(weight_map)
+    single = path / SINGLE_FILE
+    if single.exists():
+        with safe_open(single, framework="pt") as f:
+            return {name: SINGLE_FILE for name in f.keys()}
+    found = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".safetensors"))
+    hint = f" (found {', '.join(found)}; only safetensors is read — re-save with safe_serialization)" if found else ""
+    raise GlmkitError(f"{path} holds neither {SINGLE_FILE} nor {INDEX_FILE}{hint}")
+
+
+def _read_json(path: Path) -> dict:
+    if not path.exists():
+        raise GlmkitError(f"{path} not found")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise GlmkitError(f"{path} is not valid JSON: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Writing: shards planned from sizes, then written one at a time.
+
+def parse_size(size: int | str) -> int:
+    """'5GB' -> 5e9 bytes, '500MiB' -> 500·2^20, an int is bytes (the units transformers accepts)."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", str(size), flags=re.IGNORECASE)
+    if not m:
+        raise GlmkitError(f"max_shard_size {size!r} is not a size; write e.g. 5GB, 500MB, 2GiB or a byte count")
+    unit = (m.group(2) or "B").upper()
+    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
+    return int(float(m.group(1)) * scale)
+
+
+def plan_shards(sizes: list[tuple[str, int]], max_bytes: int) -> list[list[str]]:
+    """Group tensors, in order, into shards of at most `max_bytes` (a larger tensor gets its own)."""
+    shards: list[list[str]] = [[]]
+    used = 0
+    for name, nbytes in sizes:
+        if shards[-1] and used + nbytes > max_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(name)
+        used += nbytes
+    return shards
+
+
+def shard_names(n: int) -> list[str]:
+    if n == 1:
+        return [SINGLE_FILE]
+    return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Configs: HF config.json <-> GLMConfig.
+
+ARCHITECTURES = {"GlmForCausalLM": "glm", "Glm4ForCausalLM": "glm4", "Glm4MoeForCausalLM": "glm4_moe"}
+_ARCH_OF = {v: k for k, v in ARCHITECTURES.items()}
+# What the HF config classes assume for a key that config.json leaves out (transformers 5.x defaults).
+_HF_DEFAULTS = {
+    "glm": dict(vocab_size=151552, hidden_size=4096, intermediate_size=13696, num_hidden_layers=40,
+                num_attention_heads=32, num_key_value_heads=2, head_dim=128, hidden_act="silu",
+                max_position_embeddings=131072, rms_norm_eps=1.5625e-07, tie_word_embeddings=False,
+                attention_bias=True, initializer_range=0.02),
+    "glm4_moe": dict(vocab_size=151552, hidden_size=4096, intermediate_size=10944, num_hidden_layers=46,
+                     num_attention_heads=96, num_key_value_heads=8, hidden_act="silu",
+                     max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                     attention_bias=False, initializer_range=0.02, moe_intermediate_size=1408,
+                     num_experts_per_tok=8, n_shared_experts=1, n_routed_experts=128, routed_scaling_factor=1.0,
+                     n_group=1, topk_group=1, first_k_dense_replace=1, norm_topk_prob=True, use_qk_norm=False,
+                     num_nextn_predict_layers=1),
+}
+_HF_DEFAULTS["glm4"] = _HF_DEFAULTS["glm"]
+
+
+def _unsupported(what: str) -> GlmkitError:
+    supported = ", ".join(f"{a} (model_type {t!r})" for a, t in ARCHITECTURES.items())
+    return GlmkitError(f"{what} is not supported; glmkit reads and writes {supported}")
+
+
+def hf_model_type(hf: dict) -> str:
+    """The model_type of an HF config dict, checked against `architectures` and the supported set."""
+    archs = hf.get("architectures") or []
+    model_type = hf.get("model_type")
+    if model_type is None:
+        known = [ARCHITECTURES[a] for a in archs if a in ARCHITECTURES]
+        if not known:
+            raise _unsupported(f"HF config with architectures {archs} and no model_type")
+        model_type = known[0]
+    if model_type not in _ARCH_OF:
+        raise _unsupported(f"HF model_type {model_type!r} (architectures {archs})")
+    for a in archs:
+        if a != _ARCH_OF[model_type]:
+            raise _unsupported(f"HF architecture {a!r} (model_type {model_type!r})")
+    return model_type
+
+
+def _rope(hf: dict) -> tuple[float, float]:
+    """(rope_theta, partial_rotary_factor) with transformers' precedence: `rope_parameters` (or the
+    legacy `rope_scaling`), then top-level keys, then defaults (10000, and 0.5 for all three)."""
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if not isinstance(rope, dict) or any(isinstance(v, dict) for v in rope.values()):
+        raise GlmkitError(f"HF rope_parameters {rope!r}: per-layer-type RoPE settings are not supported")
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        raise GlmkitError(f"HF rope type {rope_type!r} (rope_parameters {rope}) is not implemented in glmkit; "
+                          "only plain RoPE ('default') is, so the logits would be wrong")
+    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    factor = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 0.5))
+    return float(theta), float(factor)
+
+
+def config_from_hf(hf: dict, name: str | None = None):
+    """GLMConfig for an HF `config.json` dict of a supported architecture (else GlmkitError)."""
+    from glmkit.config import GLMConfig
+
+    model_type = hf_model_type(hf)
+    if hf.get("quantization_config"):
+        method = hf["quantization_config"].get("quant_method", "?")
+        raise GlmkitError(f"quantized HF checkpoints ({method}) are not supported; use the bf16/fp32 release")
+    c = {**_HF_DEFAULTS[model_type], **{k: v for k, v in hf.items() if v is not None}}
+    if c["hidden_act"] != "silu":
+        raise GlmkitError(f"HF hidden_act {c['hidden_act']!r} is not supported: GLM-4 MLPs are SwiGLU ('silu')")
+    theta, factor = _rope(hf)
+    heads = c["num_attention_heads"]
+    kw = dict(name=name or f"hf-{model_type}", vocab_size=c["vocab_size"], hidden_size=c["hidden_size"],
+              num_layers=c["num_hidden_layers"], num_heads=heads, num_kv_heads=c.get("num_key_value_heads") or heads,
+              head_dim=c.get("head_dim") or c["hidden_size"] // heads, intermediate_size=c["intermediate_size"],
+              norm="rmsnorm", norm_eps=float(c["rms_norm_eps"]), residual="sandwich" if model_type == "glm4" else "pre",
+              mlp="swiglu", mlp_bias=False, qkv_bias=bool(c["attention_bias"]), out_bias=False,
+              position_embedding="rope", rope_interleaved=model_type != "glm4_moe", partial_rotary_factor=factor,
+              rope_theta=theta, max_position_embeddings=c["max_position_embeddings"],
+              tie_word_embeddings=bool(c["tie_word_embeddings"]), initializer_range=c["initializer_range"])
+    if model_type == "glm4_moe" and c["first_k_dense_replace"] >= c["num_hidden_layers"]:
+        kw.update(qk_norm=bool(c["use_qk_norm"]))     # every layer dense: no experts anywhere
+    elif model_type == "glm4_moe":
+        kw.update(qk_norm=bool(c["use_qk_norm"]), n_routed_experts=c["n_routed_experts"],
+                  num_experts_per_tok=c["num_experts_per_tok"], moe_intermediate_size=c["moe_intermediate_size"],
+                  n_shared_experts=c["n_shared_experts"], first_k_dense_replace=c["first_k_dense_replace"],
+                  routed_scaling_factor=float(c["routed_scaling_factor"]), norm_topk_prob=bool(c["norm_topk_prob"]),
+                  n_group=c["n_group"], topk_group=c["topk_group"])
+    return GLMConfig(**kw).validate()
+
+
+def config_to_hf(config, dtype: torch.dtype | None = None) -> dict:
+    """The HF `config.json` dict for a GLMConfig that one of the three HF architectures can express."""
+    model_type = _hf_family(config)
+    hf = dict(architectures=[_ARCH_OF[model_type]], model_type=model_type, vocab_size=config.vocab_size,
+              hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+              num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
+              num_key_value_heads=config.num_kv_heads, head_dim=config.head_dim, hidden_act="silu",
+              attention_bias=config.qkv_bias, attention_dropout=0.0, rms_norm_eps=config.norm_eps,
+              max_position_embeddings=config.max_position_embeddings,
+              tie_word_embeddings=config.tie_word_embeddings, initializer_range=config.initializer_range,
+              rope_parameters=dict(rope_type="default", rope_theta=config.rope_theta,
+                                   partial_rotary_factor=config.partial_rotary_factor),
+              use_cache=True)
+    if model_type == "glm4_moe":
+        dense_only = not config.is_moe    # a dense rotate-half model: every layer is a "first k dense" one
+        hf.update(use_qk_norm=config.qk_norm, n_routed_experts=config.n_routed_experts if not dense_only else 1,
+                  num_experts_per_tok=config.num_experts_per_tok if not dense_only else 1,
+                  moe_intermediate_size=config.moe_intermediate_size or config.intermediate_size,
+                  n_shared_experts=config.n_shared_experts,
+                  first_k_dense_replace=config.num_layers if dense_only else config.first_k_dense_replace,
+                  routed_scaling_factor=config.routed_scaling_factor, norm_topk_prob=config.norm_topk_prob,
+                  n_group=config.n_group, topk_group=config.topk_group,
+                  num_nextn_predict_layers=0)     # glmkit has no multi-token-prediction layers to save
+    if dtype is not None:
+        hf["dtype"] = str(dtype).removeprefix("torch.")
+    return hf
+
+
+def _hf_family(config) -> str:
+    """Which HF architecture expresses this config; GlmkitError naming the first field none can."""
+    def no(field, why):
+        return GlmkitError(f"config {config.name!r} cannot be saved as an HF checkpoint: {field} = "
+                           f"{getattr(config, field)!r}; {why}")
+
+    expect = dict(norm="rmsnorm", mlp="swiglu", position_embedding="rope", mlp_bias=False, out_bias=False)
+    for field, value in expect.items():
+        if getattr(config, field) != value:
+            raise no(field, f"the HF GLM-4 architectures need {field} = {value!r}")
+    if config.residual == "deepnorm":
+        raise no("residual", "the HF GLM-4 architectures are pre-norm ('pre') or sandwich ('sandwich', Glm4)")
+    if config.rope_interleaved:
+        if config.is_moe or config.qk_norm:
+            field = "qk_norm" if config.qk_norm else "n_routed_experts"
+            raise no(field, "only Glm4Moe has MoE layers and QK norm, and it uses rotate-half RoPE "
+                     "(rope_interleaved = False)")
+        return "glm4" if config.residual == "sandwich" else "glm"
+    if config.residual == "sandwich":
+        raise no("residual", "sandwich norms (Glm4) come with interleaved RoPE (rope_interleaved = True)")
+    return "glm4_moe"
