@@ -11,6 +11,8 @@ from glmkit.errors import GlmkitError
 
 # verb -> (module, one-line help). Keep in the order a new user meets them.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "corpus": ("glmkit.corpus", "build or inspect a tokenized corpus (default: the bilingual one)"),
+    "tokenizer": ("glmkit.tokenizer", "train a bilingual byte-level BPE; encode/decode text"),
     "bench": ("glmkit.bench", "measure speed against a named peer in the same run"),
 }
 

@@ -365,3 +365,44 @@ def train_tokenizer(sources: Iterable[Source], vocab_size: int = DEFAULT_VOCAB_S
     texts = (d.text for src in sources for d in src
              if d.text.strip() and split_of(d, val_fraction, seed) == "train")
     return GLMTokenizer.train(texts, vocab_size=vocab_size, show_progress=progress)
+
+
+# ---------------------------------------------------------------------------- `glmkit corpus`
+def add_arguments(parser) -> None:
+    from glmkit.sources import add_source_arguments
+    sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = sub.add_parser("build", help="tokenize documents into a corpus (no inputs: the default bilingual one)")
+    add_source_arguments(p)
+    p.add_argument("--out", default=None, help=f"corpus directory (default: {DEFAULT_ROOT} for the default "
+                                               "corpus, data/corpus otherwise)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer.json or a directory holding one; default: train one on the inputs' train split")
+    p.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE, help="when training the tokenizer")
+    p.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION)
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/validation split")
+    p.add_argument("--force", action="store_true", help="rebuild even if the corpus exists")
+    q = sub.add_parser("info", help="summarise a corpus's manifest")
+    q.add_argument("directory", nargs="?", default=DEFAULT_ROOT)
+
+
+def run(args) -> int:
+    if args.action == "info":
+        print(Corpus.open(args.directory).summary())
+        return 0
+    from glmkit.sources import sources_from_args
+    is_default = not (args.inputs or args.hf_dataset) and args.tokenizer is None
+    out = Path(args.out or (DEFAULT_ROOT if is_default else "data/corpus"))
+    if out.exists() and not args.force:
+        corpus = Corpus.open(out)
+        print(f"{out} exists (pass --force to rebuild it):")
+    else:
+        sources = sources_from_args(args)
+        if args.tokenizer is not None:
+            tokenizer = GLMTokenizer.load(args.tokenizer)
+        else:
+            print(f"training a {args.vocab_size}-token tokenizer on {[s.name for s in sources]} ...", file=sys.stderr)
+            tokenizer = train_tokenizer(sources, args.vocab_size, args.val_fraction, args.seed)
+        corpus = build_corpus(sources, tokenizer, out, args.val_fraction, args.seed, overwrite=args.force,
+                              progress=True)
+    print(corpus.summary())
+    return 0

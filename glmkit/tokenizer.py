@@ -216,3 +216,66 @@ def _check_text(text: str) -> str:
 def _ends_sentence(text: str) -> bool:
     core = text.rstrip().rstrip(CLOSERS)
     return bool(core) and core[-1] in SENTENCE_END_CHARS and "\ufffd" not in text
+
+
+# ---------------------------------------------------------------------------- `glmkit tokenizer`
+def add_arguments(parser) -> None:
+    sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = sub.add_parser("train", help="train a byte-level BPE on the default corpus or your files")
+    from glmkit.sources import add_source_arguments
+    add_source_arguments(p)
+    p.add_argument("--out", default="data/tokenizer", help="directory to write tokenizer.json into")
+    p.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE)
+    p.add_argument("--val-fraction", type=float, default=0.05,
+                   help="documents held out of training (and used to report characters per token)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/validation split")
+    for name, help_text in (("encode", "show the tokens of a text"), ("decode", "turn token ids into text"),
+                            ("info", "vocabulary size, hash and special token ids")):
+        q = sub.add_parser(name, help=help_text)
+        q.add_argument("--tokenizer", default="data/default",
+                       help="tokenizer.json or a directory holding one (default: the default corpus's)")
+        if name == "encode":
+            q.add_argument("text", help="text to encode ('-' reads stdin)")
+            q.add_argument("--allow-special", action="store_true", help="match special tokens in the text")
+        elif name == "decode":
+            q.add_argument("ids", nargs="+", type=int)
+            q.add_argument("--skip-special", action="store_true")
+
+
+def run(args) -> int:
+    if args.action == "train":
+        return _run_train(args)
+    tok = GLMTokenizer.load(args.tokenizer)
+    if args.action == "encode":
+        import sys
+        text = sys.stdin.read() if args.text == "-" else args.text
+        ids = tok.encode(text, allow_special=args.allow_special)
+        print(" ".join(map(str, ids)))
+        print(" ".join(repr(tok.decode([i])) for i in ids))
+        print(f"{len(text)} characters -> {len(ids)} tokens")
+    elif args.action == "decode":
+        print(tok.decode(args.ids, skip_special=args.skip_special))
+    else:
+        print(f"{args.tokenizer}: {tok!r}\nhash {tok.hash}\npad_id {tok.pad_id}")
+        for name, text in GLM_SPECIALS.items():
+            print(f"{name + '_id':<16}{getattr(tok, name + '_id'):>8}  {text}")
+        print(f"sentence-ending tokens: {len(tok.sentence_end_ids)}")
+    return 0
+
+
+def _run_train(args) -> int:
+    import time
+
+    from glmkit.corpus import split_of, train_tokenizer
+    from glmkit.sources import sources_from_args
+    sources = sources_from_args(args)
+    start = time.perf_counter()
+    tok = train_tokenizer(sources, args.vocab_size, args.val_fraction, args.seed)
+    seconds = time.perf_counter() - start
+    print(f"trained {tok!r} on {[s.name for s in sources]} in {seconds:.1f} s -> {tok.save(args.out)}")
+    for src in sources:  # characters per token on the held-out documents
+        val = [d.text for d in src if d.text.strip() and split_of(d, args.val_fraction, args.seed) == "val"]
+        n = sum(len(ids) for ids in tok.encode_batch(val))
+        if n:
+            print(f"  {src.name}: {sum(map(len, val)) / n:.2f} characters/token on {len(val)} held-out documents")
+    return 0
