@@ -1,0 +1,608 @@
+"""The pretraining objectives as pure numpy functions over token arrays (DESIGN.md §1).
+
+GLM autoregressive blank infilling (`[MASK]` Poisson spans, `[sMASK]` whole sentences, `[gMASK]` one
+long span: middle infill or prefix-LM), BERT-style MLM and GPT-style CLM all produce `Samples`: many
+samples written back to back into flat arrays, each sample laid out as its Part A then its Part B.
+`glmkit.packing` writes them straight into the rows of a `glmkit.batch.Batch`.
+
+Everything is vectorised over all samples of a batch at once: documents come in as one flat token
+array plus offsets (`tokens[offsets[i]:offsets[i+1]]` is sample i), spans as flat arrays sorted by
+(sample, start). No model, no torch, no tokenizer import: special ids come in as `SpecialIds`.
+
+One GLM sample (the worked example of DESIGN.md §1: tokens t0..t6, spans (t2) and (t5 t6), Part B
+order second span first):
+
+    input      t0 t1 [M] t3 t4 [M] | <sop> t5 t6  <sop> t2
+    target      .  .  .   .  .  .  |  t5   t6 <eop> t2 <eop>
+    position    0  1  2   3  4  5  |  5    5  5     2   2
+    block pos   0  0  0   0  0  0  |  1    2  3     1   2
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+
+import numpy as np
+
+from glmkit.errors import GlmkitError
+
+# Which objective built a sample (`Samples.kind`).
+MASK, SMASK, GMASK, MLM, CLM = range(5)
+KIND_NAMES = ("[MASK]", "[sMASK]", "[gMASK]", "MLM", "CLM")
+
+
+@dataclass(frozen=True)
+class SpecialIds:
+    """The token ids the objectives write. Build it from a tokenizer with `from_tokenizer`."""
+    mask: int
+    smask: int
+    gmask: int
+    sop: int
+    eop: int
+    eot: int
+    pad: int
+    vocab_size: int
+    sentence_ends: tuple[int, ...] = ()     # ids that end a sentence ("." "!" "?" "。" ...), for [sMASK]
+    other_special: tuple[int, ...] = ()     # further ids MLM must never draw as a random replacement
+
+    @classmethod
+    def from_tokenizer(cls, tok) -> SpecialIds:
+        """From any object with `mask_id, smask_id, gmask_id, sop_id, eop_id, eot_id, pad_id,
+        vocab_size, sentence_end_ids` (e.g. `glmkit.tokenizer.GLMTokenizer`)."""
+        other = getattr(tok, "special_ids", None) or getattr(tok, "all_special_ids", None) or ()
+        return cls(mask=int(tok.mask_id), smask=int(tok.smask_id), gmask=int(tok.gmask_id),
+                   sop=int(tok.sop_id), eop=int(tok.eop_id), eot=int(tok.eot_id), pad=int(tok.pad_id),
+                   vocab_size=int(tok.vocab_size),
+                   sentence_ends=tuple(int(i) for i in tok.sentence_end_ids),
+                   other_special=tuple(int(i) for i in other))
+
+    @property
+    def specials(self) -> np.ndarray:
+        ids = (self.mask, self.smask, self.gmask, self.sop, self.eop, self.eot, self.pad) + self.other_special
+        return np.unique(np.array(ids, dtype=np.int64))
+
+    def random_pool(self) -> np.ndarray:
+        """The ids MLM may draw as a random replacement: the vocabulary without special tokens."""
+        pool = getattr(self, "_pool", None)
+        if pool is None:
+            pool = np.setdiff1d(np.arange(self.vocab_size, dtype=np.int64), self.specials)
+            object.__setattr__(self, "_pool", pool)
+        return pool
+
+
+@dataclass
+class ObjectiveConfig:
+    """What to train on. `kind`: glm (blank infilling, mixing the three mask kinds), mlm or clm."""
+    kind: str = "glm"
+    mask_ratio: float = 0.15                  # share of tokens masked ([MASK], [sMASK], MLM)
+    poisson_lambda: float = 3.0               # [MASK] span lengths ~ Poisson(lambda) restricted to 1..max_span
+    max_span: int = 39
+    mixture: tuple[float, float, float] = (1.0, 0.0, 0.0)   # P([MASK]), P([sMASK]), P([gMASK])
+    mix_per: str = "sample"                   # "sample": each sample draws its kind; "batch": one per batch
+    layout: str = "glm"                       # attention of Part B: "glm" (all earlier B) or "span" (own span)
+    shuffle_spans: bool = True                # Part B in random span order (False: left to right, the ablation)
+    gmask_min_ratio: float = 0.5              # [gMASK] span length ~ uniform share of the document
+    gmask_max_ratio: float = 1.0
+    gmask_suffix_prob: float = 0.5            # else a middle infill; always suffix when a row packs several
+    mlm_mask_prob: float = 0.8                # of the selected MLM tokens: 80% [MASK],
+    mlm_random_prob: float = 0.1              # 10% a random non-special token, the rest unchanged
+    max_tries: int = 8                        # redraws of [MASK] spans that cannot be placed before skipping
+
+    def __post_init__(self):
+        self.mixture = tuple(float(p) for p in self.mixture)
+        self.validate()
+
+    def validate(self) -> None:
+        def bad(what, fix):
+            raise GlmkitError(f"objective config: {what}; {fix}")
+        if self.kind not in ("glm", "mlm", "clm"):
+            bad(f"kind={self.kind!r} is unknown", "use 'glm', 'mlm' or 'clm'")
+        if self.layout not in ("glm", "span"):
+            bad(f"layout={self.layout!r} is unknown", "use 'glm' or 'span'")
+        if self.mix_per not in ("sample", "batch"):
+            bad(f"mix_per={self.mix_per!r} is unknown", "use 'sample' or 'batch'")
+        if not 0.0 < self.mask_ratio < 1.0:
+            bad(f"mask_ratio={self.mask_ratio} is out of range", "pick a share strictly between 0 and 1 (paper: 0.15)")
+        if not self.poisson_lambda > 0:
+            bad(f"poisson_lambda={self.poisson_lambda} must be positive", "the paper uses 3")
+        if not 1 <= self.max_span <= 10_000:
+            bad(f"max_span={self.max_span} is out of range", "use 1..10000 (paper: 39)")
+        if len(self.mixture) != 3 or min(self.mixture) < 0 or abs(sum(self.mixture) - 1) > 1e-6:
+            bad(f"mixture={self.mixture} is not three probabilities summing to 1",
+                "give P([MASK]), P([sMASK]), P([gMASK]), e.g. (0.5, 0.3, 0.2)")
+        if not 0.0 < self.gmask_min_ratio <= self.gmask_max_ratio <= 1.0:
+            bad(f"gmask ratios {self.gmask_min_ratio}..{self.gmask_max_ratio} are out of range",
+                "need 0 < gmask_min_ratio <= gmask_max_ratio <= 1 (paper: 0.5..1)")
+        if not 0.0 <= self.gmask_suffix_prob <= 1.0:
+            bad(f"gmask_suffix_prob={self.gmask_suffix_prob} is not a probability", "use 0..1")
+        if min(self.mlm_mask_prob, self.mlm_random_prob) < 0 or self.mlm_mask_prob + self.mlm_random_prob > 1:
+            bad(f"mlm_mask_prob + mlm_random_prob = {self.mlm_mask_prob + self.mlm_random_prob} is out of range",
+                "both must be >= 0 and sum to at most 1 (BERT: 0.8 and 0.1)")
+        if self.max_tries < 1:
+            bad(f"max_tries={self.max_tries} must be >= 1", "use e.g. 8")
+
+    def check(self, specials: SpecialIds) -> None:
+        """Checks that need the tokenizer's ids."""
+        if self.kind == "glm" and self.mixture[1] > 0 and not specials.sentence_ends:
+            raise GlmkitError("objective config: [sMASK] has weight but the tokenizer gives no sentence_end_ids; "
+                              "use a tokenizer that defines sentence ends or set the [sMASK] weight to 0")
+        if self.kind == "mlm" and len(specials.random_pool()) == 0:
+            raise GlmkitError("objective config: MLM needs non-special tokens to draw; the vocabulary has none")
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> ObjectiveConfig:
+        if name not in PRESETS:
+            raise GlmkitError(f"unknown objective preset {name!r}; choose one of {', '.join(PRESETS)}")
+        return replace(PRESETS[name], **overrides)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def min_length(self) -> int:
+        """The shortest sample this objective can corrupt (GLM: int(ratio*L) >= 1; CLM: 2; MLM: 1)."""
+        if self.kind == "glm":
+            return max(2, math.ceil(1 / self.mask_ratio - 1e-9))
+        return 2 if self.kind == "clm" else 1
+
+
+PRESETS: dict[str, ObjectiveConfig] = {
+    "glm-large": ObjectiveConfig(kind="glm", mixture=(1.0, 0.0, 0.0)),
+    "glm-10b": ObjectiveConfig(kind="glm", mixture=(0.5, 0.3, 0.2), mix_per="batch"),
+    "glm-130b": ObjectiveConfig(kind="glm", mixture=(0.3, 0.0, 0.7)),
+    "bert": ObjectiveConfig(kind="mlm"),
+    "gpt": ObjectiveConfig(kind="clm"),
+}
+
+
+@dataclass
+class Spans:
+    """Spans to blank out, flat and sorted by (sample, start); `start` is relative to the sample."""
+    sample: np.ndarray      # (K,) which sample
+    start: np.ndarray       # (K,)
+    length: np.ndarray      # (K,)
+    mask_id: np.ndarray     # (K,) the token that replaces the span in Part A
+
+    @staticmethod
+    def empty() -> Spans:
+        z = np.zeros(0, dtype=np.int64)
+        return Spans(z, z, z, z)
+
+    @staticmethod
+    def concat(parts: list[Spans]) -> Spans:
+        s = Spans(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("sample", "start", "length", "mask_id")))
+        order = np.lexsort((s.start, s.sample))
+        return Spans(s.sample[order], s.start[order], s.length[order], s.mask_id[order])
+
+
+@dataclass
+class Samples:
+    """Samples written into flat arrays: sample i occupies `[start[i], start[i] + length[i])`, Part A
+    first (`part_a[i]` tokens), then Part B. Positions between samples keep their fill values."""
+    input_ids: np.ndarray
+    targets: np.ndarray
+    loss_mask: np.ndarray
+    position_ids: np.ndarray
+    block_position_ids: np.ndarray
+    span_ids: np.ndarray    # 0 in Part A; Part B: 1 (glm layout) or 1 + rank of the span (span layout)
+    start: np.ndarray       # (S,)
+    length: np.ndarray      # (S,)
+    part_a: np.ndarray      # (S,) |A|: sep relative to the sample start
+    kind: np.ndarray        # (S,) MASK .. CLM
+    n_spans: np.ndarray     # (S,)
+
+    def __len__(self) -> int:
+        return len(self.start)
+
+    def sample(self, i: int) -> dict[str, np.ndarray | int]:
+        """Sample i as a dict of its arrays, plus `sep` and `kind`."""
+        sl = slice(int(self.start[i]), int(self.start[i] + self.length[i]))
+        out = {f: getattr(self, f)[sl] for f in
+               ("input_ids", "targets", "loss_mask", "position_ids", "block_position_ids", "span_ids")}
+        out.update(sep=int(self.part_a[i]), kind=int(self.kind[i]))
+        return out
+
+
+# ---------------------------------------------------------------- small vectorised helpers
+
+def offsets_of(lengths: np.ndarray) -> np.ndarray:
+    """(S,) lengths -> (S+1,) offsets starting at 0."""
+    out = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=out[1:])
+    return out
+
+
+def take_samples(tokens: np.ndarray, offsets: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The samples idx (increasing) of a flat token array, as a new (tokens, offsets)."""
+    L = np.diff(offsets)
+    if len(idx) == len(L):
+        return tokens, offsets
+    chosen = np.zeros(len(L), dtype=bool)
+    chosen[idx] = True
+    return tokens[np.repeat(chosen, L)], offsets_of(L[idx])
+
+
+def _group_excl_cumsum(x: np.ndarray, group_first: np.ndarray) -> np.ndarray:
+    """Exclusive running sum of x within contiguous groups; group_first[j] = index of j's group start."""
+    c = np.cumsum(x) - x
+    return c - c[group_first]
+
+
+def _group_first(group: np.ndarray, n_groups: int) -> np.ndarray:
+    """For elements sorted by group: the index of the first element of each element's group."""
+    return offsets_of(np.bincount(group, minlength=n_groups))[group]
+
+
+def truncated_poisson(rng: np.random.Generator, n: int, lam: float, max_span: int) -> np.ndarray:
+    """n draws of Poisson(lam) restricted to 1..max_span (the restricted, renormalised distribution)."""
+    k = np.arange(1, max_span + 1)
+    log_pmf = k * math.log(lam) - lam - np.array([math.lgamma(i + 1) for i in k])
+    cdf = np.cumsum(np.exp(log_pmf - log_pmf.max()))
+    cdf /= cdf[-1]
+    return np.searchsorted(cdf, rng.random(n), side="right").clip(0, max_span - 1) + 1
+
+
+def span_length_moments(lam: float, max_span: int) -> tuple[float, float]:
+    """Mean and variance of the restricted Poisson span length."""
+    k = np.arange(1, max_span + 1)
+    p = np.exp(k * math.log(lam) - lam - np.array([math.lgamma(i + 1) for i in k]))
+    p /= p.sum()
+    mean = float((k * p).sum())
+    return mean, float(((k - mean) ** 2 * p).sum())
+
+
+def max_glm_length(cfg: ObjectiveConfig, seq_len: int) -> int:
+    """The longest document chunk whose [MASK] sample (L + 2 * n_spans tokens) fits seq_len except in
+    rare draws (the expected span count plus four standard deviations); the rest are redrawn."""
+    mean, var = span_length_moments(cfg.poisson_lambda, cfg.max_span)
+    L = np.arange(1, seq_len + 1)
+    t = np.floor(cfg.mask_ratio * L)
+    n_hi = np.ceil(t / mean + 2 + 4 * np.sqrt(t * var / mean ** 3))
+    fits = L + 2 * n_hi <= seq_len
+    return int(L[fits].max()) if fits.any() else 0
+
+
+def chunk_length(cfg: ObjectiveConfig, seq_len: int) -> int:
+    """Longest piece of a document that becomes one sample fitting a row of seq_len tokens."""
+    if cfg.kind != "glm":
+        return seq_len
+    c = max_glm_length(cfg, seq_len)
+    if c < cfg.min_length:
+        need = next(T for T in range(seq_len, 100 * seq_len + 100) if max_glm_length(cfg, T) >= cfg.min_length)
+        raise GlmkitError(f"seq_len={seq_len} is too small for GLM samples (a document piece plus 2 tokens per "
+                          f"span must fit); use seq_len >= {need}")
+    return c
+
+
+# ---------------------------------------------------------------- span sampling
+
+def mask_spans(lengths: np.ndarray, cfg: ObjectiveConfig, rng: np.random.Generator, mask_id: int,
+               max_len: int | None = None) -> tuple[Spans, np.ndarray]:
+    """[MASK] spans for samples of the given lengths: Poisson lengths drawn until the masked total
+    reaches int(ratio * L), placed without overlapping or touching. Returns the spans and `ok` (S,):
+    False where no placement was found in `cfg.max_tries` draws (too short, or L + 2n > max_len)."""
+    L = np.asarray(lengths, dtype=np.int64)
+    S = len(L)
+    target = (cfg.mask_ratio * L).astype(np.int64)
+    max_len = np.iinfo(np.int64).max if max_len is None else max_len
+    pending = np.flatnonzero(target >= 1)
+    got_sample, got_len = [], []
+    slack = np.zeros(S, dtype=np.int64)   # unmasked tokens beyond the one separator between spans
+    for _ in range(cfg.max_tries):
+        if len(pending) == 0:
+            break
+        tp = target[pending]
+        k = tp // 2 + 8                              # draws per sample: enough with near certainty
+        owner = np.repeat(np.arange(len(pending)), k)
+        draws = truncated_poisson(rng, int(k.sum()), cfg.poisson_lambda, cfg.max_span)
+        before = _group_excl_cumsum(draws, offsets_of(k)[owner])
+        keep = before < tp[owner]                    # draw until the total reaches the target
+        n = np.bincount(owner[keep], minlength=len(pending))
+        masked = np.bincount(owner[keep], weights=draws[keep], minlength=len(pending)).astype(np.int64)
+        Lp = L[pending]
+        m = Lp - masked - (n - 1)
+        fits = (masked >= tp) & (m >= 0) & (Lp + 2 * n <= max_len)
+        sel = keep & fits[owner]
+        got_sample.append(pending[owner[sel]])
+        got_len.append(draws[sel])
+        slack[pending[fits]] = m[fits]
+        pending = pending[~fits]
+    ok = (target >= 1)
+    ok[pending] = False
+    if not got_sample:
+        return Spans.empty(), ok
+    sample = np.concatenate(got_sample)
+    # group by sample and shuffle each sample's lengths: the draw that crossed the target is longer on
+    # average (inspection paradox), and would otherwise always land rightmost
+    order = np.argsort(sample + rng.random(len(sample)), kind="stable")
+    sample, length = sample[order], np.concatenate(got_len)[order]
+    return Spans(sample, _place(sample, length, slack, S, rng), length, np.full(len(sample), mask_id)), ok
+
+
+def _place(sample: np.ndarray, length: np.ndarray, slack: np.ndarray, S: int,
+           rng: np.random.Generator) -> np.ndarray:
+    """Starts for spans grouped by sample: each span gets a place in 0..slack (sorted within the
+    sample); span j starts at place_j + sum over earlier spans of (length + 1): the +1 keeps an
+    unmasked token between neighbours, so spans never overlap or touch."""
+    place = (rng.random(len(sample)) * (slack[sample] + 1)).astype(np.int64)
+    place = place[np.lexsort((place, sample))]
+    return place + _group_excl_cumsum(length + 1, _group_first(sample, S))
+
+
+def sentence_spans(tokens: np.ndarray, offsets: np.ndarray, cfg: ObjectiveConfig, specials: SpecialIds,
+                   rng: np.random.Generator, max_len: int | None = None) -> tuple[Spans, np.ndarray]:
+    """[sMASK] spans: whole sentences, in random order until int(ratio * L) tokens are covered.
+
+    A sentence is a maximal run of tokens without a sentence-end id inside one sample; its end token
+    stays in Part A, so two masked sentences never touch. `ok` is False where no sentence fits
+    (no sentence at all, every token would be masked, or the sample would exceed max_len)."""
+    L = np.diff(offsets)
+    S = len(L)
+    target = (cfg.mask_ratio * L).astype(np.int64)
+    inside = ~np.isin(tokens, np.asarray(specials.sentence_ends, dtype=tokens.dtype))
+    first = np.zeros(len(tokens), dtype=bool)
+    first[offsets[:-1][L > 0]] = True
+    last = np.zeros(len(tokens), dtype=bool)
+    last[offsets[1:][L > 0] - 1] = True
+    begins = inside & (first | np.concatenate([[True], ~inside[:-1]]))
+    ends = inside & (last | np.concatenate([~inside[1:], [True]]))
+    s_abs, e_abs = np.flatnonzero(begins), np.flatnonzero(ends) + 1
+    owner = np.searchsorted(offsets, s_abs, side="right") - 1
+    slen = e_abs - s_abs
+    order = np.argsort(owner + rng.random(len(owner)), kind="stable")   # random order within each sample
+    owner_o, slen_o = owner[order], slen[order]
+    take = _group_excl_cumsum(slen_o, _group_first(owner_o, S)) < target[owner_o]
+    chosen = np.sort(order[take])
+    sample = owner[chosen]
+    n = np.bincount(sample, minlength=S)
+    masked = np.bincount(sample, weights=slen[chosen], minlength=S).astype(np.int64)
+    ok = (target >= 1) & (n > 0) & (masked < L)
+    if max_len is not None:
+        ok &= L + 2 * n <= max_len
+    keep = ok[sample]
+    chosen, sample = chosen[keep], sample[keep]
+    spans = Spans(sample, s_abs[chosen] - offsets[sample], slen[chosen], np.full(len(sample), specials.smask))
+    return spans, ok
+
+
+def gmask_spans(lengths: np.ndarray, cfg: ObjectiveConfig, rng: np.random.Generator, gmask_id: int,
+                force_suffix: np.ndarray | None = None) -> Spans:
+    """[gMASK]: one span of a uniform share in [gmask_min_ratio, gmask_max_ratio] of each sample
+    (at least one token stays in Part A). With probability gmask_suffix_prob, or where force_suffix,
+    it is the suffix (a prefix-LM sample: `source [gMASK] <sop> target`); else a middle infill with
+    at least one token after it. Needs L >= 2."""
+    L = np.asarray(lengths, dtype=np.int64)
+    if len(L) and L.min() < 2:
+        raise GlmkitError("[gMASK] needs samples of at least 2 tokens; drop shorter documents")
+    lo = np.maximum(1, np.ceil(cfg.gmask_min_ratio * L - 1e-9)).astype(np.int64)
+    hi = np.minimum(L - 1, np.floor(cfg.gmask_max_ratio * L + 1e-9)).astype(np.int64)
+    lo = np.minimum(lo, hi)
+    u_len, u_suffix, u_start = rng.random((3, len(L)))
+    glen = lo + (u_len * (hi - lo + 1)).astype(np.int64)
+    suffix = u_suffix < cfg.gmask_suffix_prob
+    if force_suffix is not None:
+        suffix |= force_suffix
+    start = np.where(suffix, L - glen, (u_start * (L - glen)).astype(np.int64))
+    idx = np.arange(len(L))
+    return Spans(idx, start, glen, np.full(len(L), gmask_id))
+
+
+def span_ranks(spans: Spans, n_samples: int, shuffle: bool, rng: np.random.Generator) -> np.ndarray:
+    """The Part B rank of every span within its sample: a random permutation (or left to right)."""
+    first = _group_first(spans.sample, n_samples)
+    if not shuffle:
+        return np.arange(len(spans.sample)) - first
+    order = np.argsort(spans.sample + rng.random(len(spans.sample)), kind="stable")
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order)) - first[order]
+    return rank
+
+
+# ---------------------------------------------------------------- building samples
+
+def _alloc(size: int, pad_id: int) -> dict[str, np.ndarray]:
+    return dict(input_ids=np.full(size, pad_id, dtype=np.int64), targets=np.zeros(size, dtype=np.int64),
+                loss_mask=np.zeros(size, dtype=bool), position_ids=np.zeros(size, dtype=np.int64),
+                block_position_ids=np.zeros(size, dtype=np.int64), span_ids=np.zeros(size, dtype=np.int32))
+
+
+def build_infill(tokens: np.ndarray, offsets: np.ndarray, spans: Spans, rank: np.ndarray, specials: SpecialIds,
+                 layout: str = "glm", start: np.ndarray | None = None, size: int | None = None,
+                 kind: np.ndarray | None = None) -> Samples:
+    """GLM samples: Part A = the text with each span replaced by its mask token (original order),
+    Part B = for each span in `rank` order, `<sop>` + the span, targets the span + `<eop>`.
+
+    tokens/offsets: the original samples (flat); spans sorted by (sample, start), non-overlapping;
+    rank: (K,) Part B order within each sample. Sample i is written at `start[i]` of arrays of `size`
+    (default: back to back)."""
+    L = np.diff(offsets)
+    S, N = len(L), int(offsets[-1])
+    n = np.bincount(spans.sample, minlength=S)
+    masked = np.bincount(spans.sample, weights=spans.length, minlength=S).astype(np.int64)
+    a_len, out_len = L - masked + n, L + 2 * n
+    if start is None:
+        start = offsets_of(out_len)[:-1]
+        size = int(out_len.sum())
+    out = _alloc(size, specials.pad)
+
+    # Part A: drop masked tokens except each span's first, which becomes the mask token.
+    abs_start = offsets[spans.sample] + spans.start
+    delta = np.bincount(abs_start, minlength=N + 1) - np.bincount(abs_start + spans.length, minlength=N + 1)
+    keep = np.cumsum(delta[:N]) <= 0
+    keep[abs_start] = True
+    a_tok = tokens.copy()
+    a_tok[abs_start] = spans.mask_id
+    a_off = offsets_of(a_len)
+    a_sample = np.repeat(np.arange(S), a_len)
+    a_idx = np.arange(int(a_off[-1]))
+    a_pos = a_idx - a_off[a_sample]
+    a_dest = start[a_sample] + a_pos
+    out["input_ids"][a_dest] = a_tok[keep]
+    out["position_ids"][a_dest] = a_pos
+    mask_pos = (np.cumsum(keep) - 1)[abs_start] - a_off[spans.sample]   # where each [MASK] sits in Part A
+
+    # Part B: spans in (sample, rank) order; element k of a span's block is <sop> (k=0) or span token k-1.
+    border = np.lexsort((rank, spans.sample))
+    blen = spans.length[border] + 1
+    b_span = np.repeat(border, blen)
+    b_idx = np.arange(int(blen.sum()))
+    k = b_idx - np.repeat(offsets_of(blen)[:-1], blen)
+    src = abs_start[b_span] + k
+    b_sample = spans.sample[b_span]
+    b_dest = b_idx + (start + a_len - offsets_of(out_len - a_len)[:-1])[b_sample]
+    out["input_ids"][b_dest] = np.where(k == 0, specials.sop, tokens[src - 1])
+    out["targets"][b_dest] = np.where(k == spans.length[b_span], specials.eop, tokens[np.minimum(src, N - 1)])
+    out["loss_mask"][b_dest] = True
+    out["position_ids"][b_dest] = mask_pos[b_span]
+    out["block_position_ids"][b_dest] = k + 1
+    out["span_ids"][b_dest] = 1 if layout == "glm" else rank[b_span] + 1
+    kind = np.full(S, MASK, dtype=np.int8) if kind is None else kind
+    return Samples(**out, start=start, length=out_len, part_a=a_len, kind=kind, n_spans=n)
+
+
+def mlm_samples(tokens: np.ndarray, offsets: np.ndarray, cfg: ObjectiveConfig, specials: SpecialIds,
+                rng: np.random.Generator, start: np.ndarray | None = None, size: int | None = None) -> Samples:
+    """BERT MLM: round(ratio * L) tokens of each sample selected (at least one); of those
+    mlm_mask_prob become [MASK], mlm_random_prob a random non-special token, the rest stay. Fully
+    bidirectional (sep = sample end); loss on the selected tokens, targets the original tokens."""
+    L = np.diff(offsets)
+    S, N = len(L), int(offsets[-1])
+    start, size, dest, owner = _plain_dest(L, offsets, start, size)
+    out = _alloc(size, specials.pad)
+    count = np.maximum(1, np.rint(cfg.mask_ratio * L)).astype(np.int64)
+    order = np.argsort(owner + rng.random(N), kind="stable")          # random order within each sample
+    selected = np.zeros(N, dtype=bool)
+    selected[order] = (np.arange(N) - offsets[owner[order]]) < count[owner[order]]
+    u = rng.random(N)
+    pool = specials.random_pool()
+    random_tok = pool[rng.integers(0, len(pool), N)]
+    inp = np.where(selected & (u < cfg.mlm_mask_prob), specials.mask, tokens)
+    inp = np.where(selected & (u >= cfg.mlm_mask_prob) & (u < cfg.mlm_mask_prob + cfg.mlm_random_prob), random_tok, inp)
+    out["input_ids"][dest] = inp
+    out["targets"][dest] = np.where(selected, tokens, 0)
+    out["loss_mask"][dest] = selected
+    out["position_ids"][dest] = np.arange(N) - offsets[owner]
+    return Samples(**out, start=start, length=L.copy(), part_a=L.copy(), kind=np.full(S, MLM, dtype=np.int8),
+                   n_spans=np.zeros(S, dtype=np.int64))
+
+
+def clm_samples(tokens: np.ndarray, offsets: np.ndarray, specials: SpecialIds,
+                start: np.ndarray | None = None, size: int | None = None) -> Samples:
+    """GPT CLM: the sample itself, each position predicting the next token of the sample (the last
+    position has no target). Causal: sep = sample start."""
+    L = np.diff(offsets)
+    S, N = len(L), int(offsets[-1])
+    start, size, dest, owner = _plain_dest(L, offsets, start, size)
+    out = _alloc(size, specials.pad)
+    pos = np.arange(N) - offsets[owner]
+    has_next = pos < L[owner] - 1
+    out["input_ids"][dest] = tokens
+    out["targets"][dest] = np.where(has_next, np.roll(tokens, -1), 0)
+    out["loss_mask"][dest] = has_next
+    out["position_ids"][dest] = pos
+    return Samples(**out, start=start, length=L.copy(), part_a=np.zeros(S, dtype=np.int64),
+                   kind=np.full(S, CLM, dtype=np.int8), n_spans=np.zeros(S, dtype=np.int64))
+
+
+def _plain_dest(L, offsets, start, size):
+    """Where each token of same-length samples (MLM, CLM) goes; the owner sample of each token."""
+    if start is None:
+        start, size = offsets[:-1].copy(), int(offsets[-1])
+    owner = np.repeat(np.arange(len(L)), L)
+    return start, size, np.arange(int(offsets[-1])) + (start - offsets[:-1])[owner], owner
+
+
+# ---------------------------------------------------------------- one document at a time
+
+def glm_sample(tokens, spans: list[tuple[int, int]], specials: SpecialIds, order: list[int] | None = None,
+               mask_id: int | None = None, layout: str = "glm") -> dict[str, np.ndarray | int]:
+    """One GLM sample from explicit spans [(start, length), ...] (left to right) and a Part B
+    order (span indices, first to last; default left to right). For tests, examples and inference."""
+    tokens = np.asarray(tokens, dtype=np.int64)
+    spans = sorted(spans)
+    for (s0, l0), (s1, _) in zip(spans, spans[1:]):
+        if s0 + l0 >= s1:
+            raise GlmkitError(f"spans {spans} overlap or touch; leave at least one token between spans")
+    if spans and (spans[0][0] < 0 or spans[-1][0] + spans[-1][1] > len(tokens) or min(s[1] for s in spans) < 1):
+        raise GlmkitError(f"spans {spans} fall outside the {len(tokens)}-token document or are empty")
+    order = list(range(len(spans))) if order is None else list(order)
+    if sorted(order) != list(range(len(spans))):
+        raise GlmkitError(f"order {order} is not a permutation of the {len(spans)} spans")
+    rank = np.empty(len(spans), dtype=np.int64)
+    rank[order] = np.arange(len(spans))
+    K = len(spans)
+    sp = Spans(np.zeros(K, dtype=np.int64), np.array([s for s, _ in spans], dtype=np.int64),
+               np.array([n for _, n in spans], dtype=np.int64), np.full(K, specials.mask if mask_id is None else mask_id))
+    return build_infill(tokens, np.array([0, len(tokens)]), sp, rank, specials, layout).sample(0)
+
+
+def random_glm_samples(documents: list[np.ndarray], cfg: ObjectiveConfig, specials: SpecialIds,
+                       rng: np.random.Generator, kinds: np.ndarray | None = None) -> tuple[Samples, np.ndarray]:
+    """GLM samples of whole documents (no packing, no length limit), each of the kind in `kinds`
+    (default: drawn from cfg.mixture). Documents that cannot be masked are left out; returns the
+    samples and the index of the document each came from. For inspection and tests."""
+    lengths = np.array([len(d) for d in documents], dtype=np.int64)
+    tokens = np.concatenate(documents).astype(np.int64) if documents else np.zeros(0, np.int64)
+    offsets = offsets_of(lengths)
+    if kinds is None:
+        kinds = draw_kinds(len(documents), cfg, rng)
+    spans, ok, kinds = glm_spans(tokens, offsets, kinds, cfg, specials, rng)
+    keep = np.flatnonzero(ok)
+    return build_glm(tokens, offsets, spans, kinds, keep, cfg, specials, rng), keep
+
+
+def draw_kinds(n: int, cfg: ObjectiveConfig, rng: np.random.Generator) -> np.ndarray:
+    """The mask kind (MASK/SMASK/GMASK) of n samples, per sample or one for all (cfg.mix_per)."""
+    cdf = np.cumsum(cfg.mixture)
+    u = rng.random(1 if cfg.mix_per == "batch" else n)
+    k = np.searchsorted(cdf / cdf[-1], u, side="right").clip(0, 2).astype(np.int8)
+    return np.broadcast_to(k, (n,)).copy()
+
+
+def glm_spans(tokens: np.ndarray, offsets: np.ndarray, kinds: np.ndarray, cfg: ObjectiveConfig,
+              specials: SpecialIds, rng: np.random.Generator,
+              max_len: int | None = None) -> tuple[Spans, np.ndarray, np.ndarray]:
+    """[MASK] and [sMASK] spans for the samples of those kinds ([gMASK] spans are drawn later, by
+    `build_glm`, once packing knows whether a row holds several samples). Samples whose sentences
+    cannot be masked fall back to [MASK]. Returns spans, ok (S,), and the kinds actually used."""
+    L = np.diff(offsets)
+    kinds = kinds.copy()
+    ok = L >= cfg.min_length
+    parts = []
+    sm = np.flatnonzero((kinds == SMASK) & ok)
+    if len(sm):
+        sp, sm_ok = sentence_spans(*take_samples(tokens, offsets, sm), cfg, specials, rng, max_len)
+        parts.append(Spans(sm[sp.sample], sp.start, sp.length, sp.mask_id))
+        kinds[sm[~sm_ok]] = MASK
+    mk = np.flatnonzero((kinds == MASK) & ok)
+    if len(mk):
+        sp, mk_ok = mask_spans(L[mk], cfg, rng, specials.mask, max_len)
+        parts.append(Spans(mk[sp.sample], sp.start, sp.length, sp.mask_id))
+        ok[mk[~mk_ok]] = False
+    spans = Spans.concat(parts) if parts else Spans.empty()
+    return spans, ok, kinds
+
+
+def build_glm(tokens: np.ndarray, offsets: np.ndarray, spans: Spans, kinds: np.ndarray, keep: np.ndarray,
+              cfg: ObjectiveConfig, specials: SpecialIds, rng: np.random.Generator,
+              start: np.ndarray | None = None, size: int | None = None,
+              force_suffix: np.ndarray | None = None) -> Samples:
+    """Build the samples `keep` (indices, increasing) of a window: draws the [gMASK] spans (suffix
+    forced where force_suffix, aligned with keep), the Part B order, and writes Part A / Part B."""
+    L = np.diff(offsets)
+    sub_L = L[keep]
+    remap = np.full(len(L), -1, dtype=np.int64)
+    remap[keep] = np.arange(len(keep))
+    sel = remap[spans.sample] >= 0
+    parts = [Spans(remap[spans.sample[sel]], spans.start[sel], spans.length[sel], spans.mask_id[sel])]
+    sub_kinds = kinds[keep]
+    g = np.flatnonzero(sub_kinds == GMASK)
+    if len(g):
+        sp = gmask_spans(sub_L[g], cfg, rng, specials.gmask, None if force_suffix is None else force_suffix[g])
+        parts.append(Spans(g[sp.sample], sp.start, sp.length, sp.mask_id))
+    sub_spans = Spans.concat(parts)
+    sub_tok, sub_off = take_samples(tokens, offsets, keep)
+    rank = span_ranks(sub_spans, len(keep), cfg.shuffle_spans, rng)
+    return build_infill(sub_tok, sub_off, sub_spans, rank, specials, cfg.layout, start, size, sub_kinds)
+
