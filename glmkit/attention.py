@@ -1,0 +1,273 @@
+"""Attention for every GLM family: rotary positions, the per-batch mask in each backend's form, and
+the one `attend` call every layer makes.
+
+Contract
+- `make_attention_mask(batch, backend)` is called ONCE per batch (outside any compiled region: it
+  reads the batch on the host for `split`) and the returned `AttentionMask` is handed to every layer.
+  The rule it encodes is `glmkit.batch`'s: query q sees key k iff same segment and
+  (k < sep[q] or (k <= q and same span id)).
+- `attend(q, k, v, mask)` takes q (B, T, H, D) and k, v (B, S, Hkv, D) (GQA: H a multiple of Hkv),
+  and returns (B, T, H, D). `mask=None` means plain causal attention.
+
+Backends (chosen once by name: `GLMConfig.attention_backend`, or an override):
+- `sdpa`  the REFERENCE: a dense (B, 1, T, T) boolean mask (`glmkit.batch.dense_mask`) through
+          `F.scaled_dot_product_attention`. Any layout, packed rows; O(T^2) mask memory. CPU training.
+- `flex`  FlexAttention with a `BlockMask` built once per batch from segment_ids / sep / span_ids;
+          fully masked blocks are skipped. Any layout, packed rows. GPU training (compiled); on the
+          CPU it runs eagerly (forward only: torch 2.13's Flex has no CPU backward), for inference.
+- `split` GPU only (CUDA, fp16/bf16): uses the prefix structure of the `glm` layout. Every sample
+          (packed or not) is one Part A block that is bidirectional within itself, then a Part B block
+          that is causal against A+B. Both are stock flash kernels through
+          `torch.nn.attention.varlen.varlen_attn` on the flattened tokens: Part A tokens gathered into
+          one varlen batch (non-causal), Part B queries gathered into another against the whole sample
+          as keys, causal with flash's bottom-right alignment. Work done: a^2 + ab + b^2/2 per sample,
+          exactly the mask's. Applies only when each sample's Part B is one causal run (`glm` layout,
+          MLM, CLM); the `span` layout falls back to flex.
+- `auto`  CUDA: split when it applies and the dtype is half precision, else flex; CPU: sdpa.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from glmkit.batch import Batch, dense_mask
+from glmkit.errors import GlmkitError
+
+BACKENDS = ("auto", "sdpa", "flex", "split")
+
+
+# ------------------------------------------------------------------------------------------------
+# Rotary position embeddings
+# ------------------------------------------------------------------------------------------------
+class Rotary(nn.Module):
+    """cos/sin tables for a batch of positions. Three flavours (GLMConfig.position_embedding):
+    `rope` rotates the first `rotary_dim` dims of each head by the 1-D position
+    (position_ids + block_position_ids), interleaved pairs (GLM-4) or rotate-half (GLM-4.5, 130B);
+    `rope_2d` (ChatGLM-6B) rotates the first half of each head by position_ids and the second half by
+    block_position_ids, rotate-half within each half. Frequencies and dtype handling follow HF
+    transformers (cos/sin in fp32, rounded to the activation dtype before use)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.kind = config.position_embedding
+        self.interleaved = config.rope_interleaved if self.kind == "rope" else False
+        dim = config.rotary_dim
+        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, position_ids, block_position_ids, dtype):
+        """-> (cos, sin), each (B, T, 1, R/2) for rope or (B, T, 1, 2, R/2) for rope_2d."""
+        if self.kind == "rope":
+            pos = (position_ids + block_position_ids)[..., None].float()        # (B, T, 1)
+        else:
+            pos = torch.stack((position_ids, block_position_ids), -1)[..., None].float()  # (B, T, 2, 1)
+        freqs = (pos * self.inv_freq.float())[:, :, None]                       # (B, T, 1, [2,] R/2)
+        return freqs.cos().to(dtype), freqs.sin().to(dtype)
+
+    def apply(self, x, cos, sin):
+        """Rotate x (B, T, H, D) in place of its rotary dims; the rest passes through."""
+        if self.kind == "rope_2d":
+            half = x.shape[-1] // 2
+            return torch.cat((_rotate(x[..., :half], cos[..., 0, :], sin[..., 0, :], False),
+                              _rotate(x[..., half:], cos[..., 1, :], sin[..., 1, :], False)), -1)
+        return _rotate(x, cos, sin, self.interleaved)
+
+
+def _rotate(x, cos, sin, interleaved: bool):
+    r = 2 * cos.shape[-1]
+    xr = x[..., :r]
+    if interleaved:          # pairs (x0, x1), (x2, x3), ... share frequency i
+        x1, x2 = xr[..., 0::2], xr[..., 1::2]
+        out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), -1).flatten(-2)
+    else:                    # rotate-half: (x_i, x_{i+r/2}) share frequency i
+        x1, x2 = xr[..., : r // 2], xr[..., r // 2:]
+        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), -1)
+    return out if r == x.shape[-1] else torch.cat((out, x[..., r:]), -1)
+
+
+# ------------------------------------------------------------------------------------------------
+# The per-batch mask
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class SplitPlan:
+    """Flat-token bookkeeping for the split backend (indices into the (B*T) flattened tokens)."""
+    a_idx: torch.Tensor      # (Na,) Part A tokens, sample by sample
+    b_idx: torch.Tensor      # (Nb,) Part B tokens, sample by sample
+    inverse: torch.Tensor    # (B*T,) position of each flat token in cat(a_idx, b_idx)
+    cu_a: torch.Tensor       # (S+1,) int32 cumulative Part A lengths
+    cu_b: torch.Tensor       # (S+1,) int32 cumulative Part B lengths (queries)
+    cu_k: torch.Tensor       # (S+1,) int32 cumulative sample lengths (Part B keys: the whole sample)
+    max_len: int             # T: an upper bound for every max_q / max_k (constant: no recompiles)
+
+
+@dataclass
+class AttentionMask:
+    backend: str                          # "sdpa" | "flex" | "split"
+    dense: torch.Tensor | None = None     # sdpa: (B, 1, Tq, Tk) bool, True = visible
+    block_mask: Any = None                # flex: torch BlockMask
+    plan: SplitPlan | None = None         # split
+
+
+def resolve_backend(backend: str, device: torch.device | str, dtype: torch.dtype | None = None,
+                    batch: Batch | None = None) -> str:
+    if backend not in BACKENDS:
+        raise GlmkitError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    cuda = torch.device(device).type == "cuda"
+    if backend == "auto":
+        if not cuda:
+            return "sdpa"
+        half = dtype in (torch.float16, torch.bfloat16)
+        return "split" if half and split_available() and (batch is None or split_applies(batch)) else "flex"
+    if backend == "split":
+        if not cuda:
+            raise GlmkitError("attention backend 'split' needs a CUDA device; use 'sdpa' or 'flex' (or 'auto')")
+        if batch is not None and not split_applies(batch):
+            return "flex"       # the span layout: documented fallback
+    return backend
+
+
+def make_attention_mask(batch: Batch, backend: str = "sdpa", dtype: torch.dtype | None = None) -> AttentionMask:
+    """Build the mask for `batch` (torch tensors, on the model's device) once; reuse it in every layer."""
+    device = batch.input_ids.device if isinstance(batch.input_ids, torch.Tensor) else torch.device("cpu")
+    backend = resolve_backend(backend, device, dtype, batch)
+    if backend == "sdpa":
+        return AttentionMask("sdpa", dense=dense_mask(batch)[:, None])
+    if backend == "flex":
+        return AttentionMask("flex", block_mask=_block_mask(batch))
+    return AttentionMask("split", plan=split_plan(batch))
+
+
+def _block_mask(batch: Batch):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    seg, sep, span = batch.segment_ids, batch.sep, batch.span_ids
+    B, T = seg.shape
+
+    def visible(b, h, q, k):
+        return (seg[b, q] == seg[b, k]) & ((k < sep[b, q]) | ((k <= q) & (span[b, k] == span[b, q])))
+
+    block = 128 if T >= 128 else max(16, 1 << (T - 1).bit_length())
+    return create_block_mask(visible, B, None, T, T, device=seg.device, BLOCK_SIZE=block)
+
+
+def _host(x) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def _samples(seg: np.ndarray):
+    """Yield (row, start, end) for each run of equal segment ids in each row."""
+    B, T = seg.shape
+    for b in range(B):
+        cuts = np.flatnonzero(np.diff(seg[b])) + 1
+        bounds = np.concatenate(([0], cuts, [T]))
+        for s, e in zip(bounds[:-1], bounds[1:]):
+            yield b, int(s), int(e)
+
+
+def split_applies(batch: Batch) -> bool:
+    """True when every sample is [Part A][one causal run]: sep constant within the sample and the
+    span id constant over its Part B (the `glm` layout, MLM, CLM). False for the `span` layout."""
+    seg, sep, span = _host(batch.segment_ids), _host(batch.sep), _host(batch.span_ids)
+    for b, s, e in _samples(seg):
+        a_end = int(sep[b, s])
+        if (sep[b, s:e] != a_end).any():
+            return False
+        part_b = span[b, min(max(a_end, s), e):e]
+        if part_b.size and (part_b != part_b[0]).any():
+            return False
+    return True
+
+
+def split_plan(batch: Batch) -> SplitPlan:
+    seg, sep = _host(batch.segment_ids), _host(batch.sep)
+    B, T = seg.shape
+    a_idx, b_idx, la, lb, lk = [], [], [], [], []
+    for b, s, e in _samples(seg):
+        a_end = min(max(int(sep[b, s]), s), e)
+        a_idx.append(np.arange(b * T + s, b * T + a_end))
+        b_idx.append(np.arange(b * T + a_end, b * T + e))
+        la.append(a_end - s)
+        lb.append(e - a_end)
+        lk.append(e - s)
+    order = np.concatenate(a_idx + b_idx)
+    inverse = np.empty(B * T, dtype=np.int64)
+    inverse[order] = np.arange(B * T)
+    device = batch.input_ids.device if isinstance(batch.input_ids, torch.Tensor) else "cpu"
+
+    def cu(lengths):
+        return torch.tensor(np.concatenate(([0], np.cumsum(lengths))), dtype=torch.int32, device=device)
+
+    def idx(x):
+        return torch.from_numpy(np.ascontiguousarray(x)).to(device)
+
+    return SplitPlan(a_idx=idx(np.concatenate(a_idx)), b_idx=idx(np.concatenate(b_idx)),
+                     inverse=idx(inverse), cu_a=cu(la), cu_b=cu(lb), cu_k=cu(lk), max_len=T)
+
+
+def split_available() -> bool:
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+# ------------------------------------------------------------------------------------------------
+# attend
+# ------------------------------------------------------------------------------------------------
+_compiled_flex = None
+
+
+def _flex(q, k, v, block_mask, gqa):
+    """q (B, H, T, D). Compiled on CUDA (the fused kernel); eager on the CPU (reference math)."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if q.device.type == "cuda":
+        if _compiled_flex is None:
+            _compiled_flex = torch.compile(flex_attention, dynamic=False)
+        return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+    with warnings.catch_warnings():       # "called without torch.compile": intended on the CPU
+        warnings.simplefilter("ignore", UserWarning)
+        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+
+
+def attend(q, k, v, mask: AttentionMask | None = None, scale: float | None = None) -> torch.Tensor:
+    """q (B, T, H, D), k/v (B, S, Hkv, D) -> (B, T, H, D)."""
+    H, Hkv = q.shape[2], k.shape[2]
+    gqa = H != Hkv
+    if mask is not None and mask.backend == "split":
+        return _split(q, k, v, mask.plan, scale)
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)      # (B, H, T, D)
+    if mask is None:
+        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, enable_gqa=gqa)
+    elif mask.backend == "flex":
+        out = _flex(qt, kt, vt, mask.block_mask, gqa)
+    else:
+        if gqa and q.device.type == "cuda":   # the masked CUDA kernels prefer explicit heads
+            kt, vt = (x.repeat_interleave(H // Hkv, dim=1) for x in (kt, vt))
+            gqa = False
+        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask.dense, scale=scale, enable_gqa=gqa)
+    return out.transpose(1, 2)
+
+
+def _split(q, k, v, plan: SplitPlan, scale):
+    from torch.nn.attention.varlen import varlen_attn
+
+    B, T, H, D = q.shape
+    qf, kf, vf = (x.reshape(B * T, x.shape[2], D) for x in (q, k, v))     # (B*T, heads, D)
+    scale = scale if scale is not None else 1.0 / math.sqrt(D)
+    gqa = H != k.shape[2]
+    oa = varlen_attn(qf[plan.a_idx], kf[plan.a_idx], vf[plan.a_idx], plan.cu_a, plan.cu_a,
+                     plan.max_len, plan.max_len, scale=scale, enable_gqa=gqa)
+    ob = varlen_attn(qf[plan.b_idx], kf, vf, plan.cu_b, plan.cu_k, plan.max_len, plan.max_len,
+                     scale=scale, window_size=(-1, 0), enable_gqa=gqa)     # causal, bottom-right aligned
+    return torch.cat((oa, ob)).index_select(0, plan.inverse).view(B, T, H, D)

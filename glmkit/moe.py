@@ -1,0 +1,134 @@
+"""GLM-4.5 / 4.6 mixture-of-experts feed-forward (HF `Glm4MoeMoE` numerics).
+
+Per token x (after the post-attention norm):
+    scores   = sigmoid(x @ W_router^T)                      in fp32 (router weight kept/cast to fp32)
+    choice   = scores + e_score_correction_bias             only used to PICK experts
+    (n_group > 1: only experts in the `topk_group` groups with the best top-2 sums are eligible)
+    idx      = top-k(choice)                                k = num_experts_per_tok
+    weights  = scores[idx] (/ their sum if norm_topk_prob) * routed_scaling_factor
+    out      = sum_k weights_k * expert_{idx_k}(x) + shared_experts(x)
+Each expert is a SwiGLU MLP; the weights are stored as HF stores them: `experts.gate_up_proj`
+(E, 2I, h) with the gate first, `experts.down_proj` (E, h, I).
+
+Balancing. GLM-4.5 trains aux-loss-free: the correction bias is nudged towards under-loaded experts.
+`MoE.expert_load` accumulates how many tokens each expert received (training forward passes only);
+`MoE.update_bias(rate)` (or `GLM.update_router_bias(rate)`) applies `bias += rate * sign(mean - load)`
+and resets the counts: call it after each optimizer step when you want the bias to move; never call it
+and the bias stays frozen (as loaded). `router_aux_loss_coef > 0` adds a switch-style balance loss
+(`MoE.aux_loss`, summed by `GLM.loss`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Router(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.n_experts = config.n_routed_experts
+        self.n_group, self.topk_group = config.n_group, config.topk_group
+        self.norm_topk_prob = config.norm_topk_prob
+        self.scaling = config.routed_scaling_factor
+        self.weight = nn.Parameter(torch.zeros(self.n_experts, config.hidden_size, dtype=torch.float32))
+        self.register_buffer("e_score_correction_bias", torch.zeros(self.n_experts, dtype=torch.float32))
+
+    def forward(self, x):
+        """x (N, h) -> scores (N, E) fp32, top-k indices (N, k), top-k weights (N, k) fp32."""
+        scores = F.linear(x.float(), self.weight.float()).sigmoid()
+        choice = scores + self.e_score_correction_bias.float()
+        if self.n_group > 1:
+            N, G = x.shape[0], self.n_group
+            group_scores = choice.view(N, G, -1).topk(2, dim=-1)[0].sum(-1)            # (N, G)
+            keep = torch.zeros_like(group_scores).scatter_(
+                1, group_scores.topk(self.topk_group, dim=-1, sorted=False)[1], 1.0)
+            choice = choice.masked_fill(~keep.bool().repeat_interleave(self.n_experts // G, 1), float("-inf"))
+        idx = choice.topk(self.top_k, dim=-1, sorted=False)[1]
+        weights = scores.gather(1, idx)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return scores, idx, weights * self.scaling
+
+
+class Experts(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        E, h, f = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * f, h))
+        self.down_proj = nn.Parameter(torch.empty(E, h, f))
+
+    def forward(self, x, idx, weights):
+        """x (N, h), idx/weights (N, k) -> (N, h). Loops over the experts that received tokens; each
+        expert's output is scaled by its routing weight and added in expert order (as HF does)."""
+        out = torch.zeros_like(x)
+        flat = idx.flatten()
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).tolist()
+        token_of = order // idx.shape[1]                      # token of each sorted assignment
+        w_sorted = weights.flatten()[order]
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            tok, w = token_of[start:start + n], w_sorted[start:start + n]
+            start += n
+            gate, up = F.linear(x[tok], self.gate_up_proj[e]).chunk(2, dim=-1)
+            y = F.linear(F.silu(gate) * up, self.down_proj[e]) * w[:, None]
+            out.index_add_(0, tok, y.to(out.dtype))
+        return out
+
+
+class SharedExperts(nn.Module):
+    """The always-on expert(s): one SwiGLU MLP of width moe_intermediate_size * n_shared_experts."""
+
+    def __init__(self, config):
+        super().__init__()
+        h, f = config.hidden_size, config.moe_intermediate_size * config.n_shared_experts
+        self.gate_up_proj = nn.Linear(h, 2 * f, bias=False)
+        self.down_proj = nn.Linear(f, h, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class MoE(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.gate = Router(config)
+        self.experts = Experts(config)
+        self.shared_experts = SharedExperts(config) if config.n_shared_experts > 0 else None
+        self.aux_coef = config.router_aux_loss_coef
+        self.aux_loss: torch.Tensor | None = None
+        self.register_buffer("expert_load", torch.zeros(config.n_routed_experts), persistent=False)
+
+    def forward(self, x):
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])                                   # (N, h)
+        scores, idx, weights = self.gate(flat)
+        out = self.experts(flat, idx, weights)
+        if self.training:
+            with torch.no_grad():
+                self.expert_load += torch.bincount(idx.flatten(), minlength=self.expert_load.numel())
+            self.aux_loss = self._balance_loss(scores, idx) if self.aux_coef > 0 else None
+        out = out.view(shape)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out
+
+    def _balance_loss(self, scores, idx):
+        """Switch-style: E * sum_e (share of routed slots on e) * (mean normalised score of e)."""
+        E, k = scores.shape[1], idx.shape[1]
+        frac = torch.bincount(idx.flatten(), minlength=E).float() / (idx.shape[0] * k)
+        prob = (scores / scores.sum(-1, keepdim=True)).mean(0)
+        return self.aux_coef * E * (frac * prob).sum()
+
+    @torch.no_grad()
+    def update_bias(self, rate: float) -> None:
+        load = self.expert_load
+        if load.sum() > 0:
+            self.gate.e_score_correction_bias += rate * torch.sign(load.mean() - load)
+        load.zero_()

@@ -1,0 +1,183 @@
+"""Attention backends against the dense SDPA reference; RoPE flavours; the split plan's bookkeeping.
+
+`make_batch` builds rows by hand in the exact layout of DESIGN.md §1 (it is also used by the other
+model tests): each sample is ("glm", |A|, [span lengths]), ("clm", n) or ("mlm", n); a row is a list
+of samples packed back to back and padded to T.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from glmkit.attention import (
+    AttentionMask,
+    Rotary,
+    attend,
+    make_attention_mask,
+    resolve_backend,
+    split_applies,
+    split_plan,
+)
+from glmkit.batch import Batch, dense_mask
+from glmkit.config import GLMConfig
+from glmkit.errors import GlmkitError
+
+
+def make_batch(rows, T, vocab=128, layout="glm", seed=0) -> Batch:
+    rng = np.random.default_rng(seed)
+    f = {k: np.zeros((len(rows), T), dtype=np.int64) for k in
+         ("input_ids", "targets", "position_ids", "block_position_ids", "segment_ids", "sep", "span_ids")}
+    f["loss_mask"] = np.zeros((len(rows), T), dtype=bool)
+    for r, samples in enumerate(rows):
+        t = 0
+        for s, (kind, n, *spans) in enumerate(samples):
+            start = t
+            if kind == "glm":
+                spans = spans[0]
+                slots = rng.choice(n, size=len(spans), replace=False)          # [MASK] positions in Part A
+                f["position_ids"][r, t:t + n] = np.arange(n)
+                f["sep"][r, t:] = start + n
+                t += n
+                for j, (L, m) in enumerate(zip(spans, slots)):
+                    f["position_ids"][r, t:t + L + 1] = m
+                    f["block_position_ids"][r, t:t + L + 1] = np.arange(1, L + 2)
+                    f["span_ids"][r, t:t + L + 1] = 1 if layout == "glm" else j + 1
+                    f["loss_mask"][r, t:t + L + 1] = True
+                    t += L + 1
+            else:
+                f["position_ids"][r, t:t + n] = np.arange(n)
+                f["sep"][r, t:] = start if kind == "clm" else start + n
+                f["loss_mask"][r, t:t + n] = True if kind == "clm" else rng.random(n) < 0.3
+                t += n
+            f["segment_ids"][r, start:t] = s
+        f["segment_ids"][r, t:] = -1
+        f["sep"][r, t:] = T
+        assert t <= T, "samples overflow the row"
+    f["input_ids"] = rng.integers(0, vocab, size=(len(rows), T))
+    f["targets"] = np.where(f["loss_mask"], rng.integers(0, vocab, size=(len(rows), T)), 0)
+    return Batch(**f).to("cpu")
+
+
+ROWS = {
+    "one_sample": [[("glm", 12, [3, 2])], [("glm", 9, [4, 1, 2])]],
+    "packed": [[("glm", 6, [2]), ("clm", 5), ("mlm", 4)], [("glm", 5, [1, 1]), ("glm", 4, [2])]],
+}
+
+
+def _qkv(B, T, H=4, Hkv=2, D=16):
+    return torch.randn(B, T, H, D), torch.randn(B, T, Hkv, D), torch.randn(B, T, Hkv, D)
+
+
+def _reference(q, k, v, batch):
+    """Plain softmax attention with the dense rule, heads repeated by hand: the ground truth."""
+    H, Hkv = q.shape[2], k.shape[2]
+    k, v = k.repeat_interleave(H // Hkv, 2), v.repeat_interleave(H // Hkv, 2)
+    s = torch.einsum("bqhd,bkhd->bhqk", q, k) / q.shape[-1] ** 0.5
+    s = s.masked_fill(~dense_mask(batch)[:, None], float("-inf"))
+    return torch.einsum("bhqk,bkhd->bqhd", s.softmax(-1), v)
+
+
+@pytest.mark.parametrize("rows", list(ROWS))
+@pytest.mark.parametrize("layout", ["glm", "span"])
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+def test_backends_match_reference(rows, layout, backend):
+    batch = make_batch(ROWS[rows], T=24, layout=layout)
+    q, k, v = _qkv(*batch.shape)
+    out = attend(q, k, v, make_attention_mask(batch, backend))
+    torch.testing.assert_close(out, _reference(q, k, v, batch), atol=2e-5, rtol=1e-4)
+
+
+def test_causal_default_is_causal():
+    q, k, v = _qkv(2, 10)
+    batch = make_batch([[("clm", 10)], [("clm", 10)]], T=10)
+    torch.testing.assert_close(attend(q, k, v, None), _reference(q, k, v, batch), atol=2e-5, rtol=1e-4)
+
+
+def test_split_plan_partitions_tokens():
+    batch = make_batch(ROWS["packed"], T=24)
+    assert split_applies(batch)
+    assert not split_applies(make_batch(ROWS["packed"], T=24, layout="span"))
+    p = split_plan(batch)
+    allidx = torch.cat((p.a_idx, p.b_idx))
+    assert torch.equal(allidx.sort().values, torch.arange(2 * 24))
+    assert torch.equal(allidx[p.inverse], torch.arange(2 * 24))
+    # samples in flat order: each sample's keys span exactly its own tokens
+    assert int(p.cu_k[-1]) == 48 and int(p.cu_a[-1]) + int(p.cu_b[-1]) == 48
+    # the first sample of row 0: Part A 6 tokens, Part B 3
+    assert p.cu_a[1] == 6 and p.cu_b[1] == 3 and p.cu_k[1] == 9
+    # every Part A token is < sep of its sample, every Part B token >= it
+    sep = batch.sep.reshape(-1)
+    cols = torch.arange(48) % 24
+    assert (cols[p.a_idx] < sep[p.a_idx]).all() and (cols[p.b_idx] >= sep[p.b_idx]).all()
+
+
+def test_split_emulated_with_reference_math():
+    """The split decomposition itself (A bidirectional, B causal bottom-right against the whole sample)
+    reproduces the reference on the CPU, computed per sample with plain attention."""
+    batch = make_batch(ROWS["packed"], T=24)
+    q, k, v = _qkv(*batch.shape, H=4, Hkv=4)
+    p = split_plan(batch)
+    qf, kf, vf = (x.reshape(48, 4, 16) for x in (q, k, v))
+    outs_a, outs_b = [], []
+    for i in range(len(p.cu_k) - 1):
+        a0, a1, b0, b1 = int(p.cu_a[i]), int(p.cu_a[i + 1]), int(p.cu_b[i]), int(p.cu_b[i + 1])
+        ka = p.a_idx[a0:a1]
+        kb = p.b_idx[b0:b1]
+        keys = torch.cat((ka, kb))
+        if len(ka):
+            s = torch.einsum("qhd,khd->hqk", qf[ka], kf[ka]) / 4
+            outs_a.append(torch.einsum("hqk,khd->qhd", s.softmax(-1), vf[ka]))
+        if len(kb):
+            s = torch.einsum("qhd,khd->hqk", qf[kb], kf[keys]) / 4
+            nq, nk = len(kb), len(keys)
+            allowed = torch.arange(nk)[None] <= torch.arange(nq)[:, None] + (nk - nq)   # bottom-right
+            s = s.masked_fill(~allowed, float("-inf"))
+            outs_b.append(torch.einsum("hqk,khd->qhd", s.softmax(-1), vf[keys]))
+    out = torch.cat(outs_a + outs_b).index_select(0, p.inverse).view(2, 24, 4, 16)
+    torch.testing.assert_close(out, _reference(q, k, v, batch), atol=2e-5, rtol=1e-4)
+
+
+def test_backend_resolution():
+    batch = make_batch(ROWS["one_sample"], T=24)
+    assert resolve_backend("auto", "cpu") == "sdpa"
+    with pytest.raises(GlmkitError, match="split"):
+        resolve_backend("split", "cpu")
+    with pytest.raises(GlmkitError, match="unknown attention backend"):
+        make_attention_mask(batch, "fast")
+    assert isinstance(make_attention_mask(batch, "auto"), AttentionMask)
+
+
+def _hf_style_rope(x, pos, dim, theta, interleaved):
+    """HF transformers' formulas, written out: cat(freqs, freqs), rotate_half / interleaved."""
+    inv = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+    emb = torch.cat([pos[..., None].float() * inv] * 2, -1)[:, :, None]       # (B, T, 1, dim)
+    cos, sin = emb.cos(), emb.sin()
+    xr, xp = x[..., :dim], x[..., dim:]
+    if interleaved:
+        cos = cos[..., : dim // 2].repeat_interleave(2, -1)
+        sin = sin[..., : dim // 2].repeat_interleave(2, -1)
+        rot = torch.stack((-xr[..., 1::2], xr[..., 0::2]), -1).flatten(-2)
+    else:
+        rot = torch.cat((-xr[..., dim // 2:], xr[..., : dim // 2]), -1)
+    return torch.cat((xr * cos + rot * sin, xp), -1)
+
+
+@pytest.mark.parametrize("interleaved", [True, False])
+def test_rope_matches_hf_formula(interleaved):
+    c = GLMConfig.from_name("tiny", rope_interleaved=interleaved)
+    rot = Rotary(c)
+    x = torch.randn(2, 7, 4, 16)
+    pos, block = torch.randint(0, 50, (2, 7)), torch.randint(0, 5, (2, 7))
+    got = rot.apply(x, *rot(pos, block, x.dtype))
+    torch.testing.assert_close(got, _hf_style_rope(x, pos + block, 8, c.rope_theta, interleaved))
+
+
+def test_rope_2d_rotates_halves_by_each_position():
+    c = GLMConfig.from_name("tiny-chatglm")
+    rot = Rotary(c)
+    x = torch.randn(1, 5, 4, 16)
+    pos, block = torch.randint(0, 50, (1, 5)), torch.randint(0, 5, (1, 5))
+    got = rot.apply(x, *rot(pos, block, x.dtype))
+    want = torch.cat((_hf_style_rope(x[..., :8], pos, 8, 10000.0, False),
+                      _hf_style_rope(x[..., 8:], block, 8, 10000.0, False)), -1)
+    torch.testing.assert_close(got, want)

@@ -1,0 +1,182 @@
+"""The GLM model: every family runs, the loss projects only at loss positions, backends agree inside the
+model, parameter counts agree with the config, MoE routing follows its definition."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from glmkit.attention import make_attention_mask
+from glmkit.config import GLMConfig
+from glmkit.model import GLM, MLP
+from glmkit.moe import MoE
+from tests.test_attention import ROWS, make_batch
+
+FAMILIES = ["tiny", "tiny-0414", "tiny-moe", "tiny-glm", "tiny-glm130b", "tiny-chatglm"]
+
+
+def _full_logits_loss(model, batch):
+    h = model(batch.input_ids, batch.position_ids, batch.block_position_ids, model.attention_mask(batch, "sdpa"))
+    logits = model.logits(h)                                             # (B, T, V) at every position
+    per_token = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), reduction="none")
+    m = batch.loss_mask.flatten()
+    return per_token[m].mean()
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_every_family_forward_and_loss(name):
+    c = GLMConfig.from_name(name)
+    model = GLM(c)
+    batch = make_batch(ROWS["packed"], T=24, vocab=c.vocab_size)
+    loss = model.loss(batch)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    assert abs(loss.item() - math.log(c.vocab_size)) < 1.0                 # near-uniform at init
+    torch.testing.assert_close(loss, _full_logits_loss(model, batch))
+    loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "expert" not in n and "gate." not in n)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_num_params_agrees_with_config(name):
+    c = GLMConfig.from_name(name)
+    model = GLM(c)
+    assert model.num_params() == c.num_params()
+    assert model.num_params(exclude_embeddings=True) == c.num_params(exclude_embeddings=True)
+    assert model.flops_per_token(64) == c.flops_per_token(64)
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-moe", "tiny-chatglm"])
+def test_flex_matches_sdpa_inside_the_model(name):
+    c = GLMConfig.from_name(name)
+    model = GLM(c).eval()
+    for layout in ("glm", "span"):
+        batch = make_batch(ROWS["packed"], T=24, vocab=c.vocab_size, layout=layout)
+        args = (batch.input_ids, batch.position_ids, batch.block_position_ids)
+        with torch.no_grad():
+            ref = model(*args, make_attention_mask(batch, "sdpa"))
+            got = model(*args, make_attention_mask(batch, "flex"))
+        torch.testing.assert_close(got, ref, atol=3e-5, rtol=1e-4)
+
+
+def test_packed_samples_do_not_leak():
+    """A sample's outputs do not depend on its neighbours in the row (segment isolation)."""
+    c = GLMConfig.from_name("tiny")
+    model = GLM(c).eval()
+    packed = make_batch([[("glm", 6, [2]), ("clm", 5)]], T=16, seed=1)
+    alone = make_batch([[("glm", 6, [2])]], T=16, seed=1)
+    alone.input_ids[:, :9] = packed.input_ids[:, :9]
+    with torch.no_grad():
+        h1 = model(packed.input_ids, packed.position_ids, packed.block_position_ids, model.attention_mask(packed))
+        h2 = model(alone.input_ids, alone.position_ids, alone.block_position_ids, model.attention_mask(alone))
+    torch.testing.assert_close(h1[:, :9], h2[:, :9], atol=1e-5, rtol=1e-5)
+
+
+def test_part_a_does_not_see_part_b():
+    c = GLMConfig.from_name("tiny-0414")
+    model = GLM(c).eval()
+    batch = make_batch([[("glm", 8, [3, 2])]], T=16)
+    changed = make_batch([[("glm", 8, [3, 2])]], T=16)
+    changed.input_ids[:, 8:] = (changed.input_ids[:, 8:] + 1) % c.vocab_size
+    with torch.no_grad():
+        h1 = model(batch.input_ids, batch.position_ids, batch.block_position_ids, model.attention_mask(batch))
+        h2 = model(changed.input_ids, changed.position_ids, changed.block_position_ids, model.attention_mask(changed))
+    torch.testing.assert_close(h1[:, :8], h2[:, :8])
+    assert not torch.allclose(h1[:, 8:], h2[:, 8:])
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    c = GLMConfig.from_name("tiny")
+    model = GLM(c)
+    batch = make_batch(ROWS["one_sample"], T=24)
+    model.loss(batch).backward()
+    g1 = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.checkpointing = True
+    model.loss(batch).backward()
+    for a, p in zip(g1, model.parameters()):
+        torch.testing.assert_close(p.grad, a)
+
+
+def test_init_scales():
+    c = GLMConfig.from_name("tiny")
+    model = GLM(c)
+    std_out = model.layers[0].self_attn.o_proj.weight.std().item()
+    std_in = model.layers[0].self_attn.qkv_proj.weight.std().item()
+    assert std_out < std_in and abs(std_in - 0.02) < 0.005
+    assert torch.all(model.layers[0].self_attn.qkv_proj.bias == 0)
+    deep = GLM(GLMConfig.from_name("tiny-glm130b"))
+    assert deep.layers[0].alpha == math.sqrt(4)
+
+
+def test_tied_head_shares_the_embedding():
+    model = GLM(GLMConfig.from_name("tiny-glm"))
+    assert model.lm_head is None
+    h = torch.randn(3, 64)
+    torch.testing.assert_close(model.logits(h), h @ model.embed_tokens.weight.T)
+
+
+def test_mlp_flavours():
+    for kind, ref in [("swiglu", lambda a, b: F.silu(a) * b), ("geglu", lambda a, b: a * F.gelu(b))]:
+        c = GLMConfig.from_name("tiny", mlp=kind, gelu_approximate="none")
+        mlp = MLP(c)
+        x = torch.randn(5, 64)
+        a, b = (x @ mlp.gate_up_proj.weight.T).chunk(2, -1)
+        torch.testing.assert_close(mlp(x), ref(a, b) @ mlp.down_proj.weight.T)
+
+
+def test_moe_routing_definition():
+    """Pick by score + bias (within the best group), weight by the score alone, normalised, scaled."""
+    c = GLMConfig.from_name("tiny-moe")
+    moe = MoE(c)
+    with torch.no_grad():
+        torch.nn.init.normal_(moe.gate.weight, 0, 0.5)
+        torch.nn.init.normal_(moe.experts.gate_up_proj, 0, 0.1)
+        torch.nn.init.normal_(moe.experts.down_proj, 0, 0.1)
+        moe.gate.e_score_correction_bias.copy_(torch.linspace(-0.3, 0.3, 8))
+    x = torch.randn(10, 64)
+    scores, idx, w = moe.gate(x)
+    choice = scores + moe.gate.e_score_correction_bias
+    for t in range(10):
+        groups = choice[t].view(2, 4).topk(2, -1).values.sum(-1)
+        g = int(groups.argmax())
+        eligible = torch.full((8,), float("-inf"))
+        eligible[4 * g:4 * g + 4] = choice[t, 4 * g:4 * g + 4]
+        want = set(eligible.topk(2).indices.tolist())
+        assert set(idx[t].tolist()) == want
+        ws = scores[t, idx[t]]
+        torch.testing.assert_close(w[t], ws / ws.sum() * 2.5)
+    # the layer output is the weighted sum of the chosen experts plus the shared expert
+    out = moe(x[None])[0]
+    want = moe.shared_experts(x)
+    for t in range(10):
+        for j in range(2):
+            e = int(idx[t, j])
+            gate, up = (x[t] @ moe.experts.gate_up_proj[e].T).chunk(2)
+            want[t] += w[t, j] * ((F.silu(gate) * up) @ moe.experts.down_proj[e].T)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+
+
+def test_moe_bias_update_moves_towards_underused_experts():
+    c = GLMConfig.from_name("tiny-moe")
+    model = GLM(c).train()
+    batch = make_batch(ROWS["packed"], T=24)
+    model.loss(batch)
+    moe = model.moe_layers()[0]
+    load = moe.expert_load.clone()
+    assert load.sum() == 2 * 24 * c.num_experts_per_tok
+    model.update_router_bias(0.01)
+    bias = moe.gate.e_score_correction_bias
+    assert torch.all(bias[load > load.mean()] < 0) and torch.all(bias[load < load.mean()] > 0)
+    assert moe.expert_load.sum() == 0
+
+
+def test_moe_aux_loss_only_when_configured():
+    batch = make_batch(ROWS["packed"], T=24)
+    plain = GLM(GLMConfig.from_name("tiny-moe"))
+    torch.manual_seed(0)
+    with_aux = GLM(GLMConfig.from_name("tiny-moe", router_aux_loss_coef=0.01))
+    with_aux.load_state_dict(plain.state_dict())
+    assert all(m.aux_loss is None for m in plain.moe_layers())
+    diff = with_aux.loss(batch) - plain.loss(batch)
+    assert diff.item() > 0
