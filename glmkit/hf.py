@@ -28,6 +28,7 @@ Every tensor is checked before anything is read: a missing, unexpected or wrongl
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from contextlib import ExitStack
@@ -291,3 +292,229 @@ def _hf_family(config) -> str:
     if config.residual == "sandwich":
         raise no("residual", "sandwich norms (Glm4) come with interleaved RoPE (rope_interleaved = True)")
     return "glm4_moe"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tensor names: glmkit tensor -> the HF tensors that fill it, each with the index of its part.
+#
+# glmkit fuses q/k/v (`self_attn.qkv_proj`, rows q | k | v) and gate/up (`gate_up_proj`, gate first)
+# and stacks MoE experts as (E, 2I, h) / (E, h, I); HF checkpoints keep q/k/v apart, fuse gate/up only
+# in the Glm/Glm4 dense MLP, and store Glm4Moe's MLPs and experts as separate gate/up/down modules.
+
+def tensor_plan(config) -> dict[str, list[tuple[str, tuple]]]:
+    """glmkit state-dict name -> [(HF tensor name, index into the glmkit tensor), ...], in HF order.
+    An empty index is the whole tensor."""
+    plan = {"embed_tokens.weight": [("model.embed_tokens.weight", ())]}
+    for i in range(config.num_layers):
+        plan.update(_layer_plan(config, i))
+    plan["norm.weight"] = [("model.norm.weight", ())]
+    if not config.tie_word_embeddings:
+        plan["lm_head.weight"] = [("lm_head.weight", ())]
+    return plan
+
+
+def _layer_plan(config, i: int) -> dict[str, list[tuple[str, tuple]]]:
+    ours, theirs = f"layers.{i}.", f"model.layers.{i}."
+    q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    rows = {"q_proj": slice(0, q), "k_proj": slice(q, q + kv), "v_proj": slice(q + kv, q + 2 * kv)}
+    plan = {ours + "self_attn.qkv_proj.weight": [(f"{theirs}self_attn.{n}.weight", (r,)) for n, r in rows.items()]}
+    if config.qkv_bias:
+        plan[ours + "self_attn.qkv_proj.bias"] = [(f"{theirs}self_attn.{n}.bias", (r,)) for n, r in rows.items()]
+    names = ["self_attn.o_proj.weight", "input_layernorm.weight", "post_attention_layernorm.weight"]
+    names += ["self_attn.q_norm.weight", "self_attn.k_norm.weight"] if config.qk_norm else []
+    names += ["post_self_attn_layernorm.weight", "post_mlp_layernorm.weight"] if config.residual == "sandwich" else []
+    plan.update({ours + n: [(theirs + n, ())] for n in names})
+    f = config.intermediate_size
+    if config.is_moe_layer(i):
+        plan.update(_moe_plan(config, ours + "mlp.", theirs + "mlp."))
+    elif config.rope_interleaved:         # Glm / Glm4: fused gate_up_proj on disk too
+        plan.update({ours + n: [(theirs + n, ())] for n in ("mlp.gate_up_proj.weight", "mlp.down_proj.weight")})
+    else:                                 # Glm4Moe dense layers: separate gate and up
+        plan.update(_split_mlp(ours + "mlp.", theirs + "mlp.", f))
+    return plan
+
+
+def _split_mlp(ours: str, theirs: str, f: int) -> dict[str, list[tuple[str, tuple]]]:
+    return {ours + "gate_up_proj.weight": [(theirs + "gate_proj.weight", (slice(0, f),)),
+                                           (theirs + "up_proj.weight", (slice(f, 2 * f),))],
+            ours + "down_proj.weight": [(theirs + "down_proj.weight", ())]}
+
+
+def _moe_plan(config, ours: str, theirs: str) -> dict[str, list[tuple[str, tuple]]]:
+    f, experts = config.moe_intermediate_size, range(config.n_routed_experts)
+    plan = {ours + "gate.weight": [(theirs + "gate.weight", ())],
+            ours + "gate.e_score_correction_bias": [(theirs + "gate.e_score_correction_bias", ())],
+            ours + "experts.gate_up_proj": [p for e in experts for p in (
+                (f"{theirs}experts.{e}.gate_proj.weight", (e, slice(0, f))),
+                (f"{theirs}experts.{e}.up_proj.weight", (e, slice(f, 2 * f))))],
+            ours + "experts.down_proj": [(f"{theirs}experts.{e}.down_proj.weight", (e,)) for e in experts]}
+    if config.n_shared_experts > 0:
+        plan.update(_split_mlp(ours + "shared_experts.", theirs + "shared_experts.",
+                               f * config.n_shared_experts))
+    return plan
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading and saving whole models.
+
+def _meta_params():
+    """Context: modules created inside put their parameters on the `meta` device (no memory, no
+    init cost) while buffers (RoPE frequencies, counters) are computed for real."""
+    import torch.nn as nn
+
+    register = nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    class _Ctx:
+        def __enter__(self):
+            nn.Module.register_parameter = on_meta
+
+        def __exit__(self, *exc):
+            nn.Module.register_parameter = register
+
+    return _Ctx()
+
+
+def _aliases(model) -> dict[str, str]:
+    """Tied parameters: alias name -> the first name of the same Parameter."""
+    first: dict[int, str] = {}
+    out = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            out[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return out
+
+
+def _retie(model, aliases: dict[str, str]) -> None:
+    for alias, source in aliases.items():
+        owner, _, attr = alias.rpartition(".")
+        setattr(model.get_submodule(owner), attr, model.get_parameter(source))
+
+
+def _keep_fp32(name: str) -> bool:
+    """The MoE router stays fp32 in every dtype (as in transformers: `_keep_in_fp32_modules_strict`)."""
+    return name.endswith((".gate.weight", ".gate.e_score_correction_bias"))
+
+
+def _ignorable(hf_name: str, config) -> bool:
+    """Checkpoint tensors glmkit does not use and transformers ignores too: a tied head's copy, RoPE
+    caches of old exports, GLM-4.5's multi-token-prediction layers (numbered after the last layer)."""
+    if hf_name == "lm_head.weight" and config.tie_word_embeddings:
+        return True
+    if hf_name.endswith("rotary_emb.inv_freq"):
+        return True
+    m = re.match(r"model\.layers\.(\d+)\.", hf_name)
+    return bool(m) and int(m.group(1)) >= config.num_layers and config.is_moe
+
+
+def _check(plan, targets: dict[str, torch.Tensor], ckpt: CheckpointReader, config) -> None:
+    problems = []
+    expected = {}
+    for name, pieces in plan.items():
+        for hf_name, index in pieces:
+            expected[hf_name] = tuple(targets[name][index].shape)
+    present = set(ckpt.names())
+    for hf_name, shape in expected.items():
+        if hf_name not in present:
+            problems.append(f"missing tensor {hf_name} (expected shape {list(shape)})")
+        elif ckpt.shape(hf_name) != shape:
+            problems.append(f"tensor {hf_name} has shape {list(ckpt.shape(hf_name))}, but the config implies "
+                            f"{list(shape)}")
+    for hf_name in sorted(present - set(expected)):
+        if not _ignorable(hf_name, config) and math.prod(ckpt.shape(hf_name)) > 0:
+            problems.append(f"unexpected tensor {hf_name} (shape {list(ckpt.shape(hf_name))}) that the config "
+                            "has no place for")
+    if problems:
+        more = f"\n  ... and {len(problems) - 12} more" if len(problems) > 12 else ""
+        raise GlmkitError(f"checkpoint {ckpt.path} does not match its config.json ({len(problems)} problem"
+                          f"{'s' if len(problems) > 1 else ''}):\n  " + "\n  ".join(problems[:12]) + more)
+
+
+def _default_dtype(hf: dict, ckpt: CheckpointReader) -> torch.dtype:
+    name = hf.get("dtype") or hf.get("torch_dtype")
+    if name in _DTYPES:
+        return _DTYPES[name]
+    embed = "model.embed_tokens.weight"
+    return (ckpt.dtype(embed) if embed in ckpt.weight_map else None) or torch.float32
+
+
+def from_hf(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
+    """A glmkit `GLM` (eval mode) from an HF checkpoint folder of a supported architecture.
+
+    dtype: the weights' dtype (default: the checkpoint's `dtype`); the MoE router stays fp32.
+    """
+    from glmkit.model import GLM
+
+    path = Path(path)
+    hf = _read_json(path / "config.json")
+    config = config_from_hf(hf, name=path.name or None)
+    with CheckpointReader(path) as ckpt:
+        dtype = dtype or _default_dtype(hf, ckpt)
+        with _meta_params():
+            model = GLM(config)
+        aliases = _aliases(model)
+        targets = {k: v for k, v in model.state_dict().items() if k not in aliases}
+        plan = tensor_plan(config)
+        _plan_covers(plan, targets, model)
+        _check(plan, targets, ckpt, config)
+        state = {}
+        for name, pieces in plan.items():
+            meta = targets[name]
+            t = torch.empty(meta.shape, dtype=torch.float32 if _keep_fp32(name) else dtype, device=device)
+            for hf_name, index in pieces:
+                t[index].copy_(ckpt.get(hf_name))      # one checkpoint tensor in memory at a time
+            state[name] = t
+    model.load_state_dict(state, strict=False, assign=True)
+    _retie(model, aliases)
+    return model.to(device).eval()
+
+
+def _plan_covers(plan, targets, model) -> None:
+    """The plan fills exactly the model's tensors (a mismatch is a glmkit bug, not a user error)."""
+    missing = set(targets) - set(plan)
+    extra = set(plan) - set(targets)
+    if missing or extra:
+        raise RuntimeError(f"glmkit.hf tensor plan out of sync with {type(model).__name__}: "
+                           f"unfilled {sorted(missing)[:5]}, unknown {sorted(extra)[:5]}")
+
+
+def to_hf(model, path: str | os.PathLike, max_shard_size: int | str = "5GB") -> list[Path]:
+    """Save a glmkit `GLM` as an HF checkpoint folder (config.json + safetensors, sharded with an
+    index when larger than `max_shard_size`); transformers' `from_pretrained` reads it. Returns the
+    files written."""
+    from safetensors.torch import save_file
+
+    config = model.config
+    hf = config_to_hf(config, dtype=model.embed_tokens.weight.dtype)
+    state = model.state_dict()
+    pieces = [(hf_name, name, index) for name, ps in tensor_plan(config).items() for hf_name, index in ps]
+    where = {hf_name: (name, index) for hf_name, name, index in pieces}
+    sizes = [(hf_name, state[name][index].numel() * state[name].element_size()) for hf_name, name, index in pieces]
+    shards = plan_shards(sizes, parse_size(max_shard_size))
+    files = shard_names(len(shards))
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    for stale in [path / SINGLE_FILE, path / INDEX_FILE, *path.glob("model-*-of-*.safetensors")]:
+        stale.unlink(missing_ok=True)
+    (path / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    for fname, names in zip(files, shards):
+        tensors = {}
+        for hf_name in names:
+            name, index = where[hf_name]
+            t = state[name].detach()[index]
+            # a slice of a fused tensor shares its storage, which safetensors refuses: copy it
+            tensors[hf_name] = t.to("cpu", copy=bool(index)).contiguous()
+        save_file(tensors, str(path / fname), metadata={"format": "pt"})
+        del tensors
+    if len(files) > 1:
+        total = sum(n for _, n in sizes)
+        weight_map = {hf_name: fname for fname, names in zip(files, shards) for hf_name in names}
+        (path / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                  indent=2) + "\n")
+    return [path / "config.json", *(path / f for f in files)] + ([path / INDEX_FILE] if len(files) > 1 else [])
