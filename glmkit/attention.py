@@ -252,7 +252,7 @@ def attend(q, k, v, mask: AttentionMask | None = None, scale: float | None = Non
     elif mask.backend == "flex":
         out = _flex(qt, kt, vt, mask.block_mask, gqa)
     else:
-        if gqa and q.device.type == "cuda":   # the masked CUDA kernels prefer explicit heads
+        if gqa and q.device.type == "cuda" and q.shape[1] > 1:   # masked CUDA kernels prefer explicit heads
             kt, vt = (x.repeat_interleave(H // Hkv, dim=1) for x in (kt, vt))
             gqa = False
         out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask.dense, scale=scale, enable_gqa=gqa)
