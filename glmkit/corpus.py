@@ -53,6 +53,11 @@ def split_of(doc: Document, val_fraction: float, seed: int = 0) -> str:
     return "val" if int.from_bytes(digest[:8], "little") < val_fraction * 2.0**64 else "train"
 
 
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 while every id fits (half the disk and page cache), else uint32."""
+    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
+
+
 # ---------------------------------------------------------------------------- building
 @dataclass
 class _Shard:
@@ -136,7 +141,7 @@ def build_corpus(sources: Iterable[Source], tokenizer: GLMTokenizer, out_dir: st
 def _write_corpus(sources: list[Source], tokenizer: GLMTokenizer, tmp: Path, val_fraction: float, seed: int,
                   shard_tokens: int, progress: bool) -> dict:
     start = time.perf_counter()
-    dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32)
+    dtype = token_dtype(tokenizer.vocab_size)
     tokenizer.save(tmp)
     writers = {s: _SplitWriter(tmp, s, dtype, shard_tokens) for s in SPLITS}
     stats = {s.name: {sp: Counter() for sp in SPLITS} for s in sources}
@@ -190,7 +195,7 @@ def _batches(src: Source, empty: list[Skip]) -> Iterator[list[Document]]:
 def _count_reasons(skipped: list[Skip]) -> dict[str, int]:
     # reasons that name a position ("line 12 is not valid JSON ...") are grouped by their kind
     def kind(reason: str) -> str:
-        return reason.split(" (")[0] if not reason.startswith("line ") else reason.split(" ", 2)[2].split(" (")[0]
+        return reason.split(" (")[0] if not reason.startswith("line ") else "JSONL line " + reason.split(" ", 2)[2].split(" (")[0]
     return dict(Counter(f"{k.source}: {kind(k.reason)}" for k in skipped))
 
 

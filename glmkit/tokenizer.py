@@ -127,14 +127,21 @@ class GLMTokenizer:
 
     # ------------------------------------------------------------------ encode / decode
     def encode(self, text: str, allow_special: bool = False) -> list[int]:
-        backend = self.backend if allow_special else self._plain
-        return backend.encode(_check_text(text), add_special_tokens=False).ids
+        return self.encode_batch([text], allow_special)[0]
 
     def encode_batch(self, texts: Sequence[str], allow_special: bool = False) -> list[list[int]]:
         """Many texts at once, in parallel on the Rust side (what the corpus builder uses)."""
         backend = self.backend if allow_special else self._plain
-        texts = [_check_text(t) for t in texts]
-        return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+        for t in texts:
+            if not isinstance(t, str):
+                raise GlmkitError(f"can only encode str, got {type(t).__name__}; decode bytes to str first")
+        try:
+            encodings = backend.encode_batch_fast(list(texts), add_special_tokens=False)
+        except TypeError as e:  # what tokenizers raises for a str it cannot turn into UTF-8
+            bad = next(t for t in texts if not _is_utf8(t))
+            raise GlmkitError(f"text {bad[:40]!r}... is not valid Unicode (it holds a lone surrogate); "
+                              "decode your input with errors='replace' or fix its source") from e
+        return [e.ids for e in encodings]
 
     def decode(self, ids: Sequence[int] | np.ndarray, skip_special: bool = False) -> str:
         ids = ids.tolist() if isinstance(ids, np.ndarray) else list(ids)
@@ -207,10 +214,12 @@ def _without_specials(tokenizer_json: str, specials: set[str]) -> Tokenizer:
     return Tokenizer.from_str(json.dumps(spec))
 
 
-def _check_text(text: str) -> str:
-    if not isinstance(text, str):
-        raise GlmkitError(f"can only encode str, got {type(text).__name__}; decode bytes to str first")
-    return text
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _ends_sentence(text: str) -> bool:
