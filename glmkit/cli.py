@@ -13,6 +13,7 @@ from glmkit.errors import GlmkitError
 COMMANDS: dict[str, tuple[str, str]] = {
     "corpus": ("glmkit.corpus", "build or inspect a tokenized corpus (default: the bilingual one)"),
     "tokenizer": ("glmkit.tokenizer", "train a bilingual byte-level BPE; encode/decode text"),
+    "convert": ("glmkit.convert", "convert HF GLM-4 / GLM-4-0414 / GLM-4.5 checkpoints to and from glmkit"),
     "bench": ("glmkit.bench", "measure speed against a named peer in the same run"),
 }
 

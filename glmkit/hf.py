@@ -357,7 +357,7 @@ def _moe_plan(config, ours: str, theirs: str) -> dict[str, list[tuple[str, tuple
 # ---------------------------------------------------------------------------------------------------
 # Loading and saving whole models.
 
-def _meta_params():
+def meta_parameters():
     """Context: modules created inside put their parameters on the `meta` device (no memory, no
     init cost) while buffers (RoPE frequencies, counters) are computed for real."""
     import torch.nn as nn
@@ -397,7 +397,7 @@ def _retie(model, aliases: dict[str, str]) -> None:
         setattr(model.get_submodule(owner), attr, model.get_parameter(source))
 
 
-def _keep_fp32(name: str) -> bool:
+def keep_fp32(name: str) -> bool:
     """The MoE router stays fp32 in every dtype (as in transformers: `_keep_in_fp32_modules_strict`)."""
     return name.endswith((".gate.weight", ".gate.e_score_correction_bias"))
 
@@ -452,11 +452,13 @@ def from_hf(path: str | os.PathLike, dtype: torch.dtype | None = None, device: s
     from glmkit.model import GLM
 
     path = Path(path)
+    if not (path / "config.json").is_file():
+        raise GlmkitError(f"{path} is not an HF checkpoint folder: it has no config.json")
     hf = _read_json(path / "config.json")
     config = config_from_hf(hf, name=path.name or None)
     with CheckpointReader(path) as ckpt:
         dtype = dtype or _default_dtype(hf, ckpt)
-        with _meta_params():
+        with meta_parameters():
             model = GLM(config)
         aliases = _aliases(model)
         targets = {k: v for k, v in model.state_dict().items() if k not in aliases}
@@ -466,7 +468,7 @@ def from_hf(path: str | os.PathLike, dtype: torch.dtype | None = None, device: s
         state = {}
         for name, pieces in plan.items():
             meta = targets[name]
-            t = torch.empty(meta.shape, dtype=torch.float32 if _keep_fp32(name) else dtype, device=device)
+            t = torch.empty(meta.shape, dtype=torch.float32 if keep_fp32(name) else dtype, device=device)
             for hf_name, index in pieces:
                 t[index].copy_(ckpt.get(hf_name))      # one checkpoint tensor in memory at a time
             state[name] = t
