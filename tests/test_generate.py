@@ -1,0 +1,156 @@
+"""Blank infilling and generation: KV-cache decoding against a full recompute, spans at their blanks,
+streaming, seeds, sampling filters, bad input."""
+
+import pytest
+import torch
+
+from glmkit.batch import Batch, dense_mask
+from glmkit.config import GLMConfig
+from glmkit.errors import GlmkitError
+from glmkit.generate import (
+    SamplingConfig,
+    decode_blanks,
+    generate,
+    infill,
+    parse_prompt,
+    run_fill,
+    stream,
+    top_k_filter,
+    top_p_filter,
+)
+from glmkit.model import GLM
+from glmkit.tokenizer import GLMTokenizer
+
+TEXTS = ["The quick brown fox jumps over the lazy dog. A small cat sat on the warm mat. " * 2,
+         "北京是中国的首都。上海是一个大城市。我们今天去公园散步。" * 2]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return GLMTokenizer.train(TEXTS * 4, vocab_size=400)
+
+
+@pytest.fixture(scope="module", params=["tiny", "tiny-chatglm"])   # 1-D RoPE; 2D RoPE
+def model(request, tok):
+    torch.manual_seed(0)
+    return GLM(GLMConfig.from_name(request.param, vocab_size=tok.vocab_size)).eval()
+
+
+def _forward_last(model, ids, pos, blk, sep):
+    """Full forward of one row with the reference mask (glm layout): logits at the last position."""
+    T = len(ids)
+    t = lambda x: torch.tensor([x])
+    b = Batch(input_ids=t(ids), targets=t([0] * T), loss_mask=t([False] * T), position_ids=t(pos),
+              block_position_ids=t(blk), segment_ids=t([0] * T), sep=t([sep] * T), span_ids=t([1] * T))
+    from glmkit.attention import AttentionMask
+    h = model(b.input_ids, b.position_ids, b.block_position_ids, AttentionMask("sdpa", dense=dense_mask(b)[:, None]))
+    return model.logits(h[0, -1])
+
+
+def _reference_fill(model, ids, blanks, tok, n_new):
+    """Greedy infilling by recomputing the whole sequence at every step (no cache)."""
+    seq, pos, blk = list(ids), list(range(len(ids))), [0] * len(ids)
+    sep, fills = len(ids), []
+    for p in blanks:
+        seq, pos, blk = seq + [tok.sop_id], pos + [p], blk + [1]
+        fill = []
+        while True:
+            x = int(_forward_last(model, seq, pos, blk, sep).argmax())
+            if x in (tok.eop_id,) or (ids[p] == tok.gmask_id and x == tok.eot_id):
+                break
+            fill.append(x)
+            if len(fill) == n_new:
+                seq, pos, blk = seq + [x], pos + [p], blk + [len(fill) + 1]
+                break
+            seq, pos, blk = seq + [x], pos + [p], blk + [len(fill) + 1]
+        fills.append(fill)
+    return fills
+
+
+def _cached_fill(model, prompts, tok, cfg):
+    out = [[[] for _ in p.blanks] for p in prompts]
+    for ev in decode_blanks(model, prompts, cfg, tok):
+        if ev.token is not None:
+            out[ev.row][ev.blank].append(ev.token)
+    return out
+
+
+def test_kv_cache_decoding_equals_full_recompute(model, tok):
+    texts = ["The quick [MASK] fox [MASK] over the lazy [sMASK]", "北京是[MASK]的首都[gMASK]", "A small cat[MASK]"]
+    prompts = [parse_prompt(tok.encode(t, allow_special=True), tok) for t in texts]
+    cfg = SamplingConfig(max_new_tokens=4)
+    got = _cached_fill(model, prompts, tok, cfg)          # a batch of prompts of different lengths
+    for p, g in zip(prompts, got):
+        assert g == _reference_fill(model, p.ids, p.blanks, tok, 4)
+
+
+def test_causal_generation_equals_full_recompute(tok):
+    torch.manual_seed(1)
+    model = GLM(GLMConfig.from_name("tiny", vocab_size=tok.vocab_size)).eval()
+    prompts = ["The quick brown", "北京"]
+    got = generate(model, tok, prompts, SamplingConfig(max_new_tokens=5), causal=True)
+    for text, g in zip(prompts, got):
+        ids = tok.encode(text)
+        for _ in range(5):
+            T = len(ids)
+            x = int(_forward_last(model, ids, list(range(T)), [0] * T, 0).argmax())
+            if x in (tok.eop_id, tok.eot_id):
+                break
+            ids.append(x)
+        assert g == tok.decode(ids[len(tok.encode(text)):])
+
+
+def test_each_span_lands_at_its_blank(tok):
+    torch.manual_seed(0)
+    model = GLM(GLMConfig.from_name("tiny", vocab_size=tok.vocab_size)).eval()
+    text = "The quick [MASK] fox jumps [MASK] the lazy dog."
+    [f] = infill(model, tok, text, SamplingConfig(max_new_tokens=4))
+    assert len(f.fills) == 2
+    left, mid, right = "The quick ", " fox jumps ", " the lazy dog."
+    assert f.text == left + f.fills[0] + mid + f.fills[1] + right
+
+
+def test_streaming_equals_non_streaming_and_seed_reproduces(tok):
+    torch.manual_seed(0)
+    model = GLM(GLMConfig.from_name("tiny-glm", vocab_size=tok.vocab_size)).eval()
+    cfg = SamplingConfig(max_new_tokens=5, temperature=1.0, top_p=0.9, top_k=50, repetition_penalty=1.3, seed=7)
+    texts = ["The [MASK] sat on [MASK] mat.", "我们今天去[gMASK]"]
+    joined = [[""] * 2, [""]]
+    for piece in stream(model, tok, texts, cfg):
+        joined[piece.row][piece.blank] += piece.text
+    once = run_fill(model, tok, texts, cfg)
+    assert [f.fills for f in once] == joined
+    assert [f.fills for f in run_fill(model, tok, texts, cfg)] == joined
+
+
+def test_sampling_filters_keep_exactly_the_right_tokens():
+    logits = torch.tensor([[1.0, 4.0, 3.0, 2.0, 0.0]])
+    assert torch.isfinite(top_k_filter(logits, 2)).tolist() == [[False, True, True, False, False]]
+    probs = torch.softmax(logits, -1)[0]                    # 0.0317 0.6364 0.2341 0.0861 0.0117
+    for p, keep in ((0.5, [1]), (0.63, [1]), (0.64, [1, 2]), (0.87, [1, 2]), (0.88, [1, 2, 3]), (1.0, [0, 1, 2, 3, 4])):
+        kept = torch.isfinite(top_p_filter(logits, p))[0].nonzero().squeeze(-1).tolist()
+        assert kept == keep, (p, probs)
+    # a top-k'd, top-p'd sample only ever draws kept tokens
+    g = torch.Generator().manual_seed(0)
+    from glmkit.generate import sample_next
+    draws = {int(sample_next(logits, SamplingConfig(temperature=1.0, top_k=3, top_p=0.85), g)) for _ in range(200)}
+    assert draws <= {1, 2} and draws
+
+
+@pytest.mark.parametrize("kw, word", [({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"),
+                                      ({"temperature": -1}, "temperature"), ({"top_k": -2}, "top_k"),
+                                      ({"repetition_penalty": 0}, "repetition_penalty"),
+                                      ({"max_new_tokens": 0}, "max_new_tokens")])
+def test_bad_sampling_values(kw, word):
+    with pytest.raises(GlmkitError, match=word):
+        SamplingConfig(**kw)
+
+
+def test_bad_prompts(tok):
+    model = GLM(GLMConfig.from_name("tiny", vocab_size=tok.vocab_size, max_position_embeddings=32)).eval()
+    with pytest.raises(GlmkitError, match=r"put \[MASK\]"):
+        infill(model, tok, "no blank here")
+    with pytest.raises(GlmkitError, match="max_position_embeddings"):
+        generate(model, tok, "The quick brown fox " * 10)
+    with pytest.raises(GlmkitError, match="no prompt"):
+        generate(model, tok, [])
