@@ -255,7 +255,10 @@ def config_to_hf(config, dtype: torch.dtype | None = None) -> dict:
               tie_word_embeddings=config.tie_word_embeddings, initializer_range=config.initializer_range,
               rope_parameters=dict(rope_type="default", rope_theta=config.rope_theta,
                                    partial_rotary_factor=config.partial_rotary_factor),
-              use_cache=True)
+              use_cache=True,
+              # token ids belong to the tokenizer, not to GLMConfig; None keeps HF from assuming GLM-4's
+              # 151k vocabulary (its default pad id would not fit a smaller embedding)
+              pad_token_id=None, bos_token_id=None, eos_token_id=None)
     if model_type == "glm4_moe":
         dense_only = not config.is_moe    # a dense rotate-half model: every layer is a "first k dense" one
         hf.update(use_qk_norm=config.qk_norm, n_routed_experts=config.n_routed_experts if not dense_only else 1,

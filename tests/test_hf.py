@@ -8,14 +8,15 @@ correction bias too), so a tensor mapped to the wrong place cannot hide behind a
 from __future__ import annotations
 
 import json
-import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
 from glmkit.config import GLMConfig
 from glmkit.errors import GlmkitError
-from glmkit.hf import config_from_hf, config_to_hf, parse_size, plan_shards
+from glmkit.hf import INDEX_FILE, config_from_hf, config_to_hf, from_hf, parse_size, plan_shards, to_hf
+from glmkit.model import GLM
 
 transformers = pytest.importorskip("transformers")
 
@@ -164,5 +165,153 @@ def test_sizes_and_shard_plan():
     assert plan_shards(sizes, 10**9) == [["a", "b", "c", "d"]]
 
 
-def _unused(*_):  # keep shutil imported for the checkpoint tests below
-    return shutil
+# ------------------------------------------------------------------------------------------- helpers
+
+def glmkit_logits(model, ids: torch.Tensor, attn=None) -> torch.Tensor:
+    """Causal logits of a glmkit model; 1-D RoPE families read position + block position (0 here)."""
+    pos = torch.arange(ids.shape[1]).expand_as(ids)
+    with torch.no_grad():
+        return model.logits(model(ids, pos, torch.zeros_like(pos), attn=attn)).float()
+
+
+def glmkit_greedy(model, ids: torch.Tensor, n: int) -> torch.Tensor:
+    """Greedy decoding with a full recompute per token (the reference the KV cache is tested against)."""
+    for _ in range(n):
+        ids = torch.cat([ids, glmkit_logits(model, ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids
+
+
+def random_glmkit(config: GLMConfig, seed: int = 0) -> GLM:
+    """A glmkit model with every tensor random (norms around 1, biases and router bias non-zero)."""
+    torch.manual_seed(seed)
+    model = GLM(config).eval()
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if name.endswith("norm.weight"):
+                t.copy_(1 + 0.2 * torch.randn_like(t))
+            elif name.endswith("e_score_correction_bias"):
+                t.copy_(0.1 * torch.randn_like(t))
+            else:
+                t.copy_(0.3 * torch.randn_like(t))
+    return model
+
+
+def tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted(path.glob("*.safetensors"))
+    return {k: v for f in files for k, v in load_file(f).items()}
+
+
+def load_with_transformers(path: Path):
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(
+        path, attn_implementation="eager", output_loading_info=True, dtype=torch.float32)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    return model.eval()
+
+
+# ------------------------------------------------------------------------------ HF -> glmkit parity
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_from_hf_matches_transformers(case, hf_dirs):
+    path, hf = hf_dirs[case]
+    model = from_hf(path)
+    torch.manual_seed(1)
+    ids = torch.randint(0, VOCAB, (3, 20))
+    diff = (glmkit_logits(model, ids) - hf_logits(hf, ids)).abs().max().item()
+    assert diff <= 1e-4, f"{case}: max abs logit diff {diff}"
+    prompt = ids[:, :6]
+    with torch.no_grad():
+        want = hf.generate(prompt, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    assert torch.equal(glmkit_greedy(model, prompt, 10), want)
+
+
+@pytest.mark.parametrize("case", ["glm4-gqa", "moe-qknorm"])
+def test_from_hf_prefix_lm_mask_matches_transformers_float_mask(case, hf_dirs):
+    """A [gMASK]-style prefix-LM row (bidirectional prefix, causal rest) through glmkit's mask and
+    through HF with the same rule as a 4D float 0/-inf mask."""
+    from glmkit.attention import make_attention_mask
+    from glmkit.batch import Batch
+
+    path, hf = hf_dirs[case]
+    model = from_hf(path)
+    B, T, sep = 2, 16, 7
+    ids = torch.randint(0, VOCAB, (B, T))
+    zeros = torch.zeros(B, T, dtype=torch.long)
+    batch = Batch(input_ids=ids, targets=zeros, loss_mask=zeros.bool(), position_ids=torch.arange(T).expand(B, T),
+                  block_position_ids=zeros, segment_ids=zeros, sep=torch.full((B, T), sep), span_ids=zeros)
+    ours = glmkit_logits(model, ids, attn=make_attention_mask(batch.to("cpu"), "sdpa"))
+    q, k = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    visible = (k < sep) | (k <= q)
+    mask = torch.zeros(B, 1, T, T).masked_fill(~visible, float("-inf"))
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask).logits
+    assert (ours - ref).abs().max().item() <= 1e-4
+
+
+def test_from_hf_dtype_keeps_router_fp32(hf_dirs):
+    path, hf = hf_dirs["moe-qknorm"]
+    model = from_hf(path, dtype=torch.bfloat16)
+    gate = model.layers[1].mlp.gate
+    assert model.embed_tokens.weight.dtype == torch.bfloat16
+    assert gate.weight.dtype == gate.e_score_correction_bias.dtype == torch.float32
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    ids = torch.randint(0, VOCAB, (1, 12))
+    assert glmkit_logits(model, ids).isfinite().all()
+
+
+# ------------------------------------------------------------------------------ glmkit -> HF parity
+
+REVERSE = {
+    "tiny": GLMConfig.from_name("tiny"),
+    "tiny-tied-mha": GLMConfig.from_name("tiny", num_kv_heads=4, tie_word_embeddings=True, qkv_bias=False,
+                                         partial_rotary_factor=1.0),
+    "tiny-0414": GLMConfig.from_name("tiny-0414"),
+    "tiny-moe": GLMConfig.from_name("tiny-moe"),
+    "dense-rotate-half": GLMConfig.from_name("tiny-moe", n_routed_experts=0, num_experts_per_tok=0,
+                                             moe_intermediate_size=0, n_shared_experts=0, first_k_dense_replace=0,
+                                             qk_norm=False, partial_rotary_factor=0.25, n_group=1,
+                                             routed_scaling_factor=1.0),
+}
+
+
+@pytest.mark.parametrize("name", list(REVERSE))
+def test_to_hf_read_by_transformers(name, tmp_path):
+    model = random_glmkit(REVERSE[name])
+    to_hf(model, tmp_path)
+    hf = load_with_transformers(tmp_path)
+    assert type(hf).__name__ == json.loads((tmp_path / "config.json").read_text())["architectures"][0]
+    ids = torch.randint(0, model.config.vocab_size, (2, 16))
+    diff = (glmkit_logits(model, ids) - hf_logits(hf, ids)).abs().max().item()
+    assert diff <= 1e-4, f"{name}: max abs logit diff {diff}"
+    back = from_hf(tmp_path)
+    assert back.config == REVERSE[name].with_(name=back.config.name)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), back.state_dict().values()))
+
+
+@pytest.mark.parametrize("case", ["glm-mha-tied", "moe-qknorm"])
+def test_hf_round_trip_is_lossless(case, hf_dirs, tmp_path):
+    """HF -> glmkit -> HF gives the same tensor names and values as save_pretrained wrote."""
+    path, _ = hf_dirs[case]
+    to_hf(from_hf(path), tmp_path)
+    before, after = tensors(path), tensors(tmp_path)
+    assert sorted(before) == sorted(after)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_sharded_save_and_load(hf_dirs, tmp_path):
+    path, hf = hf_dirs["moe-qknorm"]
+    model = from_hf(path)
+    files = to_hf(model, tmp_path, max_shard_size="20KB")
+    index = json.loads((tmp_path / INDEX_FILE).read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) >= 3 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    assert not (tmp_path / "model.safetensors").exists() and set(files) >= {tmp_path / s for s in shards}
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors(tmp_path).values())
+    ids = torch.randint(0, VOCAB, (2, 12))
+    assert torch.equal(glmkit_logits(from_hf(tmp_path), ids), glmkit_logits(model, ids))
+    assert (hf_logits(load_with_transformers(tmp_path), ids) - hf_logits(hf, ids)).abs().max() <= 1e-5
+    # transformers' own sharded save is read too
+    hf.save_pretrained(tmp_path / "hf-sharded", max_shard_size="20KB")
+    assert (tmp_path / "hf-sharded" / INDEX_FILE).exists()
+    assert torch.equal(glmkit_logits(from_hf(tmp_path / "hf-sharded"), ids), glmkit_logits(model, ids))
