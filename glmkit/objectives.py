@@ -55,7 +55,7 @@ class SpecialIds:
                    sop=int(tok.sop_id), eop=int(tok.eop_id), eot=int(tok.eot_id), pad=int(tok.pad_id),
                    vocab_size=int(tok.vocab_size),
                    sentence_ends=tuple(int(i) for i in tok.sentence_end_ids),
-                   other_special=tuple(int(i) for i in other))
+                   other_special=tuple(sorted(int(i) for i in other)))
 
     @property
     def specials(self) -> np.ndarray:
@@ -401,10 +401,31 @@ def span_ranks(spans: Spans, n_samples: int, shuffle: bool, rng: np.random.Gener
 
 # ---------------------------------------------------------------- building samples
 
+# Dtype of every token / position array the builders write (Batch.to() widens to int64 for torch).
+INT = np.int32
+
+
 def _alloc(size: int, pad_id: int) -> dict[str, np.ndarray]:
-    return dict(input_ids=np.full(size, pad_id, dtype=np.int64), targets=np.zeros(size, dtype=np.int64),
-                loss_mask=np.zeros(size, dtype=bool), position_ids=np.zeros(size, dtype=np.int64),
-                block_position_ids=np.zeros(size, dtype=np.int64), span_ids=np.zeros(size, dtype=np.int32))
+    return dict(input_ids=np.full(size, pad_id, dtype=INT), targets=np.zeros(size, dtype=INT),
+                loss_mask=np.zeros(size, dtype=bool), position_ids=np.zeros(size, dtype=INT),
+                block_position_ids=np.zeros(size, dtype=INT), span_ids=np.zeros(size, dtype=INT))
+
+
+def fill_runs(size: int, at: np.ndarray, values: np.ndarray, before: int = 0, dtype=np.int64) -> np.ndarray:
+    """(size,) array equal to values[j] from position at[j] up to the next position (`before` ahead
+    of at[0]); `at` non-decreasing, positions >= size ignored, of equal positions the last wins.
+
+    The step function is written as its jumps and summed up: one cumulative sum instead of a repeat
+    and a gather per element, which is what makes the builders fast."""
+    at, values = np.asarray(at), np.asarray(values, dtype=dtype)
+    if len(at) > 1:
+        last = np.ones(len(at), dtype=bool)
+        last[:-1] = at[1:] != at[:-1]
+        at, values = at[last], values[last]
+    z = np.zeros(size + 1, dtype=dtype)
+    z[at] = np.diff(values, prepend=dtype(before)) if len(at) else 0
+    z[0] += before
+    return np.cumsum(z[:size], dtype=dtype)
 
 
 def build_infill(tokens: np.ndarray, offsets: np.ndarray, spans: Spans, rank: np.ndarray, specials: SpecialIds,
@@ -413,50 +434,54 @@ def build_infill(tokens: np.ndarray, offsets: np.ndarray, spans: Spans, rank: np
     """GLM samples: Part A = the text with each span replaced by its mask token (original order),
     Part B = for each span in `rank` order, `<sop>` + the span, targets the span + `<eop>`.
 
-    tokens/offsets: the original samples (flat); spans sorted by (sample, start), non-overlapping;
-    rank: (K,) Part B order within each sample. Sample i is written at `start[i]` of arrays of `size`
-    (default: back to back)."""
+    tokens/offsets: the original samples (flat, none empty); spans sorted by (sample, start),
+    non-overlapping; rank: (K,) Part B order within each sample. Sample i is written at `start[i]` of
+    arrays of `size` (default: back to back)."""
     L = np.diff(offsets)
-    S, N = len(L), int(offsets[-1])
+    S = len(L)
     n = np.bincount(spans.sample, minlength=S)
     masked = np.bincount(spans.sample, weights=spans.length, minlength=S).astype(np.int64)
-    a_len, out_len = L - masked + n, L + 2 * n
+    a_len, b_len = L - masked + n, masked + n
+    out_len = a_len + b_len
     if start is None:
         start = offsets_of(out_len)[:-1]
         size = int(out_len.sum())
     out = _alloc(size, specials.pad)
 
-    # Part A: drop masked tokens except each span's first, which becomes the mask token.
-    abs_start = offsets[spans.sample] + spans.start
-    delta = np.bincount(abs_start, minlength=N + 1) - np.bincount(abs_start + spans.length, minlength=N + 1)
-    keep = np.cumsum(delta[:N]) <= 0
-    keep[abs_start] = True
-    a_tok = tokens.copy()
-    a_tok[abs_start] = spans.mask_id
+    # Part A, all samples concatenated: element i is token i + (tokens removed before it), except
+    # each span's first token, which becomes its mask token at `mask_a`.
     a_off = offsets_of(a_len)
-    a_sample = np.repeat(np.arange(S), a_len)
-    a_idx = np.arange(int(a_off[-1]))
-    a_pos = a_idx - a_off[a_sample]
-    a_dest = start[a_sample] + a_pos
-    out["input_ids"][a_dest] = a_tok[keep]
-    out["position_ids"][a_dest] = a_pos
-    mask_pos = (np.cumsum(keep) - 1)[abs_start] - a_off[spans.sample]   # where each [MASK] sits in Part A
+    NA = int(a_off[-1])
+    a_idx = np.arange(NA, dtype=np.int64)
+    abs_start = offsets[spans.sample] + spans.start
+    removed = np.cumsum(spans.length - 1)
+    mask_a = abs_start - (removed - (spans.length - 1))
+    a_tok = tokens[a_idx + fill_runs(NA, mask_a + 1, removed)]
+    a_tok[mask_a] = spans.mask_id
+    a_dest = a_idx + fill_runs(NA, a_off[:-1], start - a_off[:-1])
+    out["input_ids"][a_dest] = a_tok
+    out["position_ids"][a_dest] = a_idx - fill_runs(NA, a_off[:-1], a_off[:-1])
+    mask_pos = mask_a - a_off[spans.sample]                 # where each mask token sits in its Part A
 
-    # Part B: spans in (sample, rank) order; element k of a span's block is <sop> (k=0) or span token k-1.
+    # Part B, spans in (sample, rank) order: block j = <sop> + span j (inputs), span j + <eop> (targets)
     border = np.lexsort((rank, spans.sample))
-    blen = spans.length[border] + 1
-    b_span = np.repeat(border, blen)
-    b_idx = np.arange(int(blen.sum()))
-    k = b_idx - np.repeat(offsets_of(blen)[:-1], blen)
-    src = abs_start[b_span] + k
-    b_sample = spans.sample[b_span]
-    b_dest = b_idx + (start + a_len - offsets_of(out_len - a_len)[:-1])[b_sample]
-    out["input_ids"][b_dest] = np.where(k == 0, specials.sop, tokens[src - 1])
-    out["targets"][b_dest] = np.where(k == spans.length[b_span], specials.eop, tokens[np.minimum(src, N - 1)])
+    bo = offsets_of(spans.length[border] + 1)
+    NB, b0 = int(bo[-1]), bo[:-1]
+    b_idx = np.arange(NB, dtype=np.int64)
+    k = b_idx - fill_runs(NB, b0, b0)                        # 0 = <sop>, then the span
+    b_in = tokens[b_idx + fill_runs(NB, b0, abs_start[border] - b0) - 1]
+    b_in[b0] = specials.sop
+    b_tgt = np.empty(NB, dtype=b_in.dtype)
+    b_tgt[:-1] = b_in[1:]                                    # teacher forcing: target = next input ...
+    b_tgt[bo[1:] - 1] = specials.eop                         # ... and <eop> closes every span
+    b_shift = (start + a_len - offsets_of(b_len)[:-1])[spans.sample[border]]
+    b_dest = b_idx + fill_runs(NB, b0, b_shift)
+    out["input_ids"][b_dest] = b_in
+    out["targets"][b_dest] = b_tgt
     out["loss_mask"][b_dest] = True
-    out["position_ids"][b_dest] = mask_pos[b_span]
+    out["position_ids"][b_dest] = fill_runs(NB, b0, mask_pos[border])
     out["block_position_ids"][b_dest] = k + 1
-    out["span_ids"][b_dest] = 1 if layout == "glm" else rank[b_span] + 1
+    out["span_ids"][b_dest] = 1 if layout == "glm" else fill_runs(NB, b0, rank[border] + 1)
     kind = np.full(S, MASK, dtype=np.int8) if kind is None else kind
     return Samples(**out, start=start, length=out_len, part_a=a_len, kind=kind, n_spans=n)
 
@@ -468,12 +493,13 @@ def mlm_samples(tokens: np.ndarray, offsets: np.ndarray, cfg: ObjectiveConfig, s
     bidirectional (sep = sample end); loss on the selected tokens, targets the original tokens."""
     L = np.diff(offsets)
     S, N = len(L), int(offsets[-1])
-    start, size, dest, owner = _plain_dest(L, offsets, start, size)
+    start, size, dest, pos = _plain_dest(L, offsets, start, size)
     out = _alloc(size, specials.pad)
     count = np.maximum(1, np.rint(cfg.mask_ratio * L)).astype(np.int64)
+    owner = np.repeat(np.arange(S), L)
     order = np.argsort(owner + rng.random(N), kind="stable")          # random order within each sample
     selected = np.zeros(N, dtype=bool)
-    selected[order] = (np.arange(N) - offsets[owner[order]]) < count[owner[order]]
+    selected[order] = pos[order] < count[owner[order]]
     u = rng.random(N)
     pool = specials.random_pool()
     random_tok = pool[rng.integers(0, len(pool), N)]
@@ -482,7 +508,7 @@ def mlm_samples(tokens: np.ndarray, offsets: np.ndarray, cfg: ObjectiveConfig, s
     out["input_ids"][dest] = inp
     out["targets"][dest] = np.where(selected, tokens, 0)
     out["loss_mask"][dest] = selected
-    out["position_ids"][dest] = np.arange(N) - offsets[owner]
+    out["position_ids"][dest] = pos
     return Samples(**out, start=start, length=L.copy(), part_a=L.copy(), kind=np.full(S, MLM, dtype=np.int8),
                    n_spans=np.zeros(S, dtype=np.int64))
 
@@ -492,13 +518,14 @@ def clm_samples(tokens: np.ndarray, offsets: np.ndarray, specials: SpecialIds,
     """GPT CLM: the sample itself, each position predicting the next token of the sample (the last
     position has no target). Causal: sep = sample start."""
     L = np.diff(offsets)
-    S, N = len(L), int(offsets[-1])
-    start, size, dest, owner = _plain_dest(L, offsets, start, size)
+    S = len(L)
+    start, size, dest, pos = _plain_dest(L, offsets, start, size)
     out = _alloc(size, specials.pad)
-    pos = np.arange(N) - offsets[owner]
-    has_next = pos < L[owner] - 1
+    has_next = np.ones(len(tokens), dtype=bool)
+    has_next[offsets[1:][L > 0] - 1] = False
     out["input_ids"][dest] = tokens
-    out["targets"][dest] = np.where(has_next, np.roll(tokens, -1), 0)
+    out["targets"][dest[:-1]] = tokens[1:]
+    out["targets"][dest[~has_next]] = 0
     out["loss_mask"][dest] = has_next
     out["position_ids"][dest] = pos
     return Samples(**out, start=start, length=L.copy(), part_a=np.zeros(S, dtype=np.int64),
@@ -506,11 +533,12 @@ def clm_samples(tokens: np.ndarray, offsets: np.ndarray, specials: SpecialIds,
 
 
 def _plain_dest(L, offsets, start, size):
-    """Where each token of same-length samples (MLM, CLM) goes; the owner sample of each token."""
+    """Where each token of same-length samples (MLM, CLM) goes, and its position in its sample."""
     if start is None:
         start, size = offsets[:-1].copy(), int(offsets[-1])
-    owner = np.repeat(np.arange(len(L)), L)
-    return start, size, np.arange(int(offsets[-1])) + (start - offsets[:-1])[owner], owner
+    N = int(offsets[-1])
+    idx = np.arange(N, dtype=np.int64)
+    return start, size, idx + fill_runs(N, offsets[:-1], start - offsets[:-1]), idx - fill_runs(N, offsets[:-1], offsets[:-1])
 
 
 # ---------------------------------------------------------------- one document at a time

@@ -21,6 +21,7 @@ from glmkit.batch import Batch
 from glmkit.errors import GlmkitError
 from glmkit.objectives import (
     GMASK,
+    INT,
     KIND_NAMES,
     ObjectiveConfig,
     Samples,
@@ -29,6 +30,7 @@ from glmkit.objectives import (
     chunk_length,
     clm_samples,
     draw_kinds,
+    fill_runs,
     glm_spans,
     mlm_samples,
     offsets_of,
@@ -154,38 +156,30 @@ def pack(tokens: np.ndarray, offsets: np.ndarray, cfg: ObjectiveConfig, specials
         sub_tok, sub_off = take_samples(tokens, offsets, keep)
         samples = (mlm_samples(sub_tok, sub_off, cfg, specials, rng, start, size) if cfg.kind == "mlm"
                    else clm_samples(sub_tok, sub_off, specials, start, size))
-    batch = to_batch(samples, row, batch_size, seq_len)
+    batch = to_batch(samples, batch_size, seq_len)
     fallback = int(((drawn != kinds)[keep]).sum()) if cfg.kind == "glm" else 0
     stats = _stats(samples, L, ok, keep, consumed, batch, cfg, fallback)
     return PackResult(batch, consumed, stats, samples, keep, row, col)
 
 
-def to_batch(samples: Samples, row: np.ndarray, batch_size: int, seq_len: int) -> Batch:
-    """The Batch whose flattened rows are the sample arrays; adds segment ids and absolute sep."""
+def to_batch(samples: Samples, batch_size: int, seq_len: int) -> Batch:
+    """The Batch whose flattened rows are the sample arrays; adds segment ids (samples numbered left
+    to right in each row, padding -1) and the absolute sep (padding: seq_len)."""
     size = batch_size * seq_len
-    segment = np.full(size, -1, dtype=np.int32)
-    sep = np.full(size, seq_len, dtype=np.int64)
-    n = len(samples)
-    if n:
-        order_in_row = _rank_within(row, samples.start)
-        owner = np.repeat(np.arange(n), samples.length)
-        pos = np.arange(len(owner)) + (samples.start - offsets_of(samples.length)[:-1])[owner]
-        segment[pos] = order_in_row[owner]
-        sep[pos] = (samples.start % seq_len + samples.part_a)[owner]
+    order = np.argsort(samples.start)
+    start = samples.start[order]
+    row = start // seq_len
+    seg = np.arange(len(order)) - offsets_of(np.bincount(row, minlength=batch_size))[row]
+    at = np.stack([start, start + samples.length[order]], 1).ravel()      # sample starts and ends, in order
+    with_pad = lambda v, pad: np.stack([v, np.full(len(v), pad)], 1).ravel()
+    segment = fill_runs(size, at, with_pad(seg, -1), before=-1, dtype=INT)
+    sep = fill_runs(size, at, with_pad(start % seq_len + samples.part_a[order], seq_len), before=seq_len, dtype=INT)
     shape = (batch_size, seq_len)
     return Batch(input_ids=samples.input_ids.reshape(shape), targets=samples.targets.reshape(shape),
                  loss_mask=samples.loss_mask.reshape(shape), position_ids=samples.position_ids.reshape(shape),
                  block_position_ids=samples.block_position_ids.reshape(shape),
                  segment_ids=segment.reshape(shape), sep=sep.reshape(shape),
                  span_ids=samples.span_ids.reshape(shape))
-
-
-def _rank_within(row: np.ndarray, start: np.ndarray) -> np.ndarray:
-    """Segment id of each sample: its index among the samples of its row, left to right."""
-    order = np.lexsort((start, row))
-    seg = np.empty(len(row), dtype=np.int64)
-    seg[order] = np.arange(len(row)) - offsets_of(np.bincount(row))[row[order]]
-    return seg
 
 
 def _stats(samples: Samples, L, ok, keep, consumed, batch: Batch, cfg: ObjectiveConfig, fallback: int) -> PackStats:

@@ -1,0 +1,218 @@
+"""`glmkit bench data`: corruption + packing speed of each objective, against pure Python.
+
+Times `glmkit.data.BatchIterator` (vectorised numpy: span sampling, Part A / Part B layout, first-fit
+packing into `Batch` rows) for each objective preset, and in the same run `python_glm_batches`, a
+plain pure-Python implementation of the same GLM [MASK] corruption and packing (lists and the
+`random` module, one token at a time), kept here as the baseline. One thread throughout (numpy's
+element-wise kernels are single-threaded; BLAS is not used), so the rates are per core.
+
+Text: the default corpus's training documents when `data/default` exists, else synthetic Zipfian
+tokens (the output says which). The last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import json
+import math
+import os
+import platform
+import random
+import time
+
+import numpy as np
+
+from glmkit.errors import GlmkitError
+
+PRESETS = ("glm-large", "glm-10b", "glm-130b", "bert", "gpt")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--corpus", default="data/default", help="corpus folder (default: data/default); "
+                        "synthetic Zipfian tokens when it does not exist")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--tokens", type=int, default=2_000_000,
+                        help="text tokens to push through each objective (default 2M)")
+    parser.add_argument("--baseline-tokens", type=int, default=200_000,
+                        help="text tokens for the slower pure-Python baseline (default 200k)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+# ---------------------------------------------------------------- the pure-Python baseline
+
+def python_glm_batches(documents: list[list[int]], specials, batch_size: int, seq_len: int, chunk_len: int,
+                       seed: int, ratio: float = 0.15, lam: float = 3.0, max_span: int = 39):
+    """Yield (rows, text_tokens) batches, each row a dict of the eight Batch fields as lists: the
+    same [MASK] corruption as glmkit.objectives (Poisson(lam) lengths in 1..max_span until int(ratio*L)
+    is reached, non-touching placement, shuffled Part B) and the same first-fit packing, in plain Python."""
+    rnd = random.Random(seed)
+    weights = [lam ** k * math.exp(-lam) / math.factorial(k) for k in range(1, max_span + 1)]
+    cdf = [sum(weights[:k + 1]) / sum(weights) for k in range(max_span)]
+    pieces = [doc[i:i + chunk_len] for doc in documents for i in range(0, len(doc), chunk_len)]
+    next_piece, pending = 0, None
+    while next_piece < len(pieces) or pending:
+        rows = [_empty_row(seq_len, specials.pad) for _ in range(batch_size)]
+        free, segments, text = [seq_len] * batch_size, [0] * batch_size, 0
+        while next_piece < len(pieces) or pending:
+            if pending is None:
+                pending = _python_sample(pieces[next_piece], specials, rnd, cdf, ratio, seq_len)
+                next_piece += 1
+                if pending is None:
+                    continue
+            sample, n = pending, len(pending["input_ids"])
+            r = next((r for r in range(batch_size) if free[r] >= n), -1)
+            if r < 0:
+                break                              # the sample opens the next batch
+            _place_row(rows[r], sample, seq_len - free[r], segments[r])
+            free[r] -= n
+            segments[r] += 1
+            text += sample["text"]
+            pending = None
+        yield rows, text
+
+
+def _python_sample(tokens: list[int], sp, rnd: random.Random, cdf: list[float], ratio: float, seq_len: int):
+    L = len(tokens)
+    target = int(ratio * L)
+    if target < 1:
+        return None
+    for _ in range(8):
+        lengths, total = [], 0
+        while total < target:
+            n = bisect.bisect_right(cdf, rnd.random()) + 1
+            lengths.append(min(n, len(cdf)))
+            total += lengths[-1]
+        slack = L - total - (len(lengths) - 1)
+        if slack >= 0 and L + 2 * len(lengths) <= seq_len:
+            break
+    else:
+        return None
+    rnd.shuffle(lengths)
+    places = sorted(rnd.randint(0, slack) for _ in lengths)
+    spans, offset = [], 0
+    for place, n in zip(places, lengths):
+        spans.append((place + offset, n))
+        offset += n + 1
+    # Part A, one token at a time
+    inp, pos, mask_pos = [], [], []
+    i, j = 0, 0
+    while i < L:
+        if j < len(spans) and i == spans[j][0]:
+            mask_pos.append(len(inp))
+            inp.append(sp.mask)
+            i += spans[j][1]
+            j += 1
+        else:
+            inp.append(tokens[i])
+            i += 1
+        pos.append(len(pos))
+    sep = len(inp)
+    tgt, loss, bpos, span_ids = [0] * sep, [False] * sep, [0] * sep, [0] * sep
+    order = list(range(len(spans)))
+    rnd.shuffle(order)
+    for s in order:
+        start, n = spans[s]
+        for k in range(n + 1):
+            inp.append(sp.sop if k == 0 else tokens[start + k - 1])
+            tgt.append(tokens[start + k] if k < n else sp.eop)
+            loss.append(True)
+            pos.append(mask_pos[s])
+            bpos.append(k + 1)
+            span_ids.append(1)
+    return dict(input_ids=inp, targets=tgt, loss_mask=loss, position_ids=pos, block_position_ids=bpos,
+                span_ids=span_ids, sep=sep, text=L)
+
+
+def _empty_row(seq_len: int, pad: int) -> dict:
+    return dict(input_ids=[pad] * seq_len, targets=[0] * seq_len, loss_mask=[False] * seq_len,
+                position_ids=[0] * seq_len, block_position_ids=[0] * seq_len, segment_ids=[-1] * seq_len,
+                sep=[seq_len] * seq_len, span_ids=[0] * seq_len)
+
+
+def _place_row(row: dict, sample: dict, col: int, segment: int) -> None:
+    for k in ("input_ids", "targets", "loss_mask", "position_ids", "block_position_ids", "span_ids"):
+        for i, v in enumerate(sample[k]):
+            row[k][col + i] = v
+    for i in range(len(sample["input_ids"])):
+        row["segment_ids"][col + i] = segment
+        row["sep"][col + i] = col + sample["sep"]
+
+
+# ---------------------------------------------------------------- text
+
+def _documents(path: str, seed: int) -> tuple[list[np.ndarray], object, str]:
+    """(documents, SpecialIds, description): the corpus's training split, or synthetic Zipfian text."""
+    from glmkit.objectives import SpecialIds
+    if os.path.isdir(path):
+        try:
+            from glmkit.corpus import Corpus
+            corpus = Corpus.open(path)
+            docs = corpus.documents("train")
+            return docs, SpecialIds.from_tokenizer(corpus.tokenizer), f"corpus {path} (train split, {len(docs)} documents)"
+        except (ImportError, AttributeError, GlmkitError) as e:
+            print(f"could not read {path} ({e}); using synthetic text")
+    rng = np.random.default_rng(seed)
+    vocab = 32000
+    lengths = rng.integers(20, 2000, size=4000)
+    tokens = (rng.zipf(1.2, size=int(lengths.sum())) % (vocab - 16)) + 16
+    bounds = np.concatenate([[0], np.cumsum(lengths)])
+    docs = [tokens[bounds[i]:bounds[i + 1]] for i in range(len(lengths))]
+    sp = SpecialIds(mask=1, smask=2, gmask=3, sop=4, eop=5, eot=0, pad=6, vocab_size=vocab,
+                    sentence_ends=(16, 17))   # the two most frequent Zipf ids stand in for "." and "。"
+    return docs, sp, f"synthetic Zipfian tokens (a=1.2, vocab {vocab}, {len(docs)} documents of 20..2000)"
+
+
+def _time_iterator(docs, cfg, sp, args) -> dict:
+    from glmkit.data import BatchIterator
+    it = BatchIterator(docs, cfg, sp, args.batch_size, args.seq_len, seed=args.seed)
+    next(it)                                     # warm up: first epoch's piece list, allocations
+    start_tokens, t0 = it.stats.text_tokens, time.perf_counter()
+    while it.stats.text_tokens - start_tokens < args.tokens:
+        next(it)
+    dt = time.perf_counter() - t0
+    n = it.stats.text_tokens - start_tokens
+    return dict(tokens_per_s=n / dt, seconds=dt, text_tokens=n, efficiency=it.stats.efficiency)
+
+
+def run(args: argparse.Namespace) -> int:
+    from glmkit.objectives import ObjectiveConfig, chunk_length
+    if args.batch_size < 1 or args.seq_len < 64 or args.tokens < 1:
+        raise GlmkitError("need --batch-size >= 1, --seq-len >= 64 and --tokens >= 1")
+    docs, sp, what = _documents(args.corpus, args.seed)
+    print(f"text: {what}")
+    print(f"rows {args.batch_size} x {args.seq_len}; one thread; {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} logical CPUs")
+    results = {}
+    for name in PRESETS:
+        cfg = ObjectiveConfig.from_name(name)
+        r = _time_iterator(docs, cfg, sp, args)
+        results[name] = r
+        print(f"  {name:10s} {r['tokens_per_s'] / 1e6:6.2f} M text tokens/s  "
+              f"({r['text_tokens']} tokens in {r['seconds']:.2f} s, packing efficiency {100 * r['efficiency']:.1f}%)")
+    # the baseline: same [MASK] corruption + packing in pure Python, over the same documents
+    chunk = chunk_length(ObjectiveConfig(), args.seq_len)
+    lists, total = [], 0
+    for d in docs:
+        if total >= args.baseline_tokens:
+            break
+        lists.append(d.tolist())
+        total += len(d)
+    t0, n = time.perf_counter(), 0
+    for _, text in python_glm_batches(lists, sp, args.batch_size, args.seq_len, chunk, args.seed):
+        n += text
+    dt = time.perf_counter() - t0
+    base = n / dt
+    print(f"  {'python':10s} {base / 1e6:6.2f} M text tokens/s  (pure-Python [MASK] corruption + packing, "
+          f"{n} tokens in {dt:.2f} s)")
+    glm = results["glm-large"]["tokens_per_s"]
+    print(f"glm-large ([MASK]) vs pure Python: {glm / base:.1f}x")
+    out = {"glm_tokens_per_s_per_core": round(glm), "python_baseline_tokens_per_s_per_core": round(base),
+           "ratio": round(glm / base, 2), "text": "corpus" if what.startswith("corpus") else "synthetic",
+           "batch_size": args.batch_size, "seq_len": args.seq_len}
+    for name, r in results.items():
+        out[f"{name}_tokens_per_s_per_core"] = round(r["tokens_per_s"])
+        out[f"{name}_packing_efficiency"] = round(r["efficiency"], 4)
+    print(json.dumps(out))
+    return 0
