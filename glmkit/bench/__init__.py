@@ -12,6 +12,7 @@ import importlib
 # benchmark -> (module, one-line help)
 BENCHES: dict[str, tuple[str, str]] = {
     "data": ("glmkit.bench.data", "objective corruption + packing tokens/s per core vs a pure-Python GLM pipeline"),
+    "train": ("glmkit.bench.train", "training steps of a glmkit model vs the same HF transformers model"),
 }
 
 

@@ -1,0 +1,270 @@
+"""`glmkit bench train`: training steps (forward + backward + AdamW) of a glmkit model against the
+equivalent HF transformers model, in the same run, on the same batch and the same weights.
+
+The peer is `Glm4ForCausalLM` (the glmkit model is built with sandwich norms to match it; `--hf-arch
+glm` uses `GlmForCausalLM` and pre-norm instead; MoE presets use `Glm4MoeForCausalLM`). It gets the
+GLM mask as the 4D additive float mask `glmkit.batch.float_mask` (built per step, as glmkit builds its
+own mask per step), 1-D positions `position_ids + block_position_ids`, and computes its loss the way an
+HF user would: full logits, cross-entropy over the loss positions. glmkit runs `model.loss(batch)`.
+
+Batches come from the real objective code (`glmkit.packing.pack_documents` over random documents):
+`--objective glm` ([MASK] spans, 15%), `clm`, or `both` (the glmkit model is also timed on causal
+batches of the same shape: DESIGN.md §4's "GLM step vs causal step"). HF is timed on the first.
+
+Rates: positions/s (all B*T row positions; the headline `*_tokens_per_s`), and for GLM the text
+tokens/s (original document tokens) and loss tokens/s. MFU = flops_per_token(T) * positions/s over the
+bf16/fp32 matmul peak measured in this run (and, on known GPUs, over the data-sheet peak).
+The last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from glmkit.batch import Batch, float_mask
+from glmkit.config import GLMConfig, human
+from glmkit.errors import GlmkitError
+
+DATASHEET_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}   # bf16 dense
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    cuda = torch.cuda.is_available()
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if cuda else "cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="default: bfloat16 on cuda, float32 on cpu")
+    p.add_argument("--preset", default=None, help="model preset (default: bench-338m on cuda, small on cpu)")
+    p.add_argument("--batch-size", type=int, default=None, help="default: 16 on cuda, 4 on cpu")
+    p.add_argument("--seq-len", type=int, default=None, help="default: 1024 on cuda, 256 on cpu")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per model (default: 20 cuda, 4 cpu)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 5 cuda/compile, 1 cpu)")
+    p.add_argument("--compile", action="store_true", help="torch.compile both models (glmkit: per block)")
+    p.add_argument("--objective", choices=["glm", "clm", "both"], default="glm")
+    p.add_argument("--backend", default=None, help="glmkit attention backend (default: the config's, auto)")
+    p.add_argument("--hf-arch", choices=["glm4", "glm"], default="glm4",
+                   help="peer architecture for dense presets: Glm4ForCausalLM (sandwich) or GlmForCausalLM")
+    p.add_argument("--no-hf", action="store_true", help="time glmkit only (ratio null)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# batches
+# ------------------------------------------------------------------------------------------------
+def make_batch(kind: str, batch_size: int, seq_len: int, vocab: int, seed: int = 0) -> tuple[Batch, dict]:
+    """A batch from the objective code over random documents: one document piece per row."""
+    from glmkit.objectives import ObjectiveConfig, SpecialIds
+    from glmkit.packing import chunk_length, pack_documents
+
+    if vocab < 64:
+        raise GlmkitError(f"vocab_size {vocab} is too small for the benchmark's special tokens; use >= 64")
+    special = SpecialIds(mask=vocab - 7, smask=vocab - 6, gmask=vocab - 5, sop=vocab - 4, eop=vocab - 3,
+                         eot=vocab - 2, pad=vocab - 1, vocab_size=vocab)
+    cfg = ObjectiveConfig(kind=kind)
+    rng = np.random.default_rng(seed)
+    n = chunk_length(cfg, seq_len)
+    docs = [rng.integers(0, vocab - 8, n) for _ in range(batch_size)]
+    res = pack_documents(docs, cfg, special, rng, batch_size, seq_len)
+    s = res.stats
+    if s.rows < batch_size or s.samples < batch_size:
+        raise GlmkitError(f"could only fill {s.samples} of {batch_size} rows; try a longer --seq-len")
+    return res.batch, {"text_tokens": s.text_tokens, "positions": batch_size * seq_len,
+                       "processed": s.processed, "loss_tokens": s.loss_tokens}
+
+
+# ------------------------------------------------------------------------------------------------
+# models
+# ------------------------------------------------------------------------------------------------
+def hf_model_like(model):
+    """The HF transformers model with the same architecture and the same weights as `model`."""
+    import transformers
+
+    from glmkit.hf import config_to_hf, tensor_plan
+
+    d = config_to_hf(model.config)
+    arch = d.pop("architectures")[0]
+    for k in ("model_type", "dtype"):
+        d.pop(k, None)
+    cfg_cls = {"GlmForCausalLM": transformers.GlmConfig, "Glm4ForCausalLM": transformers.Glm4Config,
+               "Glm4MoeForCausalLM": transformers.Glm4MoeConfig}[arch]
+    hf_cfg = cfg_cls(**{**d, "pad_token_id": None})     # no padding row: all ids are real tokens here
+    hf = getattr(transformers, arch)._from_config(hf_cfg, attn_implementation="sdpa")
+    ours, theirs = model.state_dict(), hf.state_dict()
+    with torch.no_grad():
+        for name, pieces in tensor_plan(model.config).items():
+            for hf_name, index in pieces:
+                theirs[hf_name].copy_(ours[name][index])
+    return hf
+
+
+def glm_loss(model, batch: Batch, backend: str | None):
+    return model.loss(batch, model.attention_mask(batch, backend))
+
+
+def hf_loss(hf, batch: Batch, causal: bool):
+    mask = None if causal else float_mask(batch, hf.dtype)
+    out = hf(input_ids=batch.input_ids, position_ids=batch.position_ids + batch.block_position_ids,
+             attention_mask=mask, use_cache=False)
+    labels = batch.targets.masked_fill(~batch.loss_mask, -100)
+    return F.cross_entropy(out.logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(step, n: int, device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        step()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def make_step(model, loss_fn):
+    fused = next(model.parameters()).device.type == "cuda"
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=fused)
+    first = []
+
+    def step():
+        loss = loss_fn()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if not first:
+            first.append(float(loss.detach()))
+    return step, first
+
+
+def matmul_peak(device, dtype) -> float:
+    """Measured matmul FLOP/s of this device in this dtype (a square matmul, best of a few)."""
+    n = 8192 if device.type == "cuda" else 1024
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    best = float("inf")
+    for _ in range(5):
+        best = min(best, timed(lambda: a @ b, 4 if device.type == "cuda" else 1, device)
+                   / (4 if device.type == "cuda" else 1))
+    return 2 * n ** 3 / best
+
+
+def datasheet_peak(device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v * 1e12 for k, v in DATASHEET_TFLOPS.items() if k in name), None)
+
+
+# ------------------------------------------------------------------------------------------------
+# run
+# ------------------------------------------------------------------------------------------------
+def _defaults(args):
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise GlmkitError("--device cuda but no CUDA device is visible; use --device cpu")
+    args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
+    args.preset = args.preset or ("bench-338m" if cuda else "small")
+    args.batch_size = args.batch_size or (16 if cuda else 4)
+    args.seq_len = args.seq_len or (1024 if cuda else 256)
+    args.steps = args.steps or (20 if cuda else 4)
+    args.warmup = args.warmup if args.warmup is not None else (5 if cuda or args.compile else 1)
+    return args
+
+
+def run(args: argparse.Namespace) -> int:
+    from glmkit.model import GLM
+
+    args = _defaults(args)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    torch.manual_seed(args.seed)
+    config = GLMConfig.from_name(args.preset)
+    if args.seq_len > config.max_position_embeddings:
+        raise GlmkitError(f"--seq-len {args.seq_len} exceeds the preset's max_position_embeddings "
+                          f"{config.max_position_embeddings}")
+    if not config.is_moe and args.hf_arch == "glm4":
+        config = config.with_(residual="sandwich")          # = Glm4ForCausalLM
+    model = GLM(config).to(device=device, dtype=dtype)
+    hf = None if args.no_hf else hf_model_like(model).to(device=device, dtype=dtype)
+
+    kinds = {"glm": ["glm"], "clm": ["clm"], "both": ["glm", "clm"]}[args.objective]
+    batches = {}
+    for k in kinds:
+        b, counts = make_batch(k, args.batch_size, args.seq_len, config.vocab_size, args.seed)
+        batches[k] = (b.to(device), counts)
+    main_batch, counts = batches[kinds[0]]
+    backend = args.backend or config.attention_backend
+    from glmkit.attention import resolve_backend
+    resolved = resolve_backend(backend, device, dtype, main_batch)
+
+    if args.compile:
+        for block in model.layers:
+            block.compile()
+        if hf is not None:
+            hf = torch.compile(hf)
+
+    contestants = {"glmkit": make_step(model, lambda: glm_loss(model, main_batch, backend))}
+    if "clm" in batches and len(kinds) == 2:
+        clm_batch = batches["clm"][0]
+        contestants["glmkit_clm"] = make_step(model, lambda: glm_loss(model, clm_batch, backend))
+    if hf is not None:
+        contestants["hf"] = make_step(hf, lambda: hf_loss(hf, main_batch, kinds[0] == "clm"))
+
+    print(f"glmkit bench train: {config.name} ({human(model.num_params())} params, "
+          f"{human(config.flops_per_token(args.seq_len))} FLOP/token) on {args.device} "
+          f"({torch.cuda.get_device_name() if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
+          f"{args.dtype}, batch {args.batch_size} x {args.seq_len}, objective {args.objective}, "
+          f"attention {resolved}, compile {args.compile}")
+    print(f"batch: {counts['text_tokens']} text tokens -> {counts['processed']} processed positions "
+          f"(+{counts['positions'] - counts['processed']} padding), {counts['loss_tokens']} loss tokens")
+    for step, _ in contestants.values():
+        timed(step, args.warmup, device)
+    seconds = {name: 0.0 for name in contestants}
+    rounds = max(1, min(args.steps, 3))
+    per_round = [args.steps // rounds + (i < args.steps % rounds) for i in range(rounds)]
+    for n in per_round:                                     # alternate, so drift hits every model alike
+        for name, (step, _) in contestants.items():
+            seconds[name] += timed(step, n, device)
+    return _report(args, config, device, dtype, contestants, seconds, counts, resolved)
+
+
+def _report(args, config, device, dtype, contestants, seconds, counts, resolved) -> int:
+    rate = {n: counts["positions"] * args.steps / s for n, s in seconds.items()}
+    peak = matmul_peak(device, dtype)
+    sheet = datasheet_peak(device)
+    fpt = config.flops_per_token(args.seq_len)
+    for name, r in rate.items():
+        first = contestants[name][1]
+        print(f"{name:>11}: {r:12,.0f} positions/s  {1e3 * seconds[name] / args.steps:8.1f} ms/step  "
+              f"MFU {100 * fpt * r / peak:5.1f}% of measured peak  first loss {first[0]:.4f}")
+    g = rate["glmkit"]
+    scale = lambda key: g * counts[key] / counts["positions"]
+    print(f"glmkit GLM rates: {scale('text_tokens'):,.0f} text tokens/s, {scale('processed'):,.0f} processed "
+          f"positions/s, {scale('loss_tokens'):,.0f} loss tokens/s")
+    ratio = g / rate["hf"] if "hf" in rate else None
+    out = {"glmkit_tokens_per_s": round(g, 1), "hf_tokens_per_s": round(rate["hf"], 1) if "hf" in rate else None,
+           "ratio": round(ratio, 4) if ratio else None, "mfu": round(fpt * g / peak, 4),
+           "mfu_datasheet": round(fpt * g / sheet, 4) if sheet else None,
+           "hf_mfu": round(fpt * rate["hf"] / peak, 4) if "hf" in rate else None,
+           "peak_tflops_measured": round(peak / 1e12, 2), "peak_tflops_datasheet": sheet / 1e12 if sheet else None,
+           "device": args.device, "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+           "dtype": args.dtype, "preset": config.name, "objective": args.objective, "attention": resolved,
+           "compile": args.compile, "batch_size": args.batch_size, "seq_len": args.seq_len, "steps": args.steps,
+           "text_tokens_per_s": round(scale("text_tokens"), 1), "processed_per_s": round(scale("processed"), 1),
+           "loss_tokens_per_s": round(scale("loss_tokens"), 1),
+           "first_loss": {n: round(c[1][0], 5) for n, c in contestants.items()}}
+    if "glmkit_clm" in rate:
+        out["glmkit_clm_tokens_per_s"] = round(rate["glmkit_clm"], 1)
+        out["glm_vs_clm"] = round(g / rate["glmkit_clm"], 4)
+        print(f"GLM objective vs causal on the same glmkit model: {out['glm_vs_clm']:.3f}x")
+    if ratio:
+        print(f"ratio glmkit / HF: {ratio:.3f}x")
+    print(json.dumps(out))
+    return 0
