@@ -21,8 +21,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterable, Sequence
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -115,11 +116,11 @@ class GLMTokenizer:
                               "or retrain with `glmkit tokenizer train`") from e
         return cls(backend)
 
-    def save(self, directory: str | os.PathLike) -> Path:
-        """Write `directory/tokenizer.json`; returns its path."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        file = directory / "tokenizer.json"
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write `path/tokenizer.json` (or `path` itself when it ends in .json); returns the file."""
+        path = Path(path)
+        file = path if path.suffix == ".json" else path / "tokenizer.json"
+        file.parent.mkdir(parents=True, exist_ok=True)
         tmp = file.with_suffix(".json.tmp")
         tmp.write_text(self.json, encoding="utf-8")
         os.replace(tmp, file)
@@ -152,6 +153,18 @@ class GLMTokenizer:
 
     def decode_batch(self, batch: Sequence[Sequence[int]], skip_special: bool = False) -> list[str]:
         return [self.decode(ids, skip_special) for ids in batch]
+
+    def pieces(self, ids: Sequence[int] | np.ndarray) -> list[str]:
+        """The text of each token for display; a token holding part of a UTF-8 character shows its
+        bytes instead ("<E4><B8>")."""
+        ids = ids.tolist() if isinstance(ids, np.ndarray) else list(ids)
+        out = []
+        for i, text in zip(ids, self.backend.decode_batch([[i] for i in ids], skip_special_tokens=False)):
+            if "\ufffd" in text and (raw := _token_bytes(self.backend.id_to_token(i))) is not None:
+                text = raw.decode("utf-8", errors="backslashreplace")
+                text = re.sub(r"\\x([0-9a-f]{2})", lambda m: f"<{m.group(1).upper()}>", text)
+            out.append(text)
+        return out
 
     def token_to_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
@@ -214,6 +227,27 @@ def _without_specials(tokenizer_json: str, specials: set[str]) -> Tokenizer:
     return Tokenizer.from_str(json.dumps(spec))
 
 
+@lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """Inverse of the byte-level alphabet (GPT-2's printable stand-ins for the 256 bytes)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+def _token_bytes(token: str | None) -> bytes | None:
+    table = _byte_decoder()
+    if token is None or any(c not in table for c in token):
+        return None  # not a byte-level token (e.g. a sentencepiece vocabulary)
+    return bytes(table[c] for c in token)
+
+
 def _is_utf8(text: str) -> bool:
     try:
         text.encode("utf-8")
@@ -260,7 +294,7 @@ def run(args) -> int:
         text = sys.stdin.read() if args.text == "-" else args.text
         ids = tok.encode(text, allow_special=args.allow_special)
         print(" ".join(map(str, ids)))
-        print(" ".join(repr(tok.decode([i])) for i in ids))
+        print(" ".join(repr(p) for p in tok.pieces(ids)))
         print(f"{len(text)} characters -> {len(ids)} tokens")
     elif args.action == "decode":
         print(tok.decode(args.ids, skip_special=args.skip_special))

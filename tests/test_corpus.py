@@ -287,3 +287,19 @@ def test_cli_build_info_and_tokenizer(user_dir, tmp_path, capsys):
     ids = capsys.readouterr().out.strip().splitlines()[-3].split()
     assert cli.main(["tokenizer", "decode", "--tokenizer", str(tmp_path / "tk"), *ids]) == 0
     assert capsys.readouterr().out == "中文 [MASK]\n"
+
+
+def test_hf_dataset_source(tok, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    rows = {"text": ["hello there.", "", "第二个文档。", "third"], "id": ["a", "b", "c", "d"]}
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows)}).save_to_disk(str(tmp_path / "ds"))
+    src = hf_dataset_source(str(tmp_path / "ds"))
+    assert [(d.id, d.text) for d in src] == [("train/a", "hello there."), ("train/b", ""), ("train/c", "第二个文档。"),
+                                             ("train/d", "third")]
+    corpus = build_corpus([src], tok, tmp_path / "c", val_fraction=0.0)
+    assert _decoded(corpus, "train") == ["hello there.", "第二个文档。", "third"]
+    assert corpus.manifest["skipped"]["total"] == 1
+    with pytest.raises(GlmkitError, match="no split 'test'"):
+        list(hf_dataset_source(str(tmp_path / "ds"), split="test"))
+    with pytest.raises(GlmkitError, match="no column 'body'"):
+        list(hf_dataset_source(str(tmp_path / "ds"), text_field="body"))

@@ -190,3 +190,14 @@ def test_bad_inputs(tok):
         tok.encode("a\ud800b")
     with pytest.raises(GlmkitError, match="too small"):
         GLMTokenizer.train(["abc"], vocab_size=100)
+
+
+def test_pieces_show_partial_characters_as_bytes(tok):
+    assert "".join(tok.pieces(tok.encode("plain words here"))) == "plain words here"
+    pieces = tok.pieces(tok.encode("😀"))
+    assert "".join(pieces) == "<F0><9F><98><80>"
+
+
+def test_save_to_a_json_path(tok, tmp_path):
+    file = tok.save(tmp_path / "ckpt" / "tokenizer.json")
+    assert file == tmp_path / "ckpt" / "tokenizer.json" and GLMTokenizer.load(file).hash == tok.hash
