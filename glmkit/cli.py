@@ -13,6 +13,7 @@ from glmkit.errors import GlmkitError
 COMMANDS: dict[str, tuple[str, str]] = {
     "corpus": ("glmkit.corpus", "build or inspect a tokenized corpus (default: the bilingual one)"),
     "tokenizer": ("glmkit.tokenizer", "train a bilingual byte-level BPE; encode/decode text"),
+    "samples": ("glmkit.samples", "print samples of each objective (GLM [MASK]/[sMASK]/[gMASK], MLM, CLM) on real text"),
     "convert": ("glmkit.convert", "convert HF GLM-4 / GLM-4-0414 / GLM-4.5 checkpoints to and from glmkit"),
     "train": ("glmkit.train", "pretrain a GLM (blank infilling, MLM or CLM); checkpoints, exact resume, torchrun"),
     "plot": ("glmkit.plot", "draw training / validation loss curves of runs to a PNG"),

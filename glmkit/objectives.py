@@ -499,7 +499,8 @@ def mlm_samples(tokens: np.ndarray, offsets: np.ndarray, cfg: ObjectiveConfig, s
     owner = np.repeat(np.arange(S), L)
     order = np.argsort(owner + rng.random(N), kind="stable")          # random order within each sample
     selected = np.zeros(N, dtype=bool)
-    selected[order] = pos[order] < count[owner[order]]
+    rank = np.arange(N) - offsets[owner[order]]                       # rank in that random order
+    selected[order] = rank < count[owner[order]]
     u = rng.random(N)
     pool = specials.random_pool()
     random_tok = pool[rng.integers(0, len(pool), N)]

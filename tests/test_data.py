@@ -104,3 +104,53 @@ def test_skipped_and_padding_are_counted():
     st = it.stats
     assert st.skipped_short >= 5 and st.skipped_tokens >= 15
     assert 0 < st.padding_fraction < 0.5 and st.rows == 40
+
+
+# ---------------------------------------------------------------- real text: a tiny bilingual corpus
+
+@pytest.fixture(scope="module")
+def tiny_corpus(tmp_path_factory):
+    from glmkit.corpus import build_corpus
+    from glmkit.sources import Source, kjv_source, peoples_daily_source
+    from glmkit.tokenizer import GLMTokenizer
+    real = [d for d, _ in zip(kjv_source(), range(6))] + [d for d, _ in zip(peoples_daily_source(), range(30))]
+    tok = GLMTokenizer.train([d.text for d in real], vocab_size=1000)
+    src = Source("mixed", "test", "kjv + people's daily", lambda s: iter(real))
+    return build_corpus([src], tok, tmp_path_factory.mktemp("c") / "corpus", val_fraction=0.3, seed=0)
+
+
+def test_real_text_batches(tiny_corpus):
+    from glmkit.objectives import SMASK, SpecialIds
+    sp = SpecialIds.from_tokenizer(tiny_corpus.tokenizer)
+    assert len(sp.sentence_ends) > 0 and sp.pad not in sp.random_pool()
+    docs = tiny_corpus.documents("train")
+    it = BatchIterator(docs, ObjectiveConfig(mixture=(0, 1, 0)), sp, 2, 256, seed=0)
+    for _ in range(6):
+        res = it.next_result()
+        for j, (_, doc) in enumerate(it.last_source):
+            s = res.samples.sample(j)
+            text, _ = reconstruct(s, sp.smask if s["kind"] == SMASK else sp.mask, sp)
+            d, c = docs[doc].tolist(), it.chunk_len                     # the sample is a piece of its document
+            assert any(text == d[k:k + c] for k in range(0, len(d), c))
+    # real text has sentence ends: [sMASK] rarely has to fall back to [MASK]
+    assert it.stats.kind_counts[SMASK] > 4 * it.stats.smask_fallback
+
+
+def test_samples_and_bench_verbs(tiny_corpus, capsys, tmp_path):
+    import argparse
+    import json
+
+    from glmkit import cli
+    from glmkit.bench import data as bench_data
+    assert cli.main(["samples", "--corpus", str(tiny_corpus.directory), "--length", "24", "--table"]) == 0
+    out = capsys.readouterr().out
+    for title in ("[MASK] blank infilling", "[sMASK] whole sentences", "[gMASK] one long span", "BERT MLM", "GPT CLM"):
+        assert title in out
+    assert "--- English" in out and "--- Chinese" in out and "Part B 1: position" in out and "<sop>" in out
+    parser = argparse.ArgumentParser()
+    bench_data.add_arguments(parser)            # (the module directly: `glmkit bench` imports every bench)
+    assert bench_data.run(parser.parse_args(["--corpus", str(tmp_path / "none"), "--tokens", "20000",
+                                             "--baseline-tokens", "5000", "--batch-size", "2", "--seq-len", "128"])) == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["glm_tokens_per_s_per_core"] > 0 and last["python_baseline_tokens_per_s_per_core"] > 0
+    assert last["ratio"] > 0 and last["text"] == "synthetic"

@@ -43,7 +43,7 @@ def _one_sample_batch(s) -> Batch:
                  segment_ids=np.zeros((1, n), np.int32), sep=np.full((1, n), s["sep"]), span_ids=row(s["span_ids"]))
 
 
-def reconstruct(s, mask_id):
+def reconstruct(s, mask_id, sp=SP):
     """Put every Part B span back into its [MASK]: returns the original text and the spans
     [(start in original, length)] in Part B order."""
     sep, inp = s["sep"], s["input_ids"]
@@ -53,7 +53,7 @@ def reconstruct(s, mask_id):
     b_starts = [i for i in range(sep, len(inp)) if s["block_position_ids"][i] == 1]
     for j, b0 in enumerate(b_starts):
         b1 = b_starts[j + 1] if j + 1 < len(b_starts) else len(inp)
-        assert inp[b0] == SP.sop and s["targets"][b1 - 1] == SP.eop
+        assert inp[b0] == sp.sop and s["targets"][b1 - 1] == sp.eop
         assert list(inp[b0 + 1:b1]) == list(s["targets"][b0:b1 - 1])          # teacher forcing
         assert set(s["position_ids"][b0:b1]) == {s["position_ids"][b0]}
         assert list(s["block_position_ids"][b0:b1]) == list(range(1, b1 - b0 + 1))
@@ -223,6 +223,10 @@ def test_mlm_rates_and_structure():
     assert abs(kept - 0.1 - 0.1 * p_same) < 0.015
     assert not np.isin(s.input_ids[sel], SP.specials[SP.specials != SP.mask]).any()
     assert (s.part_a == L).all() and (s.kind == 3).all()
+    # the selected positions are spread over the sample, not bunched at its start
+    pos = s.position_ids[sel]
+    first20 = np.bincount(pos[pos < 20], minlength=20) / len(L)
+    assert first20.max() < 0.3 and first20.min() > 0.05
 
 
 def test_clm_is_causal_next_token():
