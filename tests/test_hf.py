@@ -8,6 +8,7 @@ correction bias too), so a tensor mapped to the wrong place cannot hide behind a
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -222,8 +223,8 @@ def test_from_hf_matches_transformers(case, hf_dirs):
     assert diff <= 1e-4, f"{case}: max abs logit diff {diff}"
     prompt = ids[:, :6]
     with torch.no_grad():
-        want = hf.generate(prompt, max_new_tokens=10, do_sample=False, pad_token_id=0)
-    assert torch.equal(glmkit_greedy(model, prompt, 10), want)
+        want = hf.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(glmkit_greedy(model, prompt, 8), want)
 
 
 @pytest.mark.parametrize("case", ["glm4-gqa", "moe-qknorm"])
@@ -315,3 +316,130 @@ def test_sharded_save_and_load(hf_dirs, tmp_path):
     hf.save_pretrained(tmp_path / "hf-sharded", max_shard_size="20KB")
     assert (tmp_path / "hf-sharded" / INDEX_FILE).exists()
     assert torch.equal(glmkit_logits(from_hf(tmp_path / "hf-sharded"), ids), glmkit_logits(model, ids))
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _edit_tensors(path: Path, edit) -> None:
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(path / "model.safetensors")
+    edit(state)
+    save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda s: s.update({"model.layers.1.self_attn.k_proj.weight": torch.zeros(24, 32)}),
+     r"tensor model\.layers\.1\.self_attn\.k_proj\.weight has shape \[24, 32\], but the config implies \[16, 32\]"),
+    (lambda s: s.pop("lm_head.weight"), r"missing tensor lm_head\.weight \(expected shape \[96, 32\]\)"),
+    (lambda s: s.update({"model.layers.0.mlp.extra.weight": torch.zeros(3)}),
+     r"unexpected tensor model\.layers\.0\.mlp\.extra\.weight \(shape \[3\]\)"),
+])
+def test_checkpoint_tensor_errors(edit, match, hf_dirs, tmp_path):
+    import torch.nn as nn
+
+    path = _copy(hf_dirs["glm-gqa"][0], tmp_path / "ckpt")
+    _edit_tensors(path, edit)
+    register = nn.Module.register_parameter
+    with pytest.raises(GlmkitError, match=match):
+        from_hf(path)
+    assert nn.Module.register_parameter is register      # the meta-device patch is undone on errors
+
+
+def test_checkpoint_config_mismatch_lists_problems(hf_dirs, tmp_path):
+    path = _copy(hf_dirs["glm4-gqa"][0], tmp_path / "ckpt")
+    hf = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**hf, "intermediate_size": 64}))
+    with pytest.raises(GlmkitError, match=r"(?s)\(6 problems\).*gate_up_proj\.weight has shape \[96, 32\], but the "
+                                          r"config implies \[128, 32\]"):
+        from_hf(path)
+
+
+def test_moe_multi_token_prediction_layers_are_skipped(hf_dirs, tmp_path):
+    """GLM-4.5 releases carry an MTP layer numbered after the last layer; transformers ignores it too."""
+    path = _copy(hf_dirs["moe-qknorm"][0], tmp_path / "ckpt")
+    _edit_tensors(path, lambda s: s.update({"model.layers.3.eh_proj.weight": torch.zeros(32, 64)}))
+    ids = torch.randint(0, VOCAB, (1, 8))
+    assert torch.equal(glmkit_logits(from_hf(path), ids), glmkit_logits(from_hf(hf_dirs["moe-qknorm"][0]), ids))
+
+
+def test_checkpoint_folder_errors(hf_dirs, tmp_path):
+    path = _copy(hf_dirs["glm-gqa"][0], tmp_path / "llama")
+    hf = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**hf, "architectures": ["LlamaForCausalLM"], "model_type": "llama"}))
+    with pytest.raises(GlmkitError, match="model_type 'llama'.*supported|Glm4ForCausalLM"):
+        from_hf(path)
+    with pytest.raises(GlmkitError, match="no config.json"):
+        from_hf(tmp_path)
+    bare = tmp_path / "bin"
+    bare.mkdir()
+    (bare / "config.json").write_text(json.dumps(hf))
+    (bare / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(GlmkitError, match="pytorch_model.bin; only safetensors"):
+        from_hf(bare)
+    sharded = tmp_path / "sharded"
+    to_hf(from_hf(hf_dirs["glm-gqa"][0]), sharded, max_shard_size="20KB")
+    second = sorted(sharded.glob("model-00002-of-*.safetensors"))[0]
+    second.unlink()
+    with pytest.raises(GlmkitError, match=f"names shard files that are not in .*{second.name}"):
+        from_hf(sharded)
+
+
+# ------------------------------------------------------------------------------------- glmkit convert
+
+def _tokenizer_json(path: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from glmkit.tokenizer import GLM_SPECIALS
+
+    specials = list(GLM_SPECIALS.values())
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(VOCAB - len(specials))}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(specials)
+    tok.save(str(path / "tokenizer.json"))
+
+
+def test_convert_cli_round_trip(hf_dirs, tmp_path):
+    from glmkit.checkpoint import load_model
+    from glmkit.cli import main
+
+    src_dir, hf = hf_dirs["moe-groups"]
+    src = _copy(src_dir, tmp_path / "hf")
+    _tokenizer_json(src)
+    assert main(["convert", "--from-hf", str(src), "--out", str(tmp_path / "gk")]) == 0
+    assert {"config.json", "model.safetensors", "tokenizer.json", "manifest.json"} <= {
+        p.name for p in (tmp_path / "gk").iterdir()}
+    model, tokenizer = load_model(tmp_path / "gk")                  # the glmkit checkpoint reader accepts it
+    ids = torch.tensor([tokenizer.encode("w5 w7 w9 w11 w3 w2 w40 w41")])
+    assert (glmkit_logits(model, ids) - hf_logits(hf, ids)).abs().max() <= 1e-4
+    assert main(["convert", "--to-hf", str(tmp_path / "gk"), "--out", str(tmp_path / "back"),
+                 "--max-shard-size", "20KB"]) == 0
+    assert (tmp_path / "back" / INDEX_FILE).exists() and (tmp_path / "back" / "tokenizer.json").exists()
+    before, after = tensors(src), tensors(tmp_path / "back")
+    assert sorted(before) == sorted(after) and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_convert_cli_dtype_and_errors(hf_dirs, tmp_path, capsys):
+    from glmkit.cli import main
+
+    src = hf_dirs["glm4-gqa"][0]
+    assert main(["convert", "--from-hf", str(src), "--out", str(tmp_path / "gk"), "--dtype", "bf16"]) == 0
+    from glmkit.checkpoint import load_weights
+
+    assert load_weights(tmp_path / "gk" / "model.safetensors")["embed_tokens.weight"].dtype == torch.bfloat16
+    assert main(["convert", "--to-hf", str(tmp_path / "gk"), "--out", str(tmp_path / "hf"), "--dtype", "fp32"]) == 0
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["dtype"] == "float32"
+    capsys.readouterr()
+    assert main(["convert", "--from-hf", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
+    assert "glmkit convert: error:" in capsys.readouterr().err
+    bad = _copy(tmp_path / "gk", tmp_path / "gk-bad")
+    config = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**config, "hidden_size": 48}))
+    (bad / "manifest.json").unlink()
+    assert main(["convert", "--to-hf", str(bad), "--out", str(tmp_path / "y")]) == 2
+    assert "embed_tokens.weight has shape [96, 32], but the config implies [96, 48]" in capsys.readouterr().err
