@@ -352,3 +352,81 @@ def infill(model, tok, texts: str | list[str], cfg: SamplingConfig | None = None
 def generate(model, tok, prompts: str | list[str], cfg: SamplingConfig | None = None, **kw) -> list[str]:
     """Continue each prompt ([gMASK] at its end; causal=True for CLM / HF chat models): the new text."""
     return [f.fills[-1] for f in run_fill(model, tok, prompts, cfg, generation=True, **kw)]
+
+
+# ================================================================================================
+# Loading a model for inference, and the `glmkit infill` / `glmkit generate` verbs
+# ================================================================================================
+
+def load_for_inference(path: str, device: str = "cpu", dtype: torch.dtype | None = None):
+    """(model, tokenizer, objective) from a glmkit checkpoint / run directory or an HF GLM folder.
+
+    objective: the one the checkpoint was pretrained with (glm | mlm | clm, from its manifest); an HF
+    checkpoint counts as `clm` (released GLM-4 models are decoders read causally after `[gMASK]<sop>`)."""
+    import json
+    from pathlib import Path
+
+    from glmkit import checkpoint as ckpt_io
+    from glmkit.tokenizer import GLMTokenizer
+    p = Path(path)
+    if not p.exists():
+        raise GlmkitError(f"{path} does not exist; give a glmkit run/checkpoint directory or an HF GLM folder")
+    hf_config = p / "config.json"
+    if hf_config.is_file() and "model_type" in json.loads(hf_config.read_text()):
+        from glmkit.hf import from_hf
+        return from_hf(p, dtype=dtype, device=device), GLMTokenizer.load(p), "clm"
+    model, tok = ckpt_io.load_model(p, device=device)
+    manifest = json.loads((ckpt_io.resolve(p) / "manifest.json").read_text())
+    objective = manifest.get("fingerprint", {}).get("objective", {}).get("kind", "glm")
+    return (model.to(dtype) if dtype else model), tok, objective
+
+
+def add_arguments(parser) -> None:
+    generation = parser.prog.endswith("generate")
+    parser.set_defaults(generation=generation)
+    parser.add_argument("checkpoint", help="a glmkit run / checkpoint directory, or an HF GLM-4 folder")
+    parser.add_argument("text", nargs="*", help="prompts (one row each; several are decoded as one batch)"
+                        + ("" if generation else ": put [MASK] / [sMASK] / [gMASK] where the blanks go"))
+    parser.add_argument("--file", help="read prompts from this file, one per line")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="per blank")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=0, help="0 = off")
+    parser.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--causal", action="store_true", default=None,
+                        help="read the prompt causally and continue it (default: on for CLM-trained and HF models)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--no-stream", action="store_true", help="print each result when complete")
+
+
+def run(args) -> int:
+    import sys
+    texts = list(args.text)
+    if args.file:
+        with open(args.file, encoding="utf-8") as f:
+            texts += [ln.rstrip("\n") for ln in f if ln.strip()]
+    if not texts:
+        raise GlmkitError("no prompt given: pass text after the checkpoint or --file PROMPTS.txt")
+    cfg = SamplingConfig(args.temperature, args.top_k, args.top_p, args.repetition_penalty,
+                         args.max_new_tokens, args.seed)
+    model, tok, objective = load_for_inference(args.checkpoint, args.device)
+    causal = objective == "clm" if args.causal is None else args.causal
+    if causal and not args.generation:
+        raise GlmkitError("a causal (CLM-trained or HF) model cannot fill blanks; use `glmkit generate`")
+    kw = dict(generation=args.generation, causal=causal, stop=args.stop)
+    if args.no_stream or len(texts) > 1:
+        for f in run_fill(model, tok, texts, cfg, **kw):
+            print(f.fills[-1] if args.generation else f.text)
+        return 0
+    if not args.generation:
+        print(f"[{objective} model] filling blanks of: {texts[0]}", file=sys.stderr)
+    last = None
+    for piece in stream(model, tok, texts, cfg, **kw):
+        if last is not None and piece.blank != last:
+            print(f"\n--- blank {piece.blank + 1} ---", flush=True)
+        print(piece.text, end="", flush=True)
+        last = piece.blank
+    print()
+    return 0

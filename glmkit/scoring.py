@@ -42,7 +42,7 @@ class Rows:
     is_fill: np.ndarray   # (N,) bool: a token of the candidate itself (not <eop>, not right context)
 
 
-class _RowBuilder:
+class RowBuilder:
     """Accumulates rows as dicts of lists, then pads them into one numpy Batch."""
 
     def __init__(self):
@@ -89,7 +89,7 @@ def _fit(left: list[int], right: list[int], budget: int) -> tuple[list[int], lis
     return left[len(left) - n_left:], right[:n_right]
 
 
-def _glm_row(ex: int, ch: Choice, sp, max_len: int, b: _RowBuilder):
+def _glm_row(ex: int, ch: Choice, sp, max_len: int, b: RowBuilder):
     part_b_len = sum(len(c) + 1 for c in ch.candidates)
     left, right = _fit(ch.left, ch.right, max_len - 1 - part_b_len)
     a = left + [sp.mask] + right
@@ -109,7 +109,7 @@ def _glm_row(ex: int, ch: Choice, sp, max_len: int, b: _RowBuilder):
     b.add(r, groups)
 
 
-def _mlm_row(ex: int, j: int, ch: Choice, sp, max_len: int, b: _RowBuilder):
+def _mlm_row(ex: int, j: int, ch: Choice, sp, max_len: int, b: RowBuilder):
     c = ch.candidates[j]
     left, right = _fit(ch.left, ch.right, max_len - len(c))
     ids = left + [sp.mask] * len(c) + right
@@ -120,7 +120,7 @@ def _mlm_row(ex: int, j: int, ch: Choice, sp, max_len: int, b: _RowBuilder):
            "block_position_ids": [0] * n, "span_ids": [0] * n, "sep": n}, [(ex, j, True)] * len(c))
 
 
-def _clm_row(ex: int, j: int, ch: Choice, max_len: int, b: _RowBuilder):
+def _clm_row(ex: int, j: int, ch: Choice, max_len: int, b: RowBuilder):
     c = ch.candidates[j]
     left, right = _fit(ch.left, ch.right, max_len - len(c))
     if not left:
@@ -140,7 +140,7 @@ def build_rows(choices: list[Choice], objective: str, specials, max_len: int, of
     `specials`: anything with `mask, sop, eop, pad` ids (`glmkit.objectives.SpecialIds`)."""
     if objective not in OBJECTIVES:
         raise GlmkitError(f"unknown objective {objective!r}; use one of {', '.join(OBJECTIVES)}")
-    b = _RowBuilder()
+    b = RowBuilder()
     for i, ch in enumerate(choices):
         if not ch.candidates or any(len(c) == 0 for c in ch.candidates):
             raise GlmkitError(f"choice {offset + i} has an empty candidate list or an empty candidate; "

