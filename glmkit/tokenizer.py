@@ -181,8 +181,18 @@ class GLMTokenizer:
     # ------------------------------------------------------------------ derived tables
     @cached_property
     def hash(self) -> str:
-        """sha256 of the tokenizer's canonical json: equal hashes mean identical tokenization."""
-        return hashlib.sha256(self.json.encode("utf-8")).hexdigest()
+        """sha256 of what decides tokenization (vocabulary, merges, added tokens, normaliser, pre-tokenizer,
+        decoder), read from the tokenizer's json with keys sorted and merges in one spelling, so the
+        same tokenizer hashes alike whichever `tokenizers` version wrote the file."""
+        spec = json.loads(self.json)
+        model = dict(spec.get("model") or {})
+        if isinstance(model.get("merges"), list):
+            model["merges"] = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+        added = sorted((t["id"], t["content"], bool(t.get("special"))) for t in spec.get("added_tokens") or [])
+        keys = ("normalizer", "pre_tokenizer", "post_processor", "decoder")
+        canonical = json.dumps({"model": model, "added": added, **{k: spec.get(k) for k in keys}},
+                               sort_keys=True, ensure_ascii=False)
+        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
     @cached_property
     def sentence_end_ids(self) -> np.ndarray:
