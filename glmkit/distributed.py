@@ -27,13 +27,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
 
 from glmkit.errors import GlmkitError
 
@@ -115,7 +108,9 @@ def parallelize(model: nn.Module, info: DistInfo, mode: str = "auto", compile: b
     if activation_checkpointing or compile or mode == "fsdp":
         if not isinstance(layers, nn.ModuleList):
             raise GlmkitError("the model has no `layers` ModuleList to checkpoint, compile or shard per block")
-    if activation_checkpointing:
+    if activation_checkpointing and hasattr(model, "checkpointing"):
+        model.checkpointing = True  # the model recomputes each block itself
+    elif activation_checkpointing:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
         for i, block in enumerate(layers):
             layers[i] = checkpoint_wrapper(block, preserve_rng_state=True)
@@ -178,8 +173,12 @@ def clip_grad_norm(module: nn.Module, max_norm: float) -> float:
 
 
 # ------------------------------------------------------------------------------------------ state dicts
+# torch.distributed.checkpoint (slow to import) is needed only for DDP / FSDP2; one process maps
+# optimizer state to parameter names itself.
 
-_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+def _full_options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    return StateDictOptions(full_state_dict=True, **kw)
 
 
 def _strip(state: dict, prefix: str = "model.") -> dict:
@@ -190,7 +189,8 @@ def model_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     """The full model state dict (CPU) on rank 0; {} on other ranks. A collective under FSDP2."""
     if mode_of(module) == "none":
         return {k: v.detach().cpu() for k, v in unwrap(module).state_dict().items()}
-    return _strip(get_model_state_dict(module, options=_FULL))
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    return _strip(get_model_state_dict(module, options=_full_options(cpu_offload=True)))
 
 
 def load_model_state_dict(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -198,13 +198,25 @@ def load_model_state_dict(module: nn.Module, state: dict[str, torch.Tensor]) -> 
     if mode_of(module) == "none":
         unwrap(module).load_state_dict(state, strict=True)
         return
-    state = {f"model.{k}": v for k, v in state.items()}
-    set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True, strict=True))
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+    set_model_state_dict(module, {f"model.{k}": v for k, v in state.items()}, options=_full_options(strict=True))
+
+
+def _param_names(module: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """Parameter name of each optimizer slot, in the order torch's Optimizer.state_dict numbers them."""
+    names = {id(p): n for n, p in unwrap(module).named_parameters()}
+    return [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
 
 
 def optimizer_state_dict(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """Full optimizer state keyed by parameter name (rank 0; {} elsewhere under FSDP2)."""
-    state = get_optimizer_state_dict(module, optimizer, options=_FULL)
+    if mode_of(module) == "none":
+        names, state = _param_names(module, optimizer), optimizer.state_dict()
+        return {"state": {names[i]: {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in s.items()}
+                          for i, s in state["state"].items()},
+                "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    state = get_optimizer_state_dict(module, optimizer, options=_full_options(cpu_offload=True))
     if not state:
         return state
     return {"state": _strip(state["state"]),
@@ -213,10 +225,17 @@ def optimizer_state_dict(module: nn.Module, optimizer: torch.optim.Optimizer) ->
 
 
 def load_optimizer_state_dict(module: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    if mode_of(module) == "none":
+        index = {n: i for i, n in enumerate(_param_names(module, optimizer))}
+        optimizer.load_state_dict({
+            "state": {index[n]: s for n, s in state["state"].items()},
+            "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in state["param_groups"]]})
+        return
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
     state = {"state": {f"model.{k}": v for k, v in state["state"].items()},
              "param_groups": [{**g, "params": [f"model.{p}" for p in g["params"]]}
                               for g in state["param_groups"]]}
-    set_optimizer_state_dict(module, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(module, optimizer, state, options=_full_options())
 
 
 # ------------------------------------------------------------------------------------------ collectives

@@ -1,0 +1,224 @@
+"""The training loop on a toy corpus and the tiny model: each objective learns, checkpoints round-trip,
+SIGKILL + --resume logs the same losses bit for bit, Ctrl-C saves, and bad input is refused clearly."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from glmkit import checkpoint as C
+from glmkit import train as T
+from glmkit.errors import GlmkitError
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = ("the cat dog bird sat ran flew on under over a mat tree house red blue green small big old "
+         "young happy sad quickly slowly and but then when").split()
+
+
+def build_toy_corpus(out: Path, seed: int = 0, n_docs: int = 160, vocab_size: int = 300):
+    """A small corpus of sentences from a toy grammar (learnable in a few dozen steps), with its own
+    byte-level BPE tokenizer. `seed` changes the text, hence the tokenizer."""
+    from glmkit.corpus import build_corpus
+    from glmkit.sources import Document, Source
+    from glmkit.tokenizer import GLMTokenizer
+
+    rng = np.random.default_rng(seed)
+    docs = []
+    for i in range(n_docs):
+        sents = [" ".join(rng.choice(WORDS, size=rng.integers(4, 9))).capitalize() + "."
+                 for _ in range(rng.integers(2, 6))]
+        docs.append(Document(" ".join(sents), "toy", f"doc{i}"))
+    source = Source("toy", "test data", "generated", read=lambda src: iter(docs))
+    tokenizer = GLMTokenizer.train([d.text for d in docs], vocab_size=max(vocab_size, 512))
+    return build_corpus([source], tokenizer, out, val_fraction=0.1, overwrite=True)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return build_toy_corpus(tmp_path_factory.mktemp("corpus") / "toy")
+
+
+def tiny_cfg(corpus_dir, out_dir, **kw) -> T.TrainConfig:
+    base = dict(out_dir=str(out_dir), model="tiny", corpus=str(corpus_dir), seq_len=64, batch_size=4,
+                max_steps=12, lr=3e-3, warmup_steps=2, eval_every=6, eval_batches=2, save_every=4, keep=2,
+                progress=False, tensorboard=False, prefetch=1)
+    return T.TrainConfig(**{**base, **kw})
+
+
+def losses(run_dir) -> dict[int, float]:
+    recs = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in recs if r["kind"] == "train"}
+
+
+@pytest.mark.parametrize("objective", ["glm", "mlm", "clm"])
+def test_each_objective_learns_a_repeated_batch(corpus, tmp_path, objective):
+    run, _ = T.setup(tiny_cfg(corpus.directory, tmp_path, objective=objective, lr=1e-2, max_steps=30))
+    batch = next(run.iterators[0])
+    first = last = None
+    for _ in range(30):
+        res = T.train_step(run, [batch])
+        first = first if first is not None else res["loss"]
+        last = res["loss"]
+    assert math.isfinite(first) and last < 0.5 * first, (objective, first, last)
+
+
+def test_lr_schedule_warmup_then_cosine_to_floor():
+    f = [T.lr_factor(s, 10, 100, 0.05) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0) and f[10] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[10:], f[11:])) and f[-1] == pytest.approx(0.05, abs=1e-3)
+
+
+def test_weight_decay_skips_norms_biases_embeddings(corpus, tmp_path):
+    run, _ = T.setup(tiny_cfg(corpus.directory, tmp_path))
+    decay, rest = (g["params"] for g in run.optimizer.param_groups)
+    names = {id(p): n for n, p in run.model.named_parameters()}
+    assert all(p.ndim == 2 and "embed" not in names[id(p)] for p in decay)
+    assert any("embed" in names[id(p)] for p in rest) and any(p.ndim == 1 for p in rest)
+
+
+def test_train_writes_metrics_and_loadable_checkpoints(corpus, tmp_path):
+    res = T.train(tiny_cfg(corpus.directory, tmp_path))
+    recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in recs if r["kind"] == "train"]
+    assert [r["step"] for r in train] == list(range(1, 13))
+    assert [r["step"] for r in recs if r["kind"] == "val"] == [6, 12]
+    assert res["step"] == 12 and res["loss"] == train[-1]["loss"] and 0 <= res["data_share"] <= 1
+    assert train[-1]["loss"] < train[0]["loss"]
+    assert [s for s, _ in C.list_checkpoints(tmp_path / "checkpoints")] == [8, 12]  # keep=2
+    model, tok = C.load_model(tmp_path)
+    assert tok.hash == corpus.tokenizer.hash
+    ck = C.load_checkpoint(tmp_path)
+    assert ck.step == 12 and set(ck.train_state["data"]) == {0}
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, ck.model_state[k]), k
+    # in-process resume continues from step 12 and logs only the new steps
+    T.train(tiny_cfg(corpus.directory, tmp_path, max_steps=14, resume=True))
+    assert sorted(losses(tmp_path)) == list(range(1, 15))
+
+
+def _cli(corpus_dir, out_dir, *extra):
+    args = ["--out-dir", str(out_dir), "--model", "tiny", "--corpus", str(corpus_dir), "--seq-len", "64",
+            "--batch-size", "4", "--lr", "3e-3", "--warmup-steps", "5", "--eval-every", "10",
+            "--eval-batches", "2", "--save-every", "5", "--keep", "3", "--no-progress", "--no-tensorboard",
+            "--prefetch", "2", *extra]
+    return [sys.executable, "-m", "glmkit", "train", *args]
+
+
+def _env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def test_sigkill_and_resume_logs_identical_losses(corpus, tmp_path):
+    steps = "40"
+    full = subprocess.run(_cli(corpus.directory, tmp_path / "full", "--max-steps", steps), env=_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert full.returncode == 0, full.stderr
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_cli(corpus.directory, killed, "--max-steps", steps), env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = killed / "checkpoints" / "latest"
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None:
+        if latest.is_file() and latest.read_text().strip() >= "step-000010":
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    resumed_from = C.load_checkpoint(killed, with_train_state=False).step
+    assert 10 <= resumed_from < int(steps)
+    again = subprocess.run(_cli(corpus.directory, killed, "--max-steps", steps, "--resume"), env=_env(),
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
+    a, b = losses(tmp_path / "full"), losses(killed)
+    assert sorted(a) == sorted(b) == list(range(1, int(steps) + 1))
+    assert a == b  # bit for bit: the floats in the JSONL are equal
+    va = [r for r in map(json.loads, (tmp_path / "full" / "metrics.jsonl").read_text().splitlines())
+          if r["kind"] == "val"]
+    vb = [r for r in map(json.loads, (killed / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "val"]
+    assert va == vb
+
+
+def test_sigint_saves_a_checkpoint_and_exits_cleanly(corpus, tmp_path):
+    proc = subprocess.Popen(_cli(corpus.directory, tmp_path, "--max-steps", "100000", "--save-every", "100000"),
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not (tmp_path / "metrics.jsonl").is_file():
+        time.sleep(0.05)
+    while time.time() < deadline and len(losses(tmp_path)) < 3:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted at step" in out + err and "Traceback" not in err
+    step = C.load_checkpoint(tmp_path, with_train_state=False).step
+    assert step == max(losses(tmp_path)) >= 3
+
+
+def test_nonfinite_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(corpus, tmp_path, monkeypatch):
+    from glmkit.model import GLM
+    real, calls = GLM.loss, {"n": 0}
+
+    def loss(self, batch, attn=None):
+        calls["n"] += 1
+        out = real(self, batch, attn)
+        return out * float("nan") if calls["n"] == 6 else out
+
+    monkeypatch.setattr(GLM, "loss", loss)
+    with pytest.raises(GlmkitError, match="non-finite loss nan at step 6"):
+        T.train(tiny_cfg(corpus.directory, tmp_path, eval_every=0))
+    ck = C.load_checkpoint(tmp_path)
+    assert ck.step == 4 and all(torch.isfinite(v).all() for v in ck.model_state.values())
+    assert max(losses(tmp_path)) == 5
+
+
+def test_out_of_memory_gives_advice(corpus, tmp_path, monkeypatch):
+    from glmkit.model import GLM
+
+    def loss(self, batch, attn=None):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(GLM, "loss", loss)
+    with pytest.raises(GlmkitError, match=r"smaller --batch-size \(e.g. 2\) with more --grad-accum"):
+        T.train(tiny_cfg(corpus.directory, tmp_path))
+
+
+def test_corpus_with_another_tokenizer_is_refused_on_resume(corpus, tmp_path):
+    T.train(tiny_cfg(corpus.directory, tmp_path / "run", max_steps=4))
+    other = build_toy_corpus(tmp_path / "other", seed=1)
+    assert other.tokenizer.hash != corpus.tokenizer.hash
+    with pytest.raises(GlmkitError, match="another tokenizer"):
+        T.train(tiny_cfg(other.directory, tmp_path / "run", max_steps=8, resume=True))
+
+
+def test_out_dir_holding_another_run_needs_resume_or_overwrite(corpus, tmp_path):
+    cfg = tiny_cfg(corpus.directory, tmp_path, max_steps=2, save_every=0, eval_every=0)
+    T.train(cfg)
+    with pytest.raises(GlmkitError, match=r"already holds a training run with a different configuration "
+                                          r"\(train.seq_len: 64 -> 32"):
+        T.train(replace(cfg, seq_len=32))
+    T.train(replace(cfg, batch_size=2, save_every=1, overwrite=True))
+    with pytest.raises(GlmkitError, match=r"different setup \(train.batch_size: 2 -> 3\)"):
+        T.train(replace(cfg, batch_size=3, resume=True))
+    assert T.train(replace(cfg, overwrite=True))["step"] == 2
+
+
+def test_help_text_comes_from_field_docstrings():
+    helps = T.field_help()
+    assert set(helps) == {f for f in T.TrainConfig.__dataclass_fields__}
+    assert "GLM-Large" in helps["beta2"]
+
+
+def test_plot_writes_png(corpus, tmp_path):
+    from glmkit.plot import plot
+    T.train(tiny_cfg(corpus.directory, tmp_path / "run", max_steps=6, eval_every=2, save_every=0))
+    out = plot([tmp_path / "run"], tmp_path / "loss.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
