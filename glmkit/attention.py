@@ -129,6 +129,9 @@ def resolve_backend(backend: str, device: torch.device | str, dtype: torch.dtype
     if backend == "split":
         if not cuda:
             raise GlmkitError("attention backend 'split' needs a CUDA device; use 'sdpa' or 'flex' (or 'auto')")
+        if not split_available():
+            raise GlmkitError("attention backend 'split' is not available on this GPU / torch build (see the "
+                              "warning above); use 'flex' or 'auto'")
         if batch is not None and not split_applies(batch):
             return "flex"       # the span layout: documented fallback
     return backend
@@ -212,12 +215,41 @@ def split_plan(batch: Batch) -> SplitPlan:
                      inverse=idx(inverse), cu_a=cu(la), cu_b=cu(lb), cu_k=cu(lk), max_len=T)
 
 
+_split_ok: bool | None = None
+
+
 def split_available() -> bool:
-    try:
-        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
-    except ImportError:
-        return False
-    return torch.cuda.is_available()
+    """varlen flash attention exists here AND passes a one-time check against the dense reference
+    (flash's bottom-right causal alignment, empty Part A / Part B samples). Otherwise `auto` uses flex."""
+    global _split_ok
+    if _split_ok is None:
+        try:
+            from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+            _split_ok = torch.cuda.is_available() and _split_self_check()
+        except Exception as e:  # an unsupported GPU, a kernel that refuses the shapes, ...
+            warnings.warn(f"split attention unavailable ({type(e).__name__}: {e}); using flex", stacklevel=2)
+            _split_ok = False
+    return _split_ok
+
+
+def _split_self_check() -> bool:
+    # one row: a GLM sample (A=5, B=3), a CLM sample (A=0, B=4), an MLM sample (A=4, B=0), padding
+    T = 20
+    seg = np.array([[0] * 8 + [1] * 4 + [2] * 4 + [-1] * 4])
+    sep = np.array([[5] * 8 + [8] * 4 + [16] * 4 + [20] * 4])
+    span = np.array([[0] * 5 + [1] * 3 + [0] * 12])
+    z = np.zeros((1, T), dtype=np.int64)
+    batch = Batch(z, z, z.astype(bool), z, z, seg, sep, span).to("cuda")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, T, n, 64, device="cuda", generator=g, dtype=torch.bfloat16) for n in (4, 2, 2))
+    got = _split(q, k, v, split_plan(batch), None).float()
+    m = dense_mask(batch)[:, None]
+    kr, vr = (x.float().repeat_interleave(2, 2).transpose(1, 2) for x in (k, v))
+    ref = F.scaled_dot_product_attention(q.float().transpose(1, 2), kr, vr, attn_mask=m).transpose(1, 2)
+    ok = bool((got - ref).abs().max() < 3e-2)
+    if not ok:
+        warnings.warn("split attention disagrees with the reference mask on this GPU; using flex", stacklevel=3)
+    return ok
 
 
 # ------------------------------------------------------------------------------------------------
@@ -263,7 +295,7 @@ def _split(q, k, v, plan: SplitPlan, scale):
     from torch.nn.attention.varlen import varlen_attn
 
     B, T, H, D = q.shape
-    qf, kf, vf = (x.reshape(B * T, x.shape[2], D) for x in (q, k, v))     # (B*T, heads, D)
+    qf, kf, vf = (x.reshape(B * T, x.shape[2], D).contiguous() for x in (q, k, v))   # (B*T, heads, D)
     scale = scale if scale is not None else 1.0 / math.sqrt(D)
     gqa = H != k.shape[2]
     oa = varlen_attn(qf[plan.a_idx], kf[plan.a_idx], vf[plan.a_idx], plan.cu_a, plan.cu_a,

@@ -180,3 +180,22 @@ def test_moe_aux_loss_only_when_configured():
     assert all(m.aux_loss is None for m in plain.moe_layers())
     diff = with_aux.loss(batch) - plain.loss(batch)
     assert diff.item() > 0
+
+
+def test_bench_train_smoke(capsys):
+    """`glmkit bench train` on a tiny preset: same weights and batch give the same first loss as HF."""
+    import argparse
+    import json
+
+    from glmkit.bench import train
+
+    p = argparse.ArgumentParser()
+    train.add_arguments(p)
+    args = p.parse_args(["--device", "cpu", "--preset", "tiny", "--batch-size", "2", "--seq-len", "64",
+                         "--steps", "1", "--warmup", "0", "--objective", "both"])
+    assert train.run(args) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("glmkit_tokens_per_s", "hf_tokens_per_s", "ratio", "mfu", "device", "glm_vs_clm"):
+        assert out[key] is not None
+    first = out["first_loss"]
+    assert abs(first["glmkit"] - first["hf"]) < 1e-4

@@ -268,3 +268,15 @@ def _report(args, config, device, dtype, contestants, seconds, counts, resolved)
         print(f"ratio glmkit / HF: {ratio:.3f}x")
     print(json.dumps(out))
     return 0
+
+
+if __name__ == "__main__":       # `python -m glmkit.bench.train ...`, independent of the other benches
+    import sys
+
+    parser = argparse.ArgumentParser(prog="glmkit bench train", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    try:
+        sys.exit(run(parser.parse_args()))
+    except GlmkitError as e:
+        print(f"glmkit bench train: error: {e}", file=sys.stderr)
+        sys.exit(2)
