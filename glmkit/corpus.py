@@ -121,13 +121,14 @@ def build_corpus(sources: Iterable[Source], tokenizer: GLMTokenizer, out_dir: st
     names = [s.name for s in sources]
     if len(set(names)) != len(names):
         raise GlmkitError(f"source names must be unique (they key the split and the manifest), got {names}; "
-                          "rename one (--name)")
+                          "give each source its own name")
     if len(sources) > np.iinfo(np.uint16).max:
         raise GlmkitError(f"{len(sources)} sources is too many; merge them into folders")
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise GlmkitError(f"{out} already exists; pass --force (overwrite=True) to rebuild it, or choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_builds(out)
     tmp = out.parent / f".{out.name}.building-{os.getpid()}-{time.time_ns()}"
     tmp.mkdir()
     try:
@@ -194,10 +195,27 @@ def _batches(src: Source, empty: list[Skip]) -> Iterator[list[Document]]:
 
 
 def _count_reasons(skipped: list[Skip]) -> dict[str, int]:
-    # reasons that name a position ("line 12 is not valid JSON ...") are grouped by their kind
-    def kind(reason: str) -> str:
-        return reason.split(" (")[0] if not reason.startswith("line ") else "JSONL line " + reason.split(" ", 2)[2].split(" (")[0]
-    return dict(Counter(f"{k.source}: {kind(k.reason)}" for k in skipped))
+    return dict(Counter(f"{k.source}: {_reason_kind(k.reason)}" for k in skipped))
+
+
+def _reason_kind(reason: str) -> str:
+    """The reason without its particulars: 'line 12 is not valid JSON (...)' -> 'JSONL line is not valid
+    JSON', 'not valid UTF-8 (byte 3: ...)' -> 'not valid UTF-8'."""
+    if reason.startswith("line "):
+        reason = "JSONL line " + reason.split(" ", 2)[2]
+    return reason.split(" (")[0]
+
+
+def _remove_stale_builds(out: Path) -> None:
+    """Delete temporary folders left by builds of `out` whose process died (killed, power loss)."""
+    for stale in out.parent.glob(f".{out.name}.building-*"):
+        pid = int(stale.name.rsplit("-", 2)[1])
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(stale, ignore_errors=True)
+        except PermissionError:
+            pass  # alive, someone else's
 
 
 def _install(tmp: Path, out: Path) -> None:

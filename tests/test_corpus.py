@@ -303,3 +303,11 @@ def test_hf_dataset_source(tok, tmp_path):
         list(hf_dataset_source(str(tmp_path / "ds"), split="test"))
     with pytest.raises(GlmkitError, match="no column 'body'"):
         list(hf_dataset_source(str(tmp_path / "ds"), text_field="body"))
+
+
+def test_leftovers_of_a_killed_build_are_removed(tok, tmp_path):
+    dead = tmp_path / ".c.building-999999999-1"  # no such process
+    dead.mkdir()
+    (dead / "train-00000.bin").write_bytes(b"\0\0")
+    build_corpus([synthetic()], tok, tmp_path / "c")
+    assert [p.name for p in tmp_path.iterdir()] == ["c"]
