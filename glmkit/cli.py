@@ -17,6 +17,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("glmkit.convert", "convert HF GLM-4 / GLM-4-0414 / GLM-4.5 checkpoints to and from glmkit"),
     "train": ("glmkit.train", "pretrain a GLM (blank infilling, MLM or CLM); checkpoints, exact resume, torchrun"),
     "plot": ("glmkit.plot", "draw training / validation loss curves of runs to a PNG"),
+    "infill": ("glmkit.generate", "fill [MASK] / [sMASK] / [gMASK] blanks in text with a model, streaming"),
+    "generate": ("glmkit.generate", "continue a prompt ([gMASK] at its end), streaming"),
+    "eval": ("glmkit.evaluate", "evaluate a checkpoint: bits/byte, infilling, cloze, Chinese sentiment"),
+    "experiment": ("glmkit.experiment", "GLM vs BERT (MLM) vs GPT (CLM) pretrained alike, on every eval task"),
     "bench": ("glmkit.bench", "measure speed against a named peer in the same run"),
 }
 
