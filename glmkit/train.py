@@ -119,6 +119,9 @@ class TrainConfig:
     """show a progress bar"""
     tensorboard: bool = True
     """also write TensorBoard events when tensorboard is installed"""
+    router_bias_rate: float = 1e-3
+    """MoE models: after each step move every router's correction bias by this much towards balance
+    (GLM-4.5's aux-loss-free balancing; 0: frozen)"""
     resume: bool = False
     """continue the run in out_dir from its latest checkpoint (start fresh if it has none)"""
     overwrite: bool = False
@@ -146,7 +149,7 @@ class TrainConfig:
 
 # fields a resumed run must share with its checkpoint (the rest: schedule length, logging, saving, speed)
 MUST_MATCH = ("seq_len", "batch_size", "grad_accum", "lr", "min_lr_ratio", "warmup_steps", "weight_decay",
-              "beta1", "beta2", "eps", "grad_clip", "seed")
+              "beta1", "beta2", "eps", "grad_clip", "seed", "router_bias_rate")
 
 
 def lr_factor(step: int, warmup: int, max_steps: int, min_ratio: float) -> float:
@@ -472,6 +475,11 @@ def train_step(run: Run, batches: list, stop_requested: bool = False) -> dict:
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
+    moe = run.model.moe_layers() if hasattr(run.model, "moe_layers") else []
+    if moe and run.cfg.router_bias_rate > 0:
+        for m in moe:  # every rank applies the same update: from the load counted on all ranks
+            D.all_reduce_sum(m.expert_load)
+        run.model.update_router_bias(run.cfg.router_bias_rate)
     return {"loss": loss_value, "lr": lr, "grad_norm": grad_norm, "stop": totals[1].item() > 0}
 
 
