@@ -66,6 +66,8 @@ class GLMTokenizer:
     """A `tokenizers.Tokenizer` plus the GLM special-token ids. Construct with `train` or `load`."""
 
     def __init__(self, backend: Tokenizer):
+        backend.no_truncation()  # a tokenizer.json may ask for these; a corpus must never be cut or padded
+        backend.no_padding()
         self.backend = backend
         vocab = backend.get_vocab(with_added_tokens=True)
         missing = [tok for tok in GLM_SPECIALS.values() if tok not in vocab]
@@ -91,9 +93,10 @@ class GLMTokenizer:
               show_progress: bool = False) -> GLMTokenizer:
         """Learn a byte-level BPE of `vocab_size` tokens (specials included) from `texts`."""
         specials = list(GLM_SPECIALS.values()) + [PAD_TOKEN]
-        if vocab_size < 256 + len(specials) + 1:
-            raise GlmkitError(f"vocab_size={vocab_size} is too small: a byte-level BPE needs the 256 bytes "
-                              f"plus {len(specials)} special tokens; use at least 512 (default {DEFAULT_VOCAB_SIZE})")
+        if vocab_size <= 256 + len(specials):
+            raise GlmkitError(f"vocab_size={vocab_size} is too small: a byte-level BPE needs the 256 bytes plus "
+                              f"{len(specials)} special tokens and some merges; use at least 512 "
+                              f"(default {DEFAULT_VOCAB_SIZE})")
         backend = _empty_byte_level_bpe()
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,

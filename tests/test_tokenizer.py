@@ -201,3 +201,13 @@ def test_pieces_show_partial_characters_as_bytes(tok):
 def test_save_to_a_json_path(tok, tmp_path):
     file = tok.save(tmp_path / "ckpt" / "tokenizer.json")
     assert file == tmp_path / "ckpt" / "tokenizer.json" and GLMTokenizer.load(file).hash == tok.hash
+
+
+def test_loaded_truncation_and_padding_are_ignored(tmp_path):
+    file, backend = _hf_tokenizer_file(tmp_path, GLM4_SPECIALS)
+    backend.enable_truncation(max_length=4)
+    backend.enable_padding(length=64)
+    backend.save(str(file))
+    tok = GLMTokenizer.load(file)
+    text = ENGLISH * 2
+    assert tok.decode(tok.encode(text)) == text  # never cut at 4 tokens nor padded to 64
