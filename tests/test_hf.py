@@ -8,6 +8,7 @@ correction bias too), so a tensor mapped to the wrong place cannot hide behind a
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -453,3 +454,51 @@ def test_convert_cli_dtype_and_errors(hf_dirs, tmp_path, capsys):
     (bad / "manifest.json").unlink()
     assert main(["convert", "--to-hf", str(bad), "--out", str(tmp_path / "y")]) == 2
     assert "embed_tokens.weight has shape [96, 32], but the config implies [96, 48]" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ streaming
+
+_PEAK_SCRIPT = """
+import sys, threading, time, torch
+from glmkit.config import GLMConfig
+from glmkit.hf import from_hf, meta_parameters
+from glmkit.model import GLM
+
+def anon():  # resident anonymous memory (file pages of the memory-mapped checkpoint are not counted)
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+
+with meta_parameters():          # warm up torch's one-time allocations before the baseline
+    GLM(GLMConfig.from_name("tiny"))
+GLM(GLMConfig.from_name("tiny"))
+base, peak, done = anon(), [0], []
+def sample():
+    while not done:
+        peak[0] = max(peak[0], anon())
+        time.sleep(0.0002)
+thread = threading.Thread(target=sample)
+thread.start()
+model = from_hf(sys.argv[1])
+done.append(1)
+thread.join()
+print(max(peak[0], anon()) - base)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RssAnon from /proc (Linux)")
+def test_from_hf_holds_one_copy_of_the_weights(tmp_path):
+    """Peak resident memory of from_hf on a ~40 MB checkpoint stays near one copy of the weights."""
+    import subprocess
+    import sys
+
+    config = GLMConfig.from_name("tiny", vocab_size=16000, hidden_size=256, num_heads=4, num_kv_heads=2,
+                                 head_dim=64, intermediate_size=704, num_layers=4)
+    model = GLM(config)
+    to_hf(model, tmp_path)
+    size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(tmp_path)], capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    assert out.returncode == 0, out.stderr
+    growth = int(out.stdout.strip().splitlines()[-1])
+    assert 0.9 * size < growth < 1.25 * size, f"peak growth {growth / 1e6:.1f} MB for {size / 1e6:.1f} MB of weights"
