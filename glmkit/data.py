@@ -21,8 +21,18 @@ import numpy as np
 
 from glmkit.batch import Batch
 from glmkit.errors import GlmkitError
-from glmkit.objectives import ObjectiveConfig, SpecialIds, chunk_length, offsets_of
-from glmkit.packing import PackResult, PackStats, pack
+from glmkit.objectives import INT, ObjectiveConfig, SpecialIds, chunk_length, offsets_of, span_length_moments
+from glmkit.packing import PackResult, PackStats, pack, split_rows
+
+
+def expected_growth(cfg: ObjectiveConfig) -> float:
+    """Sample tokens per text token: GLM adds two per span ([MASK] spans average ~3.2 tokens, sentences
+    taken as ~20); MLM and CLM add none."""
+    if cfg.kind != "glm":
+        return 1.0
+    mean, _ = span_length_moments(cfg.poisson_lambda, cfg.max_span)
+    p_mask, p_smask, _ = cfg.mixture
+    return 1.0 + 2 * cfg.mask_ratio * (p_mask / mean + p_smask / 20)
 
 
 class BatchIterator:
@@ -33,7 +43,8 @@ class BatchIterator:
     `last` is the `PackResult` of the latest batch (its samples, rows and columns)."""
 
     def __init__(self, documents: list[np.ndarray], objective: ObjectiveConfig, specials: SpecialIds,
-                 batch_size: int, seq_len: int, seed: int = 0, rank: int = 0, world_size: int = 1):
+                 batch_size: int, seq_len: int, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 group: int | None = None):
         if batch_size < 1 or seq_len < 1:
             raise GlmkitError(f"batch_size={batch_size} and seq_len={seq_len} must both be >= 1")
         if not 0 <= rank < world_size:
@@ -41,7 +52,7 @@ class BatchIterator:
         if seed < 0:
             raise GlmkitError(f"seed={seed} must be >= 0")
         objective.check(specials)
-        self.documents, self.objective, self.specials = documents, objective, specials
+        self.objective, self.specials = objective, specials
         self.batch_size, self.seq_len, self.seed, self.rank, self.world_size = batch_size, seq_len, seed, rank, world_size
         self.chunk_len = chunk_length(objective, seq_len)
         self.doc_len = self._check_documents(documents, specials)
@@ -52,10 +63,18 @@ class BatchIterator:
         self.epoch, self.cursor, self.step = 0, 0, 0
         self.stats = PackStats()
         self.skipped_empty = len(documents) - n_usable
-        self.total_pieces = int((-(-self.doc_len // self.chunk_len)).sum())
+        self.total_tokens = max(1, int(self.doc_len.sum()) // world_size)    # this rank's share per epoch
+        self.expansion = expected_growth(objective)
+        self.documents = [d.view(np.ndarray) if isinstance(d, np.memmap) else d for d in documents]
         self.last: PackResult | None = None
         self.last_source = np.zeros((0, 2), dtype=np.int64)   # (epoch, document) of each sample of `last`
         self._pieces: dict[int, tuple[np.ndarray, ...]] = {}
+        # Batches packed together (first-fit over group * batch_size rows, then cut): numpy's fixed
+        # cost per call is paid once per ~64k positions instead of once per batch (~2.5x faster at 16 x 1024).
+        self.group = group or min(8, max(1, 65536 // (batch_size * seq_len)))
+        self._queue: list[tuple[PackResult, np.ndarray]] = []
+        self._group_start = (0, 0, 0)     # (epoch, cursor, step) where the group being handed out began
+        self._index = 0                   # batches of that group handed out so far
 
     @staticmethod
     def _check_documents(documents, specials: SpecialIds) -> np.ndarray:
@@ -91,7 +110,7 @@ class BatchIterator:
             self._pieces[epoch] = (doc, start, length, offsets_of(length))
         return self._pieces[epoch]
 
-    def _window(self, budget: int) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int]], np.ndarray]:
+    def _window(self, budget: int):
         """Pieces from the cursor on until `budget` text tokens: flat tokens, offsets, the (epoch,
         cursor) after each piece (to advance by however many the batch consumes), and the
         (epoch, document) of each piece."""
@@ -105,16 +124,18 @@ class BatchIterator:
                 epoch, cursor = epoch + 1, 0
                 continue
             end = min(len(doc), int(np.searchsorted(cum, cum[cursor] + budget - total)))
-            for i in range(cursor, end):
-                d, s = int(doc[i]), int(start[i])
-                parts.append(self.documents[d][s:s + int(length[i])])
+            d = doc[cursor:end]
+            runs = np.flatnonzero(np.diff(d, prepend=-1, append=-1))   # pieces of one document are adjacent
+            for r0, r1 in zip(runs[:-1].tolist(), runs[1:].tolist()):
+                a, b = cursor + r0, cursor + r1 - 1
+                parts.append(self.documents[int(doc[a])][int(start[a]):int(start[b] + length[b])])
             lengths.append(length[cursor:end])
-            source.append(np.stack([np.full(end - cursor, epoch), doc[cursor:end]], 1))
-            after.extend((epoch, i + 1) for i in range(cursor, end))
-            total += int(length[cursor:end].sum())
+            source.append(np.stack([np.full(end - cursor, epoch), d], 1))
+            after.append(np.stack([np.full(end - cursor, epoch), np.arange(cursor + 1, end + 1)], 1))
+            total += int(cum[end] - cum[cursor])
             cursor = end
-        tokens = np.concatenate(parts).astype(np.int64, copy=False)
-        return tokens, offsets_of(np.concatenate(lengths)), after, np.concatenate(source)
+        tokens = np.concatenate(parts).astype(INT, copy=False)
+        return tokens, offsets_of(np.concatenate(lengths)), np.concatenate(after), np.concatenate(source)
 
     # ------------------------------------------------------------ batches
 
@@ -126,38 +147,53 @@ class BatchIterator:
 
     def next_result(self) -> PackResult:
         """The next batch with its packing details."""
-        budget = self.batch_size * self.seq_len + self.chunk_len // 4
-        seen = 0
+        if not self._queue:
+            self._group_start, self._index = (self.epoch, self.cursor, self.step), 0
+            self._queue = self._pack_group()
+        res, source = self._queue.pop(0)
+        self._index += 1
+        self.stats = self.stats + res.stats
+        self.last, self.last_source = res, source
+        return res
+
+    def _pack_group(self) -> list[tuple[PackResult, np.ndarray]]:
+        """Pack the next group of batches and advance the cursor past what they consumed.
+
+        The window holds about the text that fills the rows (rows / expected growth of the text +
+        half a piece); when every piece of it fits, it is retried twice as large (same randomness),
+        so rows are always filled as far as the stream allows."""
+        rows = self.batch_size * self.group
+        budget = int(rows * self.seq_len / self.expansion) + self.chunk_len // 2
         while True:
             tokens, offsets, after, source = self._window(budget)
             rng = np.random.default_rng([self.seed, self.rank, self.step])
-            res = pack(tokens, offsets, self.objective, self.specials, rng, self.batch_size, self.seq_len)
-            if res.consumed == 0:
-                raise GlmkitError("a document piece does not fit an empty row; this is a bug in chunk_length")
-            self.epoch, self.cursor = after[res.consumed - 1]
-            self.step += 1
-            self.stats = self.stats + res.stats
-            if res.stats.samples > 0:
-                self.last, self.last_source = res, source[res.index]
-                return res
-            seen += res.consumed
-            if seen > self.total_pieces:
+            res = pack(tokens, offsets, self.objective, self.specials, rng, rows, self.seq_len)
+            if res.consumed == len(offsets) - 1 and int(offsets[-1]) < 4 * self.total_tokens:
+                budget *= 2
+                continue
+            if res.stats.samples == 0:
                 raise GlmkitError(
                     f"no document makes a {self.objective.kind} sample: all are shorter than "
                     f"{self.objective.min_length} tokens; give longer documents")
+            self.epoch, self.cursor = (int(x) for x in after[res.consumed - 1])
+            self.step += 1
+            return [(r, source[r.index]) for r in split_rows(res, self.batch_size)]
 
     # ------------------------------------------------------------ resumption
 
     def _fingerprint(self) -> str:
         cfg = json.dumps({"objective": self.objective.to_dict(), "specials": repr(self.specials),
-                          "batch_size": self.batch_size, "seq_len": self.seq_len,
+                          "batch_size": self.batch_size, "seq_len": self.seq_len, "group": self.group,
                           "doc_len": hashlib.sha1(self.doc_len.tobytes()).hexdigest()}, sort_keys=True)
         return hashlib.sha1(cfg.encode()).hexdigest()[:16]
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "cursor": self.cursor, "step": self.step, "seed": self.seed,
-                "rank": self.rank, "world_size": self.world_size, "fingerprint": self._fingerprint(),
-                "stats": asdict(self.stats)}
+        """Where the stream stands: the start of the current group of batches and how many of them
+        were handed out (a resumed iterator packs that group again and skips those)."""
+        epoch, cursor, step = self._group_start if self._queue else (self.epoch, self.cursor, self.step)
+        return {"epoch": epoch, "cursor": cursor, "step": step, "index": self._index if self._queue else 0,
+                "seed": self.seed, "rank": self.rank, "world_size": self.world_size,
+                "fingerprint": self._fingerprint(), "stats": asdict(self.stats)}
 
     def load_state_dict(self, state: dict) -> None:
         mine = self.state_dict()
@@ -167,6 +203,11 @@ class BatchIterator:
                     f"data state was saved with {key}={state.get(key)!r}, this iterator has {mine[key]!r}; "
                     "resume with the same documents, objective, batch size, sequence length, seed and ranks")
         self.epoch, self.cursor, self.step = int(state["epoch"]), int(state["cursor"]), int(state["step"])
+        self._queue, self._index = [], 0
+        if int(state.get("index", 0)):
+            self._group_start = (self.epoch, self.cursor, self.step)
+            self._queue = self._pack_group()[int(state["index"]):]
+            self._index = int(state["index"])
         s = dict(state.get("stats", {}))
         s["kind_counts"] = tuple(s.get("kind_counts", PackStats().kind_counts))
         self.stats = PackStats(**s)

@@ -13,7 +13,7 @@ which leaves room for GLM's two extra tokens per span; each piece is its own sam
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 
@@ -114,16 +114,17 @@ def first_fit(lengths: np.ndarray, usable: np.ndarray, batch_size: int,
               seq_len: int) -> tuple[np.ndarray, np.ndarray, int]:
     """Place samples in order into the first row with room; stop at the first that fits nowhere.
     Unusable samples are consumed without a place (row -1). Returns row, col (n,), consumed."""
-    free = [seq_len] * batch_size
+    if len(lengths) and int(lengths[usable].max(initial=0)) > seq_len:
+        raise GlmkitError(f"a {int(lengths[usable].max())}-token sample cannot fit seq_len={seq_len}; "
+                          "chunk documents with chunk_length()")
+    free = np.full(batch_size, seq_len, dtype=np.int64)
     rows, cols = np.full(len(lengths), -1, dtype=np.int64), np.zeros(len(lengths), dtype=np.int64)
     consumed = len(lengths)
     for i, (n, use) in enumerate(zip(lengths.tolist(), usable.tolist())):
         if not use:
             continue
-        if n > seq_len:
-            raise GlmkitError(f"a {n}-token sample cannot fit seq_len={seq_len}; chunk documents with chunk_length()")
-        r = next((r for r in range(batch_size) if free[r] >= n), -1)
-        if r < 0:
+        r = int(np.argmax(free >= n))
+        if free[r] < n:
             consumed = i
             break
         rows[i], cols[i] = r, seq_len - free[r]
@@ -186,12 +187,35 @@ def _stats(samples: Samples, L, ok, keep, consumed, batch: Batch, cfg: Objective
     used = np.arange(len(L)) < consumed
     short = used & (L < cfg.min_length)
     unplaced = used & ~ok & ~short
+    return replace(_batch_stats(samples, batch), skipped_short=int(short.sum()), skipped_unplaced=int(unplaced.sum()),
+                   smask_fallback=fallback, skipped_tokens=int(L[short | unplaced].sum()))
+
+
+def _batch_stats(samples: Samples, batch: Batch) -> PackStats:
     return PackStats(
         rows=batch.shape[0], positions=batch.shape[0] * batch.shape[1], samples=len(samples),
-        text_tokens=int(L[keep].sum()), processed=int(samples.length.sum()), loss_tokens=batch.num_loss_tokens,
-        skipped_short=int(short.sum()), skipped_unplaced=int(unplaced.sum()), smask_fallback=fallback,
-        skipped_tokens=int(L[short | unplaced].sum()),
-        kind_counts=tuple(int(c) for c in np.bincount(samples.kind, minlength=5)))
+        text_tokens=int((samples.length - 2 * samples.n_spans).sum()), processed=int(samples.length.sum()),
+        loss_tokens=batch.num_loss_tokens, kind_counts=tuple(int(c) for c in np.bincount(samples.kind, minlength=5)))
+
+
+def split_rows(res: PackResult, batch_size: int) -> list[PackResult]:
+    """Cut a result packed into k * batch_size rows into k batches of batch_size rows. Counts of
+    skipped pieces stay with the first; `consumed` is the whole window's on each."""
+    rows, seq_len = res.batch.shape
+    if rows == batch_size:
+        return [res]
+    out = []
+    for b in range(rows // batch_size):
+        mine = (res.row >= b * batch_size) & (res.row < (b + 1) * batch_size)
+        samples = res.samples.select(np.flatnonzero(mine), b * batch_size * seq_len, batch_size * seq_len)
+        batch = res.batch[b * batch_size:(b + 1) * batch_size]
+        stats = _batch_stats(samples, batch)
+        if b == 0:
+            stats = replace(stats, skipped_short=res.stats.skipped_short, skipped_unplaced=res.stats.skipped_unplaced,
+                            smask_fallback=res.stats.smask_fallback, skipped_tokens=res.stats.skipped_tokens)
+        out.append(PackResult(batch, res.consumed, stats, samples, res.index[mine], res.row[mine] - b * batch_size,
+                              res.col[mine]))
+    return out
 
 
 def pack_documents(documents: list[np.ndarray], cfg: ObjectiveConfig, specials: SpecialIds,

@@ -58,9 +58,10 @@ def test_epoch_covers_every_document_once_and_ranks_are_disjoint():
     per_rank = []
     for rank in range(2):
         it = BatchIterator(docs, cfg, SP, batch_size=2, seq_len=512, seed=3, rank=rank, world_size=2)
-        seen = []
-        while it.epoch == 0:
+        seen, newest = [], 0
+        while newest < 2 or it._queue:                  # until all of epoch 0 has been handed out
             res = it.next_result()
+            newest = max(newest, int(it.last_source[:, 0].max()))
             for j, (epoch, doc) in enumerate(it.last_source):
                 s = res.samples.sample(j)
                 text, _ = reconstruct(s, MASK_IDS[s["kind"]])

@@ -4,7 +4,8 @@ Times `glmkit.data.BatchIterator` (vectorised numpy: span sampling, Part A / Par
 packing into `Batch` rows) for each objective preset, and in the same run `python_glm_batches`, a
 plain pure-Python implementation of the same GLM [MASK] corruption and packing (lists and the
 `random` module, one token at a time), kept here as the baseline. One thread throughout (numpy's
-element-wise kernels are single-threaded; BLAS is not used), so the rates are per core.
+element-wise kernels are single-threaded; BLAS is not used) and CPU time of this process (not wall
+time, which other load on a shared machine inflates), so the rates are per core.
 
 Text: the default corpus's training documents when `data/default` exists, else synthetic Zipfian
 tokens (the output says which). The last line is one JSON object.
@@ -168,10 +169,10 @@ def _time_iterator(docs, cfg, sp, args) -> dict:
     from glmkit.data import BatchIterator
     it = BatchIterator(docs, cfg, sp, args.batch_size, args.seq_len, seed=args.seed)
     next(it)                                     # warm up: first epoch's piece list, allocations
-    start_tokens, t0 = it.stats.text_tokens, time.perf_counter()
+    start_tokens, t0 = it.stats.text_tokens, time.process_time()
     while it.stats.text_tokens - start_tokens < args.tokens:
         next(it)
-    dt = time.perf_counter() - t0
+    dt = time.process_time() - t0
     n = it.stats.text_tokens - start_tokens
     return dict(tokens_per_s=n / dt, seconds=dt, text_tokens=n, efficiency=it.stats.efficiency)
 
@@ -182,7 +183,8 @@ def run(args: argparse.Namespace) -> int:
         raise GlmkitError("need --batch-size >= 1, --seq-len >= 64 and --tokens >= 1")
     docs, sp, what = _documents(args.corpus, args.seed)
     print(f"text: {what}")
-    print(f"rows {args.batch_size} x {args.seq_len}; one thread; {platform.processor() or platform.machine()}, "
+    print(f"rows {args.batch_size} x {args.seq_len}; one thread, rates in text tokens per CPU-second "
+          f"(process time, so other load on the machine does not count); {platform.machine()}, "
           f"{os.cpu_count()} logical CPUs")
     results = {}
     for name in PRESETS:
@@ -194,15 +196,15 @@ def run(args: argparse.Namespace) -> int:
     # the baseline: same [MASK] corruption + packing in pure Python, over the same documents
     chunk = chunk_length(ObjectiveConfig(), args.seq_len)
     lists, total = [], 0
-    for d in docs:
+    for i in np.random.default_rng(args.seed).permutation(len(docs)).tolist():   # the same mix of documents
         if total >= args.baseline_tokens:
             break
-        lists.append(d.tolist())
-        total += len(d)
-    t0, n = time.perf_counter(), 0
+        lists.append(docs[i].tolist())
+        total += len(docs[i])
+    t0, n = time.process_time(), 0
     for _, text in python_glm_batches(lists, sp, args.batch_size, args.seq_len, chunk, args.seed):
         n += text
-    dt = time.perf_counter() - t0
+    dt = time.process_time() - t0
     base = n / dt
     print(f"  {'python':10s} {base / 1e6:6.2f} M text tokens/s  (pure-Python [MASK] corruption + packing, "
           f"{n} tokens in {dt:.2f} s)")
@@ -210,7 +212,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"glm-large ([MASK]) vs pure Python: {glm / base:.1f}x")
     out = {"glm_tokens_per_s_per_core": round(glm), "python_baseline_tokens_per_s_per_core": round(base),
            "ratio": round(glm / base, 2), "text": "corpus" if what.startswith("corpus") else "synthetic",
-           "batch_size": args.batch_size, "seq_len": args.seq_len}
+           "batch_size": args.batch_size, "seq_len": args.seq_len, "timer": "process_time"}
     for name, r in results.items():
         out[f"{name}_tokens_per_s_per_core"] = round(r["tokens_per_s"])
         out[f"{name}_packing_efficiency"] = round(r["efficiency"], 4)
