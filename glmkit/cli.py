@@ -11,6 +11,7 @@ from glmkit.errors import GlmkitError
 
 # verb -> (module, one-line help). Keep in the order a new user meets them.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("glmkit.demo", "the main job: build the default corpus, show samples, pretrain a small GLM, fill blanks"),
     "corpus": ("glmkit.corpus", "build or inspect a tokenized corpus (default: the bilingual one)"),
     "tokenizer": ("glmkit.tokenizer", "train a bilingual byte-level BPE; encode/decode text"),
     "samples": ("glmkit.samples", "print samples of each objective (GLM [MASK]/[sMASK]/[gMASK], MLM, CLM) on real text"),
