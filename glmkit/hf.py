@@ -31,7 +31,7 @@ import json
 import math
 import os
 import re
-from contextlib import ExitStack
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -48,28 +48,35 @@ _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16
 # Reading: one safetensors file or an index of shards, opened lazily, tensors read one at a time.
 
 class CheckpointReader:
-    """The tensors of an HF checkpoint directory, by name; use as a context manager."""
+    """The tensors of an HF checkpoint directory, by name; use as a context manager.
+
+    Each shard is memory-mapped while it is in use and unmapped once every tensor in it has been read
+    with `get`, so the mapped pages of finished shards do not stay resident next to the model."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.weight_map = _weight_map(self.path)  # tensor name -> shard file name
-        self._stack = ExitStack()
         self._files: dict[str, object] = {}
+        self._unread = Counter(self.weight_map.values())  # shard -> tensors not yet read with `get`
 
     def __enter__(self) -> CheckpointReader:
         return self
 
     def __exit__(self, *exc) -> None:
-        self._stack.close()
-        self._files.clear()
+        for fname in list(self._files):
+            self._close(fname)
 
     def _file(self, name: str):
         from safetensors import safe_open
 
         fname = self.weight_map[name]
         if fname not in self._files:
-            self._files[fname] = self._stack.enter_context(safe_open(self.path / fname, framework="pt"))
+            handle = safe_open(self.path / fname, framework="pt")
+            self._files[fname] = handle.__enter__()
         return self._files[fname]
+
+    def _close(self, fname: str) -> None:
+        self._files.pop(fname).__exit__(None, None, None)
 
     def names(self) -> list[str]:
         return list(self.weight_map)
@@ -81,7 +88,12 @@ class CheckpointReader:
         return _ST_DTYPES.get(self._file(name).get_slice(name).get_dtype())
 
     def get(self, name: str) -> torch.Tensor:
-        return self._file(name).get_tensor(name)
+        tensor = self._file(name).get_tensor(name)
+        fname = self.weight_map[name]
+        self._unread[fname] -= 1
+        if self._unread[fname] == 0:
+            self._close(fname)
+        return tensor
 
 
 def _weight_map(path: Path) -> dict[str, str]:
