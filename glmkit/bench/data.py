@@ -34,10 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "synthetic Zipfian tokens when it does not exist")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=1024)
-    parser.add_argument("--tokens", type=int, default=2_000_000,
-                        help="text tokens to push through each objective (default 2M)")
-    parser.add_argument("--baseline-tokens", type=int, default=200_000,
-                        help="text tokens for the slower pure-Python baseline (default 200k)")
+    parser.add_argument("--tokens", type=int, default=4_000_000,
+                        help="text tokens to push through each objective (default 4M)")
+    parser.add_argument("--baseline-tokens", type=int, default=500_000,
+                        help="text tokens for the slower pure-Python baseline (default 500k)")
     parser.add_argument("--seed", type=int, default=0)
 
 
