@@ -266,3 +266,21 @@ def test_from_tokenizer():
     sp = SpecialIds.from_tokenizer(Tok())
     assert sp.sentence_ends == (11, 12) and sp.gmask == 3
     assert set(sp.random_pool()) == set(range(7, 20))
+
+
+@settings(max_examples=40, deadline=None)
+@given(docs=docs_strategy, seed=st.integers(0, 2**32 - 1), kind=st.sampled_from([MASK, SMASK, GMASK]))
+def test_span_layout_differs_only_between_spans_of_part_b(docs, seed, kind):
+    docs = [np.array(d, dtype=np.int64) for d in docs]
+    kinds = np.full(len(docs), kind, dtype=np.int8)
+    made = {layout: random_glm_samples(docs, ObjectiveConfig(layout=layout), SP, np.random.default_rng(seed), kinds)[0]
+            for layout in ("glm", "span")}
+    for i in range(len(made["glm"])):
+        g, s = made["glm"].sample(i), made["span"].sample(i)
+        assert all(np.array_equal(g[f], s[f]) for f in ("input_ids", "targets", "position_ids", "block_position_ids"))
+        mg, ms = dense_mask(_one_sample_batch(g))[0], dense_mask(_one_sample_batch(s))[0]
+        n, sep = len(g["input_ids"]), g["sep"]
+        q, k = torch.arange(n)[:, None], torch.arange(n)[None]
+        span = torch.as_tensor(s["span_ids"])
+        other_span_b = (q >= sep) & (k >= sep) & (k <= q) & (span[:, None] != span[None])
+        assert torch.equal(mg & ~ms, other_span_b) and not (ms & ~mg).any()
