@@ -193,6 +193,24 @@ def glmkit_greedy(model, ids: torch.Tensor, n: int) -> torch.Tensor:
     return ids
 
 
+def glmkit_greedy_cached(model, ids: torch.Tensor, n: int) -> torch.Tensor:
+    """Greedy decoding with glmkit's static KV cache: a causal prefill (sep = 0), then one token a step."""
+    from glmkit.kv_cache import KVCache, decode_one_token, prefill
+
+    B, P = ids.shape
+    cache = KVCache.for_model(model, batch_size=B, max_len=P + n)
+    pos = torch.arange(P).expand(B, P)
+    with torch.no_grad():
+        logits = prefill(model, cache, ids, pos, torch.zeros_like(pos), sep=torch.zeros(B, dtype=torch.long))
+        out = [logits.argmax(-1)]
+        for i in range(n - 1):
+            step = torch.full((B, 1), P + i)
+            logits = decode_one_token(model, cache, out[-1][:, None], step, torch.zeros_like(step),
+                                      torch.tensor([P + i]))
+            out.append(logits.argmax(-1))
+    return torch.cat([ids, torch.stack(out, 1)], dim=1)
+
+
 def random_glmkit(config: GLMConfig, seed: int = 0) -> GLM:
     """A glmkit model with every tensor random (norms around 1, biases and router bias non-zero)."""
     torch.manual_seed(seed)
@@ -236,6 +254,7 @@ def test_from_hf_matches_transformers(case, hf_dirs):
     with torch.no_grad():
         want = hf.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
     assert torch.equal(glmkit_greedy(model, prompt, 8), want)
+    assert torch.equal(glmkit_greedy_cached(model, prompt, 8), want)
 
 
 @pytest.mark.parametrize("case", ["glm4-gqa", "moe-qknorm"])
@@ -270,6 +289,21 @@ def test_from_hf_dtype_keeps_router_fp32(hf_dirs):
     assert all(p.device.type == "cpu" for p in model.parameters())
     ids = torch.randint(0, VOCAB, (1, 12))
     assert glmkit_logits(model, ids).isfinite().all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("case", ["glm4-gqa", "moe-qknorm"])
+def test_from_hf_on_cuda(case, hf_dirs):
+    """Straight onto the GPU: fp32 logits as on the CPU; bf16 weights with the router kept fp32."""
+    path, hf = hf_dirs[case]
+    ids = torch.randint(0, VOCAB, (2, 16))
+    ref = hf_logits(hf, ids)
+    model = from_hf(path, device="cuda")
+    assert all(t.device.type == "cuda" for t in list(model.parameters()) + list(model.buffers()))
+    assert (glmkit_logits(model, ids.cuda()).cpu() - ref).abs().max() <= 1e-4
+    model = from_hf(path, dtype=torch.bfloat16, device="cuda")
+    assert model.embed_tokens.weight.dtype == torch.bfloat16
+    assert (glmkit_logits(model, ids.cuda()).cpu() - ref).abs().max() <= 0.1 * ref.abs().max()
 
 
 # ------------------------------------------------------------------------------ glmkit -> HF parity
