@@ -24,6 +24,9 @@ Backends (chosen once by name: `GLMConfig.attention_backend`, or an override):
           exactly the mask's. Applies only when each sample's Part B is one causal run (`glm` layout,
           MLM, CLM); the `span` layout falls back to flex.
 - `auto`  CUDA: split when it applies and the dtype is half precision, else flex; CPU: sdpa.
+Whatever the backend, a batch whose rows are each one unpadded causal sample (CLM) or one
+bidirectional sample (MLM) gets no mask at all (`AttentionMask("causal" | "full")`): the stock kernels
+then skip the masked half instead of reading a mask.
 """
 
 from __future__ import annotations
@@ -110,7 +113,7 @@ class SplitPlan:
 
 @dataclass
 class AttentionMask:
-    backend: str                          # "sdpa" | "flex" | "split"
+    backend: str                          # "sdpa" | "flex" | "split" | "causal" | "full" (no mask needed)
     dense: torch.Tensor | None = None     # sdpa: (B, 1, Tq, Tk) bool, True = visible
     block_mask: Any = None                # flex: torch BlockMask
     plan: SplitPlan | None = None         # split
@@ -141,11 +144,25 @@ def make_attention_mask(batch: Batch, backend: str = "sdpa", dtype: torch.dtype 
     """Build the mask for `batch` (torch tensors, on the model's device) once; reuse it in every layer."""
     device = batch.input_ids.device if isinstance(batch.input_ids, torch.Tensor) else torch.device("cpu")
     backend = resolve_backend(backend, device, dtype, batch)
+    plain = _plain_rows(batch)
+    if plain:                       # every row one unpadded causal (CLM) or bidirectional (MLM) sample
+        return AttentionMask(plain)
     if backend == "sdpa":
         return AttentionMask("sdpa", dense=dense_mask(batch)[:, None])
     if backend == "flex":
         return AttentionMask("flex", block_mask=_block_mask(batch))
     return AttentionMask("split", plan=split_plan(batch))
+
+
+def _plain_rows(batch: Batch) -> str | None:
+    """'causal' / 'full' when no row needs a mask (stock kernels then skip the masked half or the
+    mask read), else None. Reads the batch on the host."""
+    seg, sep, span = _host(batch.segment_ids), _host(batch.sep), _host(batch.span_ids)
+    if (seg != seg[:, :1]).any() or (seg < 0).any():
+        return None
+    if (sep == 0).all() and (span == span[:, :1]).all():
+        return "causal"
+    return "full" if (sep >= seg.shape[1]).all() else None
 
 
 def _block_mask(batch: Batch):
@@ -279,8 +296,9 @@ def attend(q, k, v, mask: AttentionMask | None = None, scale: float | None = Non
     if mask is not None and mask.backend == "split":
         return _split(q, k, v, mask.plan, scale)
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)      # (B, H, T, D)
-    if mask is None:
-        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, enable_gqa=gqa)
+    if mask is None or mask.backend in ("causal", "full"):
+        causal = mask is None or mask.backend == "causal"
+        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, scale=scale, enable_gqa=gqa)
     elif mask.backend == "flex":
         out = _flex(qt, kt, vt, mask.block_mask, gqa)
     else:
@@ -298,8 +316,9 @@ def _split(q, k, v, plan: SplitPlan, scale):
     qf, kf, vf = (x.reshape(B * T, x.shape[2], D).contiguous() for x in (q, k, v))   # (B*T, heads, D)
     scale = scale if scale is not None else 1.0 / math.sqrt(D)
     gqa = H != k.shape[2]
-    oa = varlen_attn(qf[plan.a_idx], kf[plan.a_idx], vf[plan.a_idx], plan.cu_a, plan.cu_a,
-                     plan.max_len, plan.max_len, scale=scale, enable_gqa=gqa)
-    ob = varlen_attn(qf[plan.b_idx], kf, vf, plan.cu_b, plan.cu_k, plan.max_len, plan.max_len,
+    # index_select (not x[idx]): its backward is a plain index_add, not a sorting index_put
+    a = [x.index_select(0, plan.a_idx) for x in (qf, kf, vf)]
+    oa = varlen_attn(*a, plan.cu_a, plan.cu_a, plan.max_len, plan.max_len, scale=scale, enable_gqa=gqa)
+    ob = varlen_attn(qf.index_select(0, plan.b_idx), kf, vf, plan.cu_b, plan.cu_k, plan.max_len, plan.max_len,
                      scale=scale, window_size=(-1, 0), enable_gqa=gqa)     # causal, bottom-right aligned
     return torch.cat((oa, ob)).index_select(0, plan.inverse).view(B, T, H, D)

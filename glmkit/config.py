@@ -87,8 +87,8 @@ class GLMConfig:
     def __post_init__(self):
         if self.num_kv_heads is None:
             self.num_kv_heads = self.num_heads
-        if self.head_dim is None and self.num_heads > 0:
-            self.head_dim = self.hidden_size // self.num_heads
+        if self.head_dim is None and self.num_heads > 0 and self.hidden_size % self.num_heads == 0:
+            self.head_dim = self.hidden_size // self.num_heads     # else validate() names the problem
 
     @property
     def is_moe(self) -> bool:
@@ -121,14 +121,11 @@ class GLMConfig:
         if self.num_kv_heads <= 0 or self.num_heads % self.num_kv_heads:
             bad("num_kv_heads", f"= {self.num_kv_heads} must divide num_heads = {self.num_heads} "
                 "(set it to a divisor, or to num_heads for plain multi-head attention)")
-        if self.head_dim is None or self.head_dim <= 0 or self.head_dim % 2:
+        if self.head_dim is None:
+            bad("num_heads", f"= {self.num_heads} does not divide hidden_size = {self.hidden_size}; choose a "
+                "divisor, or set head_dim explicitly (GLM-4.5: 96 heads of 128 on a 4096 hidden size)")
+        if self.head_dim <= 0 or self.head_dim % 2:
             bad("head_dim", f"= {self.head_dim} must be a positive even number")
-        if self.head_dim * self.num_heads != self.hidden_size and self.position_embedding == "learned_2d":
-            bad("num_heads", f"= {self.num_heads} must divide hidden_size = {self.hidden_size} "
-                "with head_dim = hidden_size / num_heads for the GLM (2021) family")
-        if self.hidden_size % self.num_heads and self.head_dim * self.num_heads != self.hidden_size \
-                and self.position_embedding != "rope":
-            bad("num_heads", f"= {self.num_heads} does not divide hidden_size = {self.hidden_size}")
         if self.position_embedding == "rope":
             if not 0 < self.partial_rotary_factor <= 1:
                 bad("partial_rotary_factor", f"= {self.partial_rotary_factor} must be in (0, 1]")

@@ -39,6 +39,7 @@ from torch.utils.checkpoint import checkpoint
 from glmkit.attention import AttentionMask, Rotary, attend, make_attention_mask
 from glmkit.batch import Batch
 from glmkit.config import GLMConfig
+from glmkit.errors import GlmkitError
 from glmkit.moe import MoE
 
 
@@ -203,6 +204,10 @@ class GLM(nn.Module):
     def embed(self, input_ids, position_ids, block_position_ids):
         x = self.embed_tokens(input_ids)
         if self.rotary is None:
+            n = self.config.max_position_embeddings
+            if max(int(position_ids.max()), int(block_position_ids.max())) >= n:
+                raise GlmkitError(f"a position id is >= max_position_embeddings = {n} of this learned-position "
+                                  "model; use shorter rows or a config with more positions")
             x = x + self.position_embeddings(position_ids) + self.block_position_embeddings(block_position_ids)
         return x
 
@@ -232,6 +237,8 @@ class GLM(nn.Module):
             attn = self.attention_mask(batch)
         h = self(batch.input_ids, batch.position_ids, batch.block_position_ids, attn)
         sel = batch.loss_mask.reshape(-1).nonzero().squeeze(-1)                  # (N_loss,)
+        if sel.numel() == 0:                      # nothing to score: a zero that keeps the graph
+            return h.sum() * 0.0
         h = h.reshape(-1, h.shape[-1]).index_select(0, sel)                      # (N_loss, hidden)
         targets = batch.targets.reshape(-1).index_select(0, sel)
         loss = F.cross_entropy(self.logits(h).float(), targets)

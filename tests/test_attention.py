@@ -181,3 +181,14 @@ def test_rope_2d_rotates_halves_by_each_position():
     want = torch.cat((_hf_style_rope(x[..., :8], pos, 8, 10000.0, False),
                       _hf_style_rope(x[..., 8:], block, 8, 10000.0, False)), -1)
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+def test_plain_rows_need_no_mask(backend):
+    for rows, kind in (([[("clm", 24)], [("clm", 24)]], "causal"), ([[("mlm", 24)], [("mlm", 24)]], "full")):
+        batch = make_batch(rows, T=24)
+        mask = make_attention_mask(batch, backend)
+        assert mask.backend == kind
+        q, k, v = _qkv(*batch.shape)
+        torch.testing.assert_close(attend(q, k, v, mask), _reference(q, k, v, batch), atol=2e-5, rtol=1e-4)
+    assert make_attention_mask(make_batch([[("clm", 20)]], T=24), backend).backend == backend   # padded

@@ -199,3 +199,21 @@ def test_bench_train_smoke(capsys):
         assert out[key] is not None
     first = out["first_loss"]
     assert abs(first["glmkit"] - first["hf"]) < 1e-4
+
+
+def test_loss_without_loss_positions_is_zero_and_differentiable():
+    model = GLM(GLMConfig.from_name("tiny"))
+    batch = make_batch(ROWS["one_sample"], T=24)
+    batch.loss_mask[:] = False
+    loss = model.loss(batch)
+    loss.backward()
+    assert loss.item() == 0.0
+
+
+def test_learned_positions_out_of_range_is_named():
+    from glmkit.errors import GlmkitError
+
+    model = GLM(GLMConfig.from_name("tiny-glm"))
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    with pytest.raises(GlmkitError, match="max_position_embeddings"):
+        model(ids, torch.full((1, 4), 300), ids)
