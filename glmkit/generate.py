@@ -164,7 +164,7 @@ def _pad(prompts: list[Prompt], pad_id: int, device) -> tuple[torch.Tensor, torc
 
 
 def decode_blanks(model, prompts: list[Prompt], cfg: SamplingConfig, tok, causal: bool = False,
-                  stop_ids: tuple[int, ...] = (), ignore_stop: bool = False) -> Iterator[Event]:
+                  stop_ids: tuple[int, ...] = (), ignore_stop: bool = False, step=decode_one_token) -> Iterator[Event]:
     """Fill every blank of every prompt, left to right within a row, rows in lock-step (DESIGN.md §3).
 
     Bidirectional (GLM, default): Part A is prefilled once with full attention; each blank is decoded
@@ -175,6 +175,8 @@ def decode_blanks(model, prompts: list[Prompt], cfg: SamplingConfig, tok, causal
 
     All rows write the same cache slot each step (a static cache, one `input_pos` per step); row b
     sees its own Part A (slots < len_b) and every decode slot up to now. Yields `Event`s as produced.
+    `tok`: anything with the special ids (`sop_id, eop_id, eot_id, gmask_id, pad_id`); `step`: the
+    decode step (e.g. a `torch.compile`d `decode_one_token`); `ignore_stop`: always `max_new_tokens`.
     """
     device = model.embed_tokens.weight.device
     B, n_new = len(prompts), cfg.max_new_tokens
@@ -203,7 +205,7 @@ def decode_blanks(model, prompts: list[Prompt], cfg: SamplingConfig, tok, causal
                     break
                 feed = torch.tensor([r.feed for r in rows], device=device)          # (B, 3)
                 slot = torch.tensor([P + t - (1 if causal else 0)], device=device)
-                logits = decode_one_token(model, cache, feed[:, :1], feed[:, 1:2], feed[:, 2:], slot).float()
+                logits = step(model, cache, feed[:, :1], feed[:, 1:2], feed[:, 2:], slot).float()
             nxt = sample_next(logits, cfg, gen, seen if penalise else None)
             if penalise:
                 seen[torch.arange(B, device=device), nxt] = True

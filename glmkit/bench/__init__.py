@@ -13,6 +13,7 @@ import importlib
 BENCHES: dict[str, tuple[str, str]] = {
     "data": ("glmkit.bench.data", "objective corruption + packing tokens/s per core vs a pure-Python GLM pipeline"),
     "train": ("glmkit.bench.train", "training steps of a glmkit model vs the same HF transformers model"),
+    "generate": ("glmkit.bench.generate", "decode tokens/s of glmkit vs HF transformers generate, same weights"),
 }
 
 

@@ -1,0 +1,157 @@
+"""`glmkit bench generate`: decode speed of glmkit against HF transformers `generate`, same weights.
+
+One random-weight model of a preset is built, saved as an HF checkpoint with `glmkit.hf.to_hf`, and
+loaded back by transformers' `AutoModelForCausalLM`, so both sides run identical weights. Each side
+continues the same random prompts (`--prompt-len` tokens, causally read: exactly what HF computes)
+for exactly `--new-tokens` tokens, greedy, at each `--batches` size; time = prefill + all decode
+steps, best of `--repeats` after one warm-up. tokens/s = batch x new tokens / time.
+
+    glmkit bench generate                                   # CPU, the `small` preset
+    glmkit bench generate --device cuda --dtype bfloat16 --compile --preset bench-1.9b
+
+With `--compile` the glmkit decode step is `torch.compile`d (static cache, CUDA graphs on GPU) and HF
+uses its static cache (`cache_implementation="static"`, which transformers compiles). On CUDA the
+bench also reports the share of the memory-bandwidth limit: bytes read per decode step (weights
+except the embedding table, plus the whole static KV cache) / step time, against a measured
+device-to-device copy bandwidth. The last line is one JSON object; its top-level numbers are for the
+first batch size (default 1).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from types import SimpleNamespace
+
+import torch
+
+from glmkit.errors import GlmkitError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--preset", default="small", help="model preset (glmkit.config PRESETS)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--compile", action="store_true", help="compile the decode step (static cache)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _best(fn, repeats: int, device) -> float:
+    fn()                                          # warm-up (and compilation)
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def _ids(config) -> SimpleNamespace:
+    """Special ids for the engine: the top of the vocabulary (random weights: any ids do)."""
+    v = config.vocab_size
+    return SimpleNamespace(sop_id=v - 1, eop_id=v - 2, eot_id=v - 3, gmask_id=v - 4, pad_id=0)
+
+
+def glmkit_run(model, prompts: torch.Tensor, n_new: int, step):
+    from glmkit.generate import Prompt, SamplingConfig, decode_blanks
+    ids = _ids(model.config)
+    rows = [Prompt(p.tolist(), [len(p)], [ids.gmask_id]) for p in prompts]
+    cfg = SamplingConfig(max_new_tokens=n_new)
+    return sum(1 for ev in decode_blanks(model, rows, cfg, ids, causal=True, ignore_stop=True, step=step)
+               if ev.token is not None)
+
+
+def hf_run(hf, prompts: torch.Tensor, n_new: int, static: bool):
+    kw = {"cache_implementation": "static"} if static else {}
+    out = hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=n_new,
+                      min_new_tokens=n_new, do_sample=False, pad_token_id=0, eos_token_id=None, **kw)
+    return out.shape[1] - prompts.shape[1]
+
+
+def copy_bandwidth(device, nbytes: int = 1 << 30) -> float:
+    """Bytes/s of a device-to-device copy (read + write counted)."""
+    x = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
+    y = torch.empty_like(x)
+    t = _best(lambda: y.copy_(x), 5, device)
+    return 2 * nbytes / t
+
+
+def bytes_per_step(model, batch: int, max_len: int) -> int:
+    c = model.config
+    weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if n != "embed_tokens.weight")
+    if c.tie_word_embeddings:
+        weights += model.embed_tokens.weight.numel() * model.embed_tokens.weight.element_size()
+    kv = 2 * c.num_layers * batch * max_len * c.num_kv_heads * c.head_dim * model.embed_tokens.weight.element_size()
+    return weights + kv
+
+
+def build(preset: str, device: str, dtype: torch.dtype, seed: int):
+    from transformers import AutoModelForCausalLM
+
+    from glmkit.config import GLMConfig
+    from glmkit.hf import to_hf
+    from glmkit.model import GLM
+    torch.manual_seed(seed)
+    config = GLMConfig.from_name(preset)
+    with torch.device(device):
+        model = GLM(config).to(dtype).eval()
+    with tempfile.TemporaryDirectory() as d:
+        to_hf(model, d)
+        hf = AutoModelForCausalLM.from_pretrained(d, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+    return model, hf
+
+
+def run(args) -> int:
+    from glmkit.kv_cache import decode_one_token
+    batches = [int(b) for b in args.batches.split(",") if b.strip()]
+    if not batches or min(batches) < 1 or args.new_tokens < 1 or args.prompt_len < 1:
+        raise GlmkitError("--batches, --new-tokens and --prompt-len must be positive")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise GlmkitError("--device cuda asked for but CUDA is not available; use --device cpu")
+    dtype = DTYPES[args.dtype]
+    model, hf = build(args.preset, args.device, dtype, args.seed)
+    step = torch.compile(decode_one_token, mode="reduce-overhead" if args.device.startswith("cuda") else "default",
+                         fullgraph=True) if args.compile else decode_one_token
+    dev_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    bw = copy_bandwidth(args.device) if args.device.startswith("cuda") else None
+    print(f"glmkit vs HF transformers generate: preset {args.preset} ({model.num_params() / 1e6:.1f}M params), "
+          f"{args.dtype}, {dev_name}, prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy, "
+          f"compile={args.compile}, threads={torch.get_num_threads()}")
+    by_batch = {}
+    g = torch.Generator().manual_seed(args.seed)
+    with torch.no_grad():
+        for b in batches:
+            prompts = torch.randint(0, model.config.vocab_size - 8, (b, args.prompt_len), generator=g).to(args.device)
+            assert glmkit_run(model, prompts, args.new_tokens, step) == b * args.new_tokens
+            t_ours = _best(lambda p=prompts: glmkit_run(model, p, args.new_tokens, step), args.repeats, args.device)
+            t_hf = _best(lambda p=prompts: hf_run(hf, p, args.new_tokens, args.compile), args.repeats, args.device)
+            r = {"glmkit_tokens_per_s": b * args.new_tokens / t_ours, "hf_tokens_per_s": b * args.new_tokens / t_hf}
+            r["ratio"] = r["glmkit_tokens_per_s"] / r["hf_tokens_per_s"]
+            if bw:
+                step_s = t_ours / args.new_tokens
+                r["bandwidth_share"] = bytes_per_step(model, b, args.prompt_len + args.new_tokens) / step_s / bw
+            by_batch[b] = r
+            extra = f", {r['bandwidth_share']:.0%} of the copy-bandwidth limit" if bw else ""
+            print(f"batch {b}: glmkit {r['glmkit_tokens_per_s']:,.1f} tokens/s, HF {r['hf_tokens_per_s']:,.1f} "
+                  f"tokens/s, ratio {r['ratio']:.2f}x{extra}")
+    first = by_batch[batches[0]]
+    out = {**first, "batch": batches[0], "device": dev_name, "dtype": args.dtype, "preset": args.preset,
+           "compile": args.compile, "new_tokens": args.new_tokens, "prompt_len": args.prompt_len,
+           "copy_bandwidth_GBps": bw / 1e9 if bw else None,
+           "by_batch": {str(k): v for k, v in by_batch.items()}}
+    print(json.dumps(out))
+    return 0
