@@ -329,12 +329,26 @@ def mask_spans(lengths: np.ndarray, cfg: ObjectiveConfig, rng: np.random.Generat
     ok[pending] = False
     if not got_sample:
         return Spans.empty(), ok
-    sample = np.concatenate(got_sample)
-    # group by sample and shuffle each sample's lengths: the draw that crossed the target is longer on
-    # average (inspection paradox), and would otherwise always land rightmost
-    order = np.argsort(sample + rng.random(len(sample)), kind="stable")
-    sample, length = sample[order], np.concatenate(got_len)[order]
+    sample, length = np.concatenate(got_sample), np.concatenate(got_len)
+    if len(got_sample) > 1:                          # spans of redraws: group them by sample
+        order = np.argsort(sample, kind="stable")
+        sample, length = sample[order], length[order]
+    _swap_last(length, offsets_of(np.bincount(sample, minlength=S)), rng)
     return Spans(sample, _place(sample, length, slack, S, rng), length, np.full(len(sample), mask_id)), ok
+
+
+def _swap_last(length: np.ndarray, first: np.ndarray, rng: np.random.Generator) -> None:
+    """In each group [first[i], first[i+1]), swap the last length with a uniformly chosen one.
+
+    The draw that crossed the target is longer on average (inspection paradox) and comes last; the
+    earlier draws are exchangeable (the stopping rule sees only their sum), so this last step of a
+    Fisher-Yates shuffle makes every order equally likely and no position of the document favoured."""
+    lo, hi = first[:-1], first[1:]
+    lo, hi = lo[hi > lo], hi[hi > lo]
+    j = lo + (rng.random(len(lo)) * (hi - lo)).astype(np.int64)
+    last = length[hi - 1].copy()
+    length[hi - 1] = length[j]
+    length[j] = last
 
 
 def _place(sample: np.ndarray, length: np.ndarray, slack: np.ndarray, S: int,
@@ -343,7 +357,8 @@ def _place(sample: np.ndarray, length: np.ndarray, slack: np.ndarray, S: int,
     sample); span j starts at place_j + sum over earlier spans of (length + 1): the +1 keeps an
     unmasked token between neighbours, so spans never overlap or touch."""
     place = (rng.random(len(sample)) * (slack[sample] + 1)).astype(np.int64)
-    place = place[np.lexsort((place, sample))]
+    m = int(slack.max(initial=0)) + 2
+    place = np.sort(sample * m + place) - sample * m          # sorted within each sample
     return place + _group_excl_cumsum(length + 1, _group_first(sample, S))
 
 

@@ -117,19 +117,25 @@ def first_fit(lengths: np.ndarray, usable: np.ndarray, batch_size: int,
     if len(lengths) and int(lengths[usable].max(initial=0)) > seq_len:
         raise GlmkitError(f"a {int(lengths[usable].max())}-token sample cannot fit seq_len={seq_len}; "
                           "chunk documents with chunk_length()")
-    free = np.full(batch_size, seq_len, dtype=np.int64)
-    rows, cols = np.full(len(lengths), -1, dtype=np.int64), np.zeros(len(lengths), dtype=np.int64)
-    consumed = len(lengths)
+    # plain Python lists: a scan over a few open rows beats a numpy call per sample
+    free = [seq_len] * batch_size
+    rows, cols = [-1] * len(lengths), [0] * len(lengths)
+    consumed, lo = len(lengths), 0
+    smallest = int(lengths[usable].min(initial=seq_len))
     for i, (n, use) in enumerate(zip(lengths.tolist(), usable.tolist())):
         if not use:
             continue
-        r = int(np.argmax(free >= n))
-        if free[r] < n:
+        while lo < batch_size and free[lo] < smallest:        # rows nothing can fit any more
+            lo += 1
+        r = lo
+        while r < batch_size and free[r] < n:
+            r += 1
+        if r == batch_size:
             consumed = i
             break
         rows[i], cols[i] = r, seq_len - free[r]
         free[r] -= n
-    return rows[:consumed], cols[:consumed], consumed
+    return np.array(rows[:consumed], dtype=np.int64), np.array(cols[:consumed], dtype=np.int64), consumed
 
 
 def pack(tokens: np.ndarray, offsets: np.ndarray, cfg: ObjectiveConfig, specials: SpecialIds,
