@@ -82,7 +82,11 @@ class CheckpointReader:
         return list(self.weight_map)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._file(name).get_slice(name).get_shape())
+        try:
+            return tuple(self._file(name).get_slice(name).get_shape())
+        except Exception as e:  # safetensors raises its own error type for a name the file lacks
+            raise GlmkitError(f"{self.path / INDEX_FILE} maps tensor {name} to {self.weight_map[name]}, "
+                              f"which cannot provide it ({e})") from None
 
     def dtype(self, name: str) -> torch.dtype | None:
         return _ST_DTYPES.get(self._file(name).get_slice(name).get_dtype())
@@ -505,14 +509,12 @@ def to_hf(model, path: str | os.PathLike, max_shard_size: int | str = "5GB") -> 
     """Save a glmkit `GLM` as an HF checkpoint folder (config.json + safetensors, sharded with an
     index when larger than `max_shard_size`); transformers' `from_pretrained` reads it. Returns the
     files written."""
-    from safetensors.torch import save_file
-
     config = model.config
     hf = config_to_hf(config, dtype=model.embed_tokens.weight.dtype)
     state = model.state_dict()
-    pieces = [(hf_name, name, index) for name, ps in tensor_plan(config).items() for hf_name, index in ps]
-    where = {hf_name: (name, index) for hf_name, name, index in pieces}
-    sizes = [(hf_name, state[name][index].numel() * state[name].element_size()) for hf_name, name, index in pieces]
+    where = {hf_name: (name, index) for name, ps in tensor_plan(config).items() for hf_name, index in ps}
+    sizes = [(hf_name, state[name][index].numel() * state[name].element_size())
+             for hf_name, (name, index) in where.items()]
     shards = plan_shards(sizes, parse_size(max_shard_size))
     files = shard_names(len(shards))
     path = Path(path)
@@ -521,17 +523,22 @@ def to_hf(model, path: str | os.PathLike, max_shard_size: int | str = "5GB") -> 
         stale.unlink(missing_ok=True)
     (path / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
     for fname, names in zip(files, shards):
-        tensors = {}
-        for hf_name in names:
-            name, index = where[hf_name]
-            t = state[name].detach()[index]
-            # a slice of a fused tensor shares its storage, which safetensors refuses: copy it
-            tensors[hf_name] = t.to("cpu", copy=bool(index)).contiguous()
-        save_file(tensors, str(path / fname), metadata={"format": "pt"})
-        del tensors
+        _write_shard(path / fname, {hf_name: (state[where[hf_name][0]], where[hf_name][1]) for hf_name in names})
+    written = [path / "config.json", *(path / f for f in files)]
     if len(files) > 1:
-        total = sum(n for _, n in sizes)
         weight_map = {hf_name: fname for fname, names in zip(files, shards) for hf_name in names}
-        (path / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                                  indent=2) + "\n")
-    return [path / "config.json", *(path / f for f in files)] + ([path / INDEX_FILE] if len(files) > 1 else [])
+        index = {"metadata": {"total_size": sum(n for _, n in sizes)}, "weight_map": weight_map}
+        (path / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        written.append(path / INDEX_FILE)
+    return written
+
+
+def _write_shard(file: Path, parts: dict[str, tuple[torch.Tensor, tuple]]) -> None:
+    """Write one shard: HF name -> (glmkit tensor, index of the part). Only this shard's copies exist."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for hf_name, (t, index) in parts.items():
+        # a slice of a fused tensor shares its storage, which safetensors refuses: copy it
+        tensors[hf_name] = t.detach()[index].to("cpu", copy=bool(index)).contiguous()
+    save_file(tensors, str(file), metadata={"format": "pt"})

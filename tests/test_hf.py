@@ -430,6 +430,13 @@ def test_checkpoint_folder_errors(hf_dirs, tmp_path):
         from_hf(bare)
     sharded = tmp_path / "sharded"
     to_hf(from_hf(hf_dirs["glm-gqa"][0]), sharded, max_shard_size="20KB")
+    index = json.loads((sharded / INDEX_FILE).read_text())
+    first, *_, last = sorted(set(index["weight_map"].values()))
+    moved = next(name for name, f in index["weight_map"].items() if f == last)
+    index["weight_map"][moved] = first                                     # an index that lies
+    (sharded / INDEX_FILE).write_text(json.dumps(index))
+    with pytest.raises(GlmkitError, match=f"maps tensor {moved} to {first}, which cannot provide it"):
+        from_hf(sharded)
     second = sorted(sharded.glob("model-00002-of-*.safetensors"))[0]
     second.unlink()
     with pytest.raises(GlmkitError, match=f"names shard files that are not in .*{second.name}"):
