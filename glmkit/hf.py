@@ -32,6 +32,7 @@ import math
 import os
 import re
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -236,12 +237,14 @@ def config_from_hf(hf: dict, name: str | None = None):
         method = hf["quantization_config"].get("quant_method", "?")
         raise GlmkitError(f"quantized HF checkpoints ({method}) are not supported; use the bf16/fp32 release")
     c = {**_HF_DEFAULTS[model_type], **{k: v for k, v in hf.items() if v is not None}}
+    if "num_key_value_heads" in hf and hf["num_key_value_heads"] is None:
+        c["num_key_value_heads"] = c["num_attention_heads"]      # null: one KV head per query head
     if c["hidden_act"] != "silu":
         raise GlmkitError(f"HF hidden_act {c['hidden_act']!r} is not supported: GLM-4 MLPs are SwiGLU ('silu')")
     theta, factor = _rope(hf)
     heads = c["num_attention_heads"]
     kw = dict(name=name or f"hf-{model_type}", vocab_size=c["vocab_size"], hidden_size=c["hidden_size"],
-              num_layers=c["num_hidden_layers"], num_heads=heads, num_kv_heads=c.get("num_key_value_heads") or heads,
+              num_layers=c["num_hidden_layers"], num_heads=heads, num_kv_heads=c["num_key_value_heads"],
               head_dim=c.get("head_dim") or c["hidden_size"] // heads, intermediate_size=c["intermediate_size"],
               norm="rmsnorm", norm_eps=float(c["rms_norm_eps"]), residual="sandwich" if model_type == "glm4" else "pre",
               mlp="swiglu", mlp_bias=False, qkv_bias=bool(c["attention_bias"]), out_bias=False,
@@ -376,9 +379,11 @@ def _moe_plan(config, ours: str, theirs: str) -> dict[str, list[tuple[str, tuple
 # ---------------------------------------------------------------------------------------------------
 # Loading and saving whole models.
 
+@contextmanager
 def meta_parameters():
-    """Context: modules created inside put their parameters on the `meta` device (no memory, no
-    init cost) while buffers (RoPE frequencies, counters) are computed for real."""
+    """Modules created inside put their parameters on the `meta` device (no memory, no init cost)
+    while buffers (RoPE frequencies, router bias) are computed for real. Patches
+    `nn.Module.register_parameter` for the duration, as accelerate's `init_empty_weights` does."""
     import torch.nn as nn
 
     register = nn.Module.register_parameter
@@ -388,32 +393,11 @@ def meta_parameters():
             param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
         register(module, name, param)
 
-    class _Ctx:
-        def __enter__(self):
-            nn.Module.register_parameter = on_meta
-
-        def __exit__(self, *exc):
-            nn.Module.register_parameter = register
-
-    return _Ctx()
-
-
-def _aliases(model) -> dict[str, str]:
-    """Tied parameters: alias name -> the first name of the same Parameter."""
-    first: dict[int, str] = {}
-    out = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if id(p) in first:
-            out[name] = first[id(p)]
-        else:
-            first[id(p)] = name
-    return out
-
-
-def _retie(model, aliases: dict[str, str]) -> None:
-    for alias, source in aliases.items():
-        owner, _, attr = alias.rpartition(".")
-        setattr(model.get_submodule(owner), attr, model.get_parameter(source))
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
 
 
 def keep_fp32(name: str) -> bool:
@@ -479,8 +463,7 @@ def from_hf(path: str | os.PathLike, dtype: torch.dtype | None = None, device: s
         dtype = dtype or _default_dtype(hf, ckpt)
         with meta_parameters():
             model = GLM(config)
-        aliases = _aliases(model)
-        targets = {k: v for k, v in model.state_dict().items() if k not in aliases}
+        targets = model.state_dict()       # meta parameters and real buffers: the shapes to fill
         plan = tensor_plan(config)
         _plan_covers(plan, targets, model)
         _check(plan, targets, ckpt, config)
@@ -491,8 +474,7 @@ def from_hf(path: str | os.PathLike, dtype: torch.dtype | None = None, device: s
             for hf_name, index in pieces:
                 t[index].copy_(ckpt.get(hf_name))      # one checkpoint tensor in memory at a time
             state[name] = t
-    model.load_state_dict(state, strict=False, assign=True)
-    _retie(model, aliases)
+    model.load_state_dict(state, strict=True, assign=True)      # the filled tensors become the parameters
     return model.to(device).eval()
 
 
