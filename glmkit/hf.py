@@ -1,5 +1,9 @@
 """HF transformers checkpoints of GLM-4, GLM-4-0414 and GLM-4.5/4.6, loaded into and saved from glmkit.
 
+    model = from_hf("GLM-4-9B-0414", dtype=torch.bfloat16, device="cuda")   # -> glmkit.model.GLM
+    to_hf(model, "out", max_shard_size="5GB")                              # from_pretrained reads it
+    config = config_from_hf(json.load(open("config.json")));  hf_dict = config_to_hf(config)
+
 Three architectures (`../shared/DESIGN.md` §2), read from `config.json` → `architectures` / `model_type`:
 
 | HF architecture | model_type | glmkit family |
