@@ -1,0 +1,121 @@
+"""Evaluation tasks build deterministically; bits/byte, PET fine-tuning and the CLI on a tiny model."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from glmkit import tasks
+from glmkit.config import GLMConfig
+from glmkit.evaluate import bits_per_byte, choice_accuracy, infill_accuracy, pet_finetune
+from glmkit.model import GLM
+from glmkit.objectives import SpecialIds
+from glmkit.tokenizer import GLMTokenizer
+
+TEXTS = ["The quick brown fox jumps over the lazy dog. A small cat sat on the warm mat. " * 3,
+         "北京是中国的首都。上海是一个大城市。我们今天去公园散步。天气很好。" * 3,
+         "In the beginning God created the heaven and the earth. And the earth was without form. " * 3]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return GLMTokenizer.train(TEXTS * 4, vocab_size=420)
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    torch.manual_seed(0)
+    return GLM(GLMConfig.from_name("tiny", vocab_size=tok.vocab_size)).eval()
+
+
+def _docs(tok):
+    return [tok.encode(t) for t in TEXTS]
+
+
+def test_infill_examples_are_deterministic_and_cut_the_document(tok):
+    docs = _docs(tok)
+    a, b = tasks.infill_examples(docs, 10, window=48, seed=3), tasks.infill_examples(docs, 10, window=48, seed=3)
+    assert a == b and len(a) > 0
+    assert a != tasks.infill_examples(docs, 10, window=48, seed=4)
+    for ex in a:
+        whole = ex.left + ex.answer + ex.right
+        assert 1 <= len(ex.answer) <= 10
+        assert any(whole == d[s:s + len(whole)] for d in docs for s in range(0, len(d), 48))
+
+
+def test_cloze_distractors_match_script_and_frequency(tok):
+    docs = _docs(tok)
+    counts = tasks.token_counts(docs)
+    ex = tasks.cloze_examples(docs, tok.decode, counts, n=20, min_count=2, seed=0)
+    assert ex == tasks.cloze_examples(docs, tok.decode, counts, n=20, min_count=2, seed=0)
+    for c in ex:
+        words = [tok.decode(x) for x in c.candidates]
+        assert len(set(map(tuple, c.candidates))) == 4 and 0 <= c.label < 4
+        assert {tasks._script(w) for w in words} == {c.meta["script"]}
+        assert c.candidates[c.label] in ([t] for t in counts)
+
+
+def test_sentiment_split_is_fixed_and_disjoint():
+    train, test = tasks.sentiment_split()
+    train2, test2 = tasks.sentiment_split()
+    assert [r.text for r in test[:50]] == [r.text for r in test2[:50]] and len(train) == len(train2)
+    assert not {r.text for r in train} & {r.text for r in test}
+    assert 0.15 < len(test) / (len(train) + len(test)) < 0.25
+    assert {r.label for r in test} == {0, 1}
+
+
+def test_bits_per_byte_glm_and_clm_match_a_direct_computation(model, tok):
+    docs = [tok.encode(TEXTS[0])[:30]]
+    x = docs[0]
+    for obj in ("glm", "clm"):
+        res = bits_per_byte(model, tok, docs, obj, window=64, budget=1000)
+        with torch.no_grad():
+            if obj == "clm":
+                ids = torch.tensor([x[:-1]])
+                h = model(ids, torch.arange(len(x) - 1)[None], torch.zeros_like(ids))
+            else:     # x1 [gMASK] <sop> x2..x_{n-1}: Part A bidirectional (2 tokens), Part B causal
+                from glmkit.attention import AttentionMask
+                sp = SpecialIds.from_tokenizer(tok)
+                ids = torch.tensor([[x[0], sp.gmask, sp.sop] + x[1:-1]])
+                T = ids.shape[1]
+                mask = torch.tril(torch.ones(T, T, dtype=torch.bool))
+                mask[:, :2] = True
+                pos = torch.tensor([[0] + [1] * (T - 1)])
+                blk = torch.tensor([[0, 0] + list(range(1, T - 1))])
+                h = model(ids, pos, blk, AttentionMask("sdpa", dense=mask[None, None]))[:, 2:]   # <sop> on
+            nll = -F.log_softmax(model.logits(h[0]), -1).gather(1, torch.tensor(x[1:])[:, None]).sum().item()
+        nbytes = len(tok.decode(x).encode()) - len(tok.decode(x[:1]).encode())
+        assert res["bits_per_byte"] == pytest.approx(nll / math.log(2) / nbytes, rel=1e-4), obj
+        assert res["tokens"] == len(x) - 1
+
+
+def test_infill_accuracy_runs_for_every_objective(model, tok):
+    blanks = tasks.infill_examples(_docs(tok), 6, window=48, seed=0)
+    for obj in ("glm", "mlm", "clm"):
+        r = infill_accuracy(model, tok, blanks, obj, batch_size=4)
+        assert 0 <= r["exact_match"] <= 1 and 0 <= r["token_accuracy"] <= 1 and r["n"] == len(blanks)
+
+
+def test_pet_finetuning_fits_the_verbalizers(model, tok):
+    reviews = [tasks.Review("这本书很好看，我很喜欢。", 1), tasks.Review("质量太差了，不推荐。", 0),
+               tasks.Review("服务很好，下次还来。", 1), tasks.Review("房间很脏，非常失望。", 0)]
+    ex = tasks.sentiment_examples(reviews, tok.encode)
+    sp = SpecialIds.from_tokenizer(tok)
+    before = [p.detach().clone() for p in model.parameters()]
+    tuned = pet_finetune(model, ex, "glm", sp, steps=25, batch=4, lr=3e-3)
+    assert choice_accuracy(tuned, ex, "glm", sp) == 1.0
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))   # the original is untouched
+
+
+def test_cli_infill_and_generate_on_a_checkpoint(model, tok, tmp_path, capsys):
+    from glmkit.checkpoint import save_checkpoint
+    from glmkit.cli import main
+    save_checkpoint(tmp_path, 1, model_state=model.state_dict(), save_config=model.config.save,
+                    save_tokenizer=lambda p: tok.save(p.parent), train_state={},
+                    fingerprint={"objective": {"kind": "glm"}})
+    assert main(["infill", str(tmp_path), "The quick [MASK] fox", "--max-new-tokens", "3"]) == 0
+    assert main(["generate", str(tmp_path), "北京是", "--max-new-tokens", "3", "--no-stream"]) == 0
+    assert main(["infill", str(tmp_path), "no blank at all"]) == 2
+    assert "put [MASK] where" in capsys.readouterr().err
+    assert main(["generate", str(tmp_path), "x", "--top-p", "0"]) == 2
