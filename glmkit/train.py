@@ -49,7 +49,7 @@ import torch
 from glmkit import checkpoint as ckpt_io
 from glmkit import distributed as D
 from glmkit.errors import GlmkitError
-from glmkit.metrics import MetricsLogger, Progress, peak_flops
+from glmkit.metrics import MetricsLogger, Progress, measured_matmul_peak, peak_flops
 
 
 @dataclass
@@ -595,6 +595,9 @@ def _loop(run: Run, resumed: bool) -> dict:
     model = run.model
     flops_per_token = (getattr(model, "flops_per_token", None) or run.model_config.flops_per_token)(cfg.seq_len)
     peak, peak_basis = peak_flops(info.device, run.compute_dtype)
+    # on a GPU, MFU against the data sheet and against a measured matmul peak (DESIGN.md section 4)
+    measured = measured_matmul_peak(info.device, run.compute_dtype, n=8192, iters=10) \
+        if info.device.type == "cuda" else peak
     positions = cfg.batch_size * cfg.seq_len * cfg.grad_accum * info.world_size   # per optimizer step
     run.data_states = run.data_states or {s: copy.deepcopy(it.state_dict()) for s, it in run.iterators.items()}
     prefetch = Prefetcher(run.iterators, cfg.grad_accum, run.step * cfg.grad_accum, cfg.prefetch)
@@ -602,6 +605,7 @@ def _loop(run: Run, resumed: bool) -> dict:
     if not resumed:
         logger.log({"kind": "event", "step": 0, "event": "start", "num_params": model.num_params(),
                     "flops_per_token": flops_per_token, "peak_flops": peak, "peak_basis": peak_basis,
+                    "measured_peak_flops": measured,
                     "world_size": info.world_size, "parallel": D.mode_of(run.module)})
     stop = _StopSignal()
     out = {"run_dir": str(run.run_dir), "interrupted": False, "checkpoint": None, "val_loss": None,
@@ -653,7 +657,10 @@ def _loop(run: Run, resumed: bool) -> dict:
         progress.close()
         logger.close()
         stop.restore()
-    return {**out, **_throughput(timings, positions, flops_per_token, peak * info.world_size), "tokens": run.tokens}
+    rates = _throughput(timings, positions, flops_per_token, peak * info.world_size)
+    if rates["tok_per_s"]:
+        rates["mfu_vs_measured_peak"] = flops_per_token * rates["tok_per_s"] / (measured * info.world_size)
+    return {**out, **rates, "tokens": run.tokens}
 
 
 def _throughput(timings: list[tuple[float, float]], positions: int, flops_per_token: float, peak: float) -> dict:
