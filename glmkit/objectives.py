@@ -528,11 +528,7 @@ def mlm_samples(tokens: np.ndarray, offsets: np.ndarray, cfg: ObjectiveConfig, s
     start, size, dest, pos = _plain_dest(L, offsets, start, size)
     out = _alloc(size, specials.pad)
     count = np.maximum(1, np.rint(cfg.mask_ratio * L)).astype(np.int64)
-    owner = np.repeat(np.arange(S), L)
-    order = np.argsort(owner + rng.random(N), kind="stable")          # random order within each sample
-    selected = np.zeros(N, dtype=bool)
-    rank = np.arange(N) - offsets[owner[order]]                       # rank in that random order
-    selected[order] = rank < count[owner[order]]
+    selected = _random_subsets(L, offsets, count, pos, rng)
     u = rng.random(N)
     pool = specials.random_pool()
     random_tok = pool[rng.integers(0, len(pool), N)]
@@ -544,6 +540,27 @@ def mlm_samples(tokens: np.ndarray, offsets: np.ndarray, cfg: ObjectiveConfig, s
     out["position_ids"][dest] = pos
     return Samples(**out, start=start, length=L.copy(), part_a=L.copy(), kind=np.full(S, MLM, dtype=np.int8),
                    n_spans=np.zeros(S, dtype=np.int64))
+
+
+def _random_subsets(L: np.ndarray, offsets: np.ndarray, count: np.ndarray, pos: np.ndarray,
+                    rng: np.random.Generator) -> np.ndarray:
+    """(N,) bool: count[i] positions of sample i, chosen uniformly without replacement.
+
+    Each token gets the key (sample, random, position) packed into one int64 (21 + 22 + 20 bits):
+    sorting plain integers is several times faster than an argsort, and the position comes back
+    from the low bits. The first count[i] keys of each sample win."""
+    S, N = len(L), int(offsets[-1])
+    if S >= 1 << 21 or (len(L) and int(L.max()) >= 1 << 20):
+        raise GlmkitError("MLM selection supports up to 2M samples of up to 1M tokens per call; pack fewer")
+    owner = np.repeat(np.arange(S, dtype=np.int64), L)
+    key = (owner << 42) | (rng.integers(0, 1 << 22, N, dtype=np.int64) << 20) | pos
+    key.sort()
+    owner = key >> 42
+    rank = np.arange(N) - offsets[owner]                               # rank in the random order
+    chosen = rank < count[owner]
+    selected = np.zeros(N, dtype=bool)
+    selected[(offsets[owner] + (key & ((1 << 20) - 1)))[chosen]] = True
+    return selected
 
 
 def clm_samples(tokens: np.ndarray, offsets: np.ndarray, specials: SpecialIds,
