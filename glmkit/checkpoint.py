@@ -256,7 +256,8 @@ def load_checkpoint(path: str | Path, with_train_state: bool = True, verify_file
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu"):
-    """(model, tokenizer) from a checkpoint or run directory, weights verified, model in eval mode."""
+    """(model, tokenizer) from a checkpoint or run directory, weights verified, model in eval mode;
+    tokenizer is None when the checkpoint has no tokenizer.json (e.g. converted from bare HF weights)."""
     from glmkit.config import GLMConfig
     from glmkit.model import GLM
     from glmkit.tokenizer import GLMTokenizer
@@ -265,5 +266,6 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
     config = GLMConfig.load(ckpt.path / "config.json")
     model = GLM(config)
     model.load_state_dict(ckpt.model_state, strict=True)
-    tokenizer = GLMTokenizer.load(ckpt.path / "tokenizer.json")
+    tok_file = ckpt.path / "tokenizer.json"
+    tokenizer = GLMTokenizer.load(tok_file) if tok_file.is_file() else None  # converted weights may lack one
     return model.to(device).eval(), tokenizer
