@@ -117,6 +117,48 @@ def test_config_round_trip(preset):
     assert back == config
 
 
+# config.json of released checkpoints (THUDM/glm-4-9b-chat-hf, THUDM/GLM-4-9B-0414, zai-org/GLM-4.5-Air),
+# in the pre-transformers-5 form with top-level rope keys
+_GLM4_COMMON = dict(attention_bias=True, attention_dropout=0.0, eos_token_id=[151329, 151336, 151338],
+                    head_dim=128, hidden_act="silu", hidden_size=4096, initializer_range=0.02,
+                    intermediate_size=13696, num_attention_heads=32, num_hidden_layers=40, num_key_value_heads=2,
+                    pad_token_id=151329, partial_rotary_factor=0.5, rope_theta=10000.0, tie_word_embeddings=False,
+                    torch_dtype="bfloat16", use_cache=True, vocab_size=151552)
+RELEASED = {
+    "glm-4-9b": dict(_GLM4_COMMON, architectures=["GlmForCausalLM"], model_type="glm",
+                     max_position_embeddings=131072, rms_norm_eps=1.5625e-07),
+    "glm-4-9b-0414": dict(_GLM4_COMMON, architectures=["Glm4ForCausalLM"], model_type="glm4",
+                          max_position_embeddings=32768, rms_norm_eps=1e-05),
+    "glm-4.5-air": dict(architectures=["Glm4MoeForCausalLM"], attention_bias=True, attention_dropout=0.0,
+                        pad_token_id=151329, eos_token_id=[151329, 151336, 151338], head_dim=128, hidden_act="silu",
+                        hidden_size=4096, partial_rotary_factor=0.5, initializer_range=0.02, intermediate_size=10944,
+                        max_position_embeddings=131072, model_type="glm4_moe", moe_intermediate_size=1408,
+                        norm_topk_prob=True, num_attention_heads=96, n_group=1, topk_group=1, n_routed_experts=128,
+                        n_shared_experts=1, routed_scaling_factor=1.0, num_experts_per_tok=8,
+                        first_k_dense_replace=1, num_hidden_layers=46, num_key_value_heads=8,
+                        num_nextn_predict_layers=1, rms_norm_eps=1e-05, rope_scaling=None, rope_theta=1000000,
+                        tie_word_embeddings=False, torch_dtype="bfloat16", use_cache=True, use_qk_norm=False,
+                        vocab_size=151552),
+}
+
+
+@pytest.mark.parametrize("preset", list(RELEASED))
+def test_released_config_maps_to_preset(preset):
+    """A released config.json gives the preset's shape, and the HF tensors the plan expects add up to
+    the preset's parameter count (model built on the meta device: nothing allocated)."""
+    from glmkit.hf import meta_parameters, tensor_plan
+
+    config = config_from_hf(RELEASED[preset], name=preset)
+    want = GLMConfig.from_name(preset)
+    assert config.with_(max_position_embeddings=want.max_position_embeddings) == want
+    with meta_parameters():
+        model = GLM(config)
+    shapes = model.state_dict()
+    hf_numel = sum(shapes[name][index].numel() for name, parts in tensor_plan(config).items() for _, index in parts)
+    router_bias = sum(b.numel() for name, b in shapes.items() if name.endswith("e_score_correction_bias"))
+    assert hf_numel - router_bias == config.num_params()
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_config_read_by_transformers(case, hf_dirs):
     """config_from_hf then config_to_hf gives a config.json that transformers reads as the same model."""
