@@ -247,24 +247,22 @@ def _group_first(group: np.ndarray, n_groups: int) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=16)
-def _poisson_cdf(lam: float, max_span: int) -> np.ndarray:
+def span_length_pmf(lam: float, max_span: int) -> np.ndarray:
+    """P(length = 1..max_span) of Poisson(lam) restricted to 1..max_span (renormalised)."""
     k = np.arange(1, max_span + 1)
-    log_pmf = k * math.log(lam) - lam - np.array([math.lgamma(i + 1) for i in k])
-    cdf = np.cumsum(np.exp(log_pmf - log_pmf.max()))
-    return cdf / cdf[-1]
+    p = np.exp(k * math.log(lam) - lam - np.array([math.lgamma(i + 1) for i in k]))
+    return p / p.sum()
 
 
 def truncated_poisson(rng: np.random.Generator, n: int, lam: float, max_span: int) -> np.ndarray:
-    """n draws of Poisson(lam) restricted to 1..max_span (the restricted, renormalised distribution)."""
-    cdf = _poisson_cdf(float(lam), int(max_span))
+    """n draws of span lengths from `span_length_pmf` (inverse CDF on uniforms)."""
+    cdf = np.cumsum(span_length_pmf(float(lam), int(max_span)))
     return np.searchsorted(cdf, rng.random(n), side="right").clip(0, max_span - 1) + 1
 
 
 def span_length_moments(lam: float, max_span: int) -> tuple[float, float]:
-    """Mean and variance of the restricted Poisson span length."""
-    k = np.arange(1, max_span + 1)
-    p = np.exp(k * math.log(lam) - lam - np.array([math.lgamma(i + 1) for i in k]))
-    p /= p.sum()
+    """Mean and variance of the restricted Poisson span length (mean 3.157 for lam 3, 1..39)."""
+    k, p = np.arange(1, max_span + 1), span_length_pmf(float(lam), int(max_span))
     mean = float((k * p).sum())
     return mean, float(((k - mean) ** 2 * p).sum())
 
