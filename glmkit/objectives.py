@@ -472,28 +472,41 @@ def build_infill(tokens: np.ndarray, offsets: np.ndarray, spans: Spans, rank: np
     n = np.bincount(spans.sample, minlength=S)
     masked = np.bincount(spans.sample, weights=spans.length, minlength=S).astype(np.int64)
     a_len, b_len = L - masked + n, masked + n
-    out_len = a_len + b_len
     if start is None:
-        start = offsets_of(out_len)[:-1]
-        size = int(out_len.sum())
+        start = offsets_of(a_len + b_len)[:-1]
+        size = int((a_len + b_len).sum())
     out = _alloc(size, specials.pad)
+    abs_start = offsets[spans.sample] + spans.start
+    mask_pos = _write_part_a(out, tokens, spans, abs_start, a_len, start)
+    _write_part_b(out, tokens, spans, abs_start, rank, mask_pos, start + a_len, b_len, specials, layout)
+    kind = np.full(S, MASK, dtype=np.int8) if kind is None else kind
+    return Samples(**out, start=start, length=a_len + b_len, part_a=a_len, kind=kind, n_spans=n)
 
-    # Part A, all samples concatenated: element i is token i + (tokens removed before it), except
-    # each span's first token, which becomes its mask token at `mask_a`.
+
+def _write_part_a(out: dict, tokens: np.ndarray, spans: Spans, abs_start: np.ndarray, a_len: np.ndarray,
+                  start: np.ndarray) -> np.ndarray:
+    """Write every Part A; return the position of each span's mask token in its Part A.
+
+    Over all Part As concatenated, element i is token i + (tokens removed before it), except each
+    span's first token, which becomes its mask token (at `mask_a`)."""
     a_off = offsets_of(a_len)
     NA = int(a_off[-1])
     a_idx = np.arange(NA, dtype=np.int64)
-    abs_start = offsets[spans.sample] + spans.start
-    removed = np.cumsum(spans.length - 1)
+    removed = np.cumsum(spans.length - 1)                  # span tokens dropped up to each span's end
     mask_a = abs_start - (removed - (spans.length - 1))
     a_tok = tokens[a_idx + fill_runs(NA, mask_a + 1, removed)]
     a_tok[mask_a] = spans.mask_id
     a_dest = a_idx + fill_runs(NA, a_off[:-1], start - a_off[:-1])
     out["input_ids"][a_dest] = a_tok
     out["position_ids"][a_dest] = a_idx - fill_runs(NA, a_off[:-1], a_off[:-1])
-    mask_pos = mask_a - a_off[spans.sample]                 # where each mask token sits in its Part A
+    return mask_a - a_off[spans.sample]
 
-    # Part B, spans in (sample, rank) order: block j = <sop> + span j (inputs), span j + <eop> (targets)
+
+def _write_part_b(out: dict, tokens: np.ndarray, spans: Spans, abs_start: np.ndarray, rank: np.ndarray,
+                  mask_pos: np.ndarray, b_start: np.ndarray, b_len: np.ndarray, specials: SpecialIds,
+                  layout: str) -> None:
+    """Write every Part B (at b_start of each sample): spans in (sample, rank) order, block j =
+    <sop> + span j as inputs, span j + <eop> as targets, at its mask's position, block positions 1.."""
     border = np.lexsort((rank, spans.sample))
     bo = offsets_of(spans.length[border] + 1)
     NB, b0 = int(bo[-1]), bo[:-1]
@@ -504,16 +517,13 @@ def build_infill(tokens: np.ndarray, offsets: np.ndarray, spans: Spans, rank: np
     b_tgt = np.empty(NB, dtype=b_in.dtype)
     b_tgt[:-1] = b_in[1:]                                    # teacher forcing: target = next input ...
     b_tgt[bo[1:] - 1] = specials.eop                         # ... and <eop> closes every span
-    b_shift = (start + a_len - offsets_of(b_len)[:-1])[spans.sample[border]]
-    b_dest = b_idx + fill_runs(NB, b0, b_shift)
+    b_dest = b_idx + fill_runs(NB, b0, (b_start - offsets_of(b_len)[:-1])[spans.sample[border]])
     out["input_ids"][b_dest] = b_in
     out["targets"][b_dest] = b_tgt
     out["loss_mask"][b_dest] = True
     out["position_ids"][b_dest] = fill_runs(NB, b0, mask_pos[border])
     out["block_position_ids"][b_dest] = k + 1
     out["span_ids"][b_dest] = 1 if layout == "glm" else fill_runs(NB, b0, rank[border] + 1)
-    kind = np.full(S, MASK, dtype=np.int8) if kind is None else kind
-    return Samples(**out, start=start, length=out_len, part_a=a_len, kind=kind, n_spans=n)
 
 
 def mlm_samples(tokens: np.ndarray, offsets: np.ndarray, cfg: ObjectiveConfig, specials: SpecialIds,
