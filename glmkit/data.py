@@ -1,14 +1,16 @@
 """The batch iterator: documents -> an endless, resumable stream of packed `Batch`es.
 
 Each epoch deterministically shuffles the documents (seed, epoch) and gives rank r every
-world_size-th of them; documents are cut into pieces that fit a row (`packing.chunk_length`), and
-the pieces form this rank's stream. A batch takes pieces from the stream in order, corrupts them with
-the objective and packs them first-fit (`packing.pack`); pieces that did not fit stay at the head of
-the stream for the next batch. Epochs run into each other without a gap.
+world_size-th of them; documents are cut into pieces that fit a row (`chunk_length`), and the pieces
+form this rank's stream. A group of batches takes pieces from the stream in order, corrupts them with
+the objective and packs them first-fit into group * batch_size rows (`packing.pack`), then hands the
+batches out one by one; pieces that did not fit stay at the head of the stream for the next group.
+Epochs run into each other without a gap.
 
-Determinism and resumption: a batch is a pure function of (seed, rank, step) for its randomness and
-of the stream cursor (epoch, piece) for its text, so `state_dict()` is three integers and a resumed
-iterator yields bit for bit the batches the original would have.
+Determinism and resumption: a group is a pure function of (seed, rank, step) for its randomness and
+of the stream cursor (epoch, piece) for its text, so `state_dict()` is four integers (those three at
+the start of the current group, and how many of its batches were handed out) and a resumed iterator
+yields bit for bit the batches the original would have.
 """
 
 from __future__ import annotations
