@@ -2,6 +2,8 @@
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from glmkit.batch import FIELDS
 from glmkit.data import BatchIterator
@@ -155,3 +157,30 @@ def test_samples_and_bench_verbs(tiny_corpus, capsys, tmp_path):
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert last["glm_tokens_per_s_per_core"] > 0 and last["python_baseline_tokens_per_s_per_core"] > 0
     assert last["ratio"] > 0 and last["text"] == "synthetic"
+
+
+@settings(max_examples=25, deadline=None)
+@given(lengths=st.lists(st.integers(0, 300), min_size=1, max_size=12), seed=st.integers(0, 1000),
+       preset=st.sampled_from(["glm-large", "glm-10b", "glm-130b", "bert", "gpt"]),
+       batch_size=st.integers(1, 3), seq_len=st.sampled_from([64, 100, 256]))
+def test_every_sample_is_a_piece_of_its_document(lengths, seed, preset, batch_size, seq_len):
+    rng = np.random.default_rng(seed)
+    docs = [rng.integers(0, 50, size=n) for n in lengths]
+    cfg = ObjectiveConfig.from_name(preset)
+    if sum(n >= cfg.min_length for n in lengths) == 0:
+        return
+    it = BatchIterator(docs, cfg, SP, batch_size, seq_len, seed=seed)
+    c = it.chunk_len
+    for _ in range(3):
+        res = it.next_result()
+        assert res.batch.shape == (batch_size, seq_len)
+        for j, (_, doc) in enumerate(it.last_source):
+            s = res.samples.sample(j)
+            d = docs[doc].tolist()
+            if cfg.kind == "glm":
+                text, _ = reconstruct(s, MASK_IDS[s["kind"]])
+            elif cfg.kind == "mlm":
+                text = np.where(s["loss_mask"], s["targets"], s["input_ids"]).tolist()
+            else:
+                text = s["input_ids"].tolist()
+            assert any(text == d[k:k + c] for k in range(0, len(d), c))
