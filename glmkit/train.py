@@ -386,7 +386,9 @@ def _val_batches(cfg: TrainConfig, corpus, objective, specials, info: D.DistInfo
         return []
     it = BatchIterator(docs, objective, specials, cfg.batch_size, cfg.seq_len, seed=cfg.seed + 1,
                        rank=0, world_size=1)
-    batches = [next(it) for _ in range(cfg.eval_batches)]
+    # every rank must run the same number of forwards (FSDP2 gathers parameters in each)
+    n = -(-cfg.eval_batches // info.world_size) * info.world_size
+    batches = [next(it) for _ in range(n)]
     return batches[info.rank::info.world_size]
 
 
@@ -607,6 +609,10 @@ def _loop(run: Run, resumed: bool) -> dict:
                     "flops_per_token": flops_per_token, "peak_flops": peak, "peak_basis": peak_basis,
                     "measured_peak_flops": measured,
                     "world_size": info.world_size, "parallel": D.mode_of(run.module)})
+    if info.is_main:
+        progress.write(f"{run.model_config.name}: {model.num_params():,} parameters, {positions:,} positions "
+                       f"per step on {info.world_size} x {info.device.type} ({D.mode_of(run.module)}); "
+                       f"MFU against the {peak_basis} ({peak / 1e12:.3g} TFLOP/s)")
     stop = _StopSignal()
     out = {"run_dir": str(run.run_dir), "interrupted": False, "checkpoint": None, "val_loss": None,
            "mfu_basis": peak_basis, "num_params": model.num_params()}
@@ -703,12 +709,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     helps = field_help()
     for f in fields(TrainConfig):
         flag, kind = "--" + f.name.replace("_", "-"), str(f.type).split("|")[0].strip()
-        text = helps.get(f.name, "")
+        text = helps.get(f.name, "").replace("%", "%%")  # argparse formats help with %
         if kind == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=text)
         else:
+            shown = "" if "default" in text else f" (default: {f.default})"
             parser.add_argument(flag, type={"int": int, "float": float}.get(kind, str), default=f.default,
-                                help=f"{text} (default: {f.default})")
+                                help=text + shown)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -42,6 +42,16 @@ def build_toy_corpus(out: Path, seed: int = 0, n_docs: int = 160, vocab_size: in
     return build_corpus([source], tokenizer, out, val_fraction=0.1, overwrite=True)
 
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The tiny model is fastest on one thread (and a shared CPU wastes time spinning a second)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     return build_toy_corpus(tmp_path_factory.mktemp("corpus") / "toy")
@@ -216,5 +226,9 @@ def test_help_text_comes_from_field_docstrings():
     helps = T.field_help()
     assert set(helps) == {f for f in T.TrainConfig.__dataclass_fields__}
     assert "GLM-Large" in helps["beta2"]
+    from glmkit.cli import main
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--help"])
+    assert e.value.code == 0
 
 
