@@ -184,3 +184,19 @@ def test_every_sample_is_a_piece_of_its_document(lengths, seed, preset, batch_si
             else:
                 text = s["input_ids"].tolist()
             assert any(text == d[k:k + c] for k in range(0, len(d), c))
+
+
+def test_mixture_per_batch_gives_one_kind_per_batch():
+    from glmkit.objectives import MASK, SMASK
+    it = BatchIterator(corpus(30), ObjectiveConfig.from_name("glm-10b"), SP, 2, 128, seed=0)
+    assert it.group == 1
+    seen = set()
+    for _ in range(30):
+        kinds = set(it.next_result().samples.kind.tolist())
+        if SMASK in kinds:
+            kinds.discard(MASK)                                # sentences that could not be masked fall back
+        assert len(kinds) == 1
+        seen |= kinds
+    assert len(seen) == 3
+    with pytest.raises(GlmkitError, match="group=1"):
+        BatchIterator(corpus(30), ObjectiveConfig.from_name("glm-10b"), SP, 2, 128, group=4)
