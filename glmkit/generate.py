@@ -404,7 +404,6 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    import sys
     texts = list(args.text)
     if args.file:
         with open(args.file, encoding="utf-8") as f:
@@ -422,13 +421,18 @@ def run(args) -> int:
         for f in run_fill(model, tok, texts, cfg, **kw):
             print(f.fills[-1] if args.generation else f.text)
         return 0
-    if not args.generation:
-        print(f"[{objective} model] filling blanks of: {texts[0]}", file=sys.stderr)
-    last = None
-    for piece in stream(model, tok, texts, cfg, **kw):
-        if last is not None and piece.blank != last:
-            print(f"\n--- blank {piece.blank + 1} ---", flush=True)
+    if args.generation:
+        for piece in stream(model, tok, texts, cfg, **kw):
+            print(piece.text, end="", flush=True)
+        print()
+        return 0
+    prompt = _encode_prompts(texts, tok, False, causal)[0]
+    fills, last = [""] * len(prompt.blanks), None
+    for piece in stream(model, tok, texts, cfg, **kw):     # each fill as it is produced, then the whole text
+        if piece.blank != last:
+            print(("\n" if last is not None else "") + f"[blank {piece.blank + 1}] ", end="", flush=True)
+            last = piece.blank
         print(piece.text, end="", flush=True)
-        last = piece.blank
-    print()
+        fills[piece.blank] += piece.text
+    print(("\n" if last is not None else "") + _assemble(prompt, fills, tok))
     return 0

@@ -4,7 +4,7 @@ One random-weight model of a preset is built, saved as an HF checkpoint with `gl
 loaded back by transformers' `AutoModelForCausalLM`, so both sides run identical weights. Each side
 continues the same random prompts (`--prompt-len` tokens, causally read: exactly what HF computes)
 for exactly `--new-tokens` tokens, greedy, at each `--batches` size; time = prefill + all decode
-steps, best of `--repeats` after one warm-up. tokens/s = batch x new tokens / time.
+steps, best of `--repeats` after one warm-up, the two sides alternated. tokens/s = batch x new tokens / time.
 
     glmkit bench generate                                   # CPU, the `small` preset
     glmkit bench generate --device cuda --dtype bfloat16 --compile --preset bench-1.9b
@@ -38,7 +38,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--compile", action="store_true", help="compile the decode step (static cache)")
     parser.add_argument("--seed", type=int, default=0)
 
@@ -48,16 +48,27 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+def _time(fn, device) -> float:
+    _sync(device)
+    t = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t
+
+
 def _best(fn, repeats: int, device) -> float:
     fn()                                          # warm-up (and compilation)
-    times = []
+    return min(_time(fn, device) for _ in range(repeats))
+
+
+def _best_pair(a, b, repeats: int, device) -> tuple[float, float]:
+    """Best-of-`repeats` times of a and b, alternated so both meet the same machine load."""
+    a(), b()                                      # warm-up (and compilation)
+    ta, tb = [], []
     for _ in range(repeats):
-        _sync(device)
-        t = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t)
-    return min(times)
+        ta.append(_time(a, device))
+        tb.append(_time(b, device))
+    return min(ta), min(tb)
 
 
 def _ids(config) -> SimpleNamespace:
@@ -137,8 +148,9 @@ def run(args) -> int:
         for b in batches:
             prompts = torch.randint(0, model.config.vocab_size - 8, (b, args.prompt_len), generator=g).to(args.device)
             assert glmkit_run(model, prompts, args.new_tokens, step) == b * args.new_tokens
-            t_ours = _best(lambda p=prompts: glmkit_run(model, p, args.new_tokens, step), args.repeats, args.device)
-            t_hf = _best(lambda p=prompts: hf_run(hf, p, args.new_tokens, args.compile), args.repeats, args.device)
+            t_ours, t_hf = _best_pair(lambda p=prompts: glmkit_run(model, p, args.new_tokens, step),
+                                      lambda p=prompts: hf_run(hf, p, args.new_tokens, args.compile),
+                                      args.repeats, args.device)
             r = {"glmkit_tokens_per_s": b * args.new_tokens / t_ours, "hf_tokens_per_s": b * args.new_tokens / t_hf}
             r["ratio"] = r["glmkit_tokens_per_s"] / r["hf_tokens_per_s"]
             if bw:
