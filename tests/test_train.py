@@ -78,6 +78,22 @@ def test_each_objective_learns_a_repeated_batch(corpus, tmp_path, objective):
     assert math.isfinite(curve[0]) and curve[-1] < 0.6 * curve[0], (objective, curve)
 
 
+def test_activation_checkpointing_changes_nothing_but_memory(corpus, tmp_path):
+    runs = [T.setup(tiny_cfg(corpus.directory, tmp_path / str(ac), activation_checkpointing=ac))[0]
+            for ac in (False, True)]
+    batch = next(runs[0].iterators[0])
+    a, b = (T.train_step(r, [batch]) for r in runs)
+    assert a["loss"] == b["loss"] and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-6)
+
+
+def test_moe_model_trains_and_balances_its_router(corpus, tmp_path):
+    run, _ = T.setup(tiny_cfg(corpus.directory, tmp_path, model="tiny-moe", router_bias_rate=1e-2))
+    batch = next(run.iterators[0])
+    res = T.train_step(run, [batch])
+    biases = [m.gate.e_score_correction_bias for m in run.model.moe_layers()]
+    assert math.isfinite(res["loss"]) and biases and all(b.abs().max() > 0 for b in biases)
+
+
 def test_lr_schedule_warmup_then_cosine_to_floor():
     f = [T.lr_factor(s, 10, 100, 0.05) for s in range(100)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0) and f[10] == pytest.approx(1.0)
