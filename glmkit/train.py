@@ -12,9 +12,10 @@ of every rank), not a mean of per-micro-batch means: GLM rows carry different nu
 and weighting by them makes a 2-process step equal to a 1-process step over the same rows.
 
 Data: the run has `data_shards` independent data streams (default: the number of processes).
-Micro-batch k of the run (counted over steps) comes from shard `k mod data_shards`, and process r
-owns shards r, r + world, ...: the same rows reach the model whatever the number of processes, so a
-1-process run with `--data-shards 2 --grad-accum 2` takes exactly the steps of a 2-process run.
+Process r owns shards r, r + world, ... and its k-th micro-batch (counted over the run) comes from its
+(k mod owned)-th shard. So the same rows reach the model whatever the number of processes: a 1-process
+run with `--data-shards 2 --grad-accum 2` takes exactly the steps of a 2-process run, and a run can
+resume on another number of processes if `--data-shards` stays the same.
 
 Resume is exact: a checkpoint holds the weights, optimizer and scheduler state, the RNG states and
 each data shard's iterator state, so a resumed run logs the same losses as an uninterrupted one (bit
@@ -317,17 +318,14 @@ def _on_main(info: D.DistInfo, fn):
     return result
 
 
-def _open_corpus(cfg: TrainConfig, tokenizer=None):
+def _open_corpus(cfg: TrainConfig):
     from glmkit.corpus import Corpus, default_corpus
     if cfg.corpus is None:
-        corpus = default_corpus(progress=cfg.progress)  # safe to call from every rank: file-locked
-        if tokenizer is not None:
-            corpus = Corpus.open(corpus.directory, tokenizer)
-        return corpus
+        return default_corpus(progress=cfg.progress)  # builds data/default on first use (file-locked)
     if not Path(cfg.corpus).is_dir():
         raise GlmkitError(f"--corpus {cfg.corpus} is not a directory; build one with `glmkit corpus build` "
                           f"or leave --corpus out for the default corpus")
-    return Corpus.open(cfg.corpus, tokenizer)
+    return Corpus.open(cfg.corpus)
 
 
 def _prepare_run_dir(cfg: TrainConfig, run_dir: Path, fingerprint: dict) -> Path | None:
@@ -400,8 +398,8 @@ def setup(cfg: TrainConfig) -> tuple[Run, Path | None]:
     cfg.validate()
     info = D.init(cfg.device)
     run_dir = Path(cfg.out_dir)
-    if info.enabled:  # rank 0 builds the default corpus if needed; then every rank opens it
-        _on_main(info, lambda: _open_corpus(cfg) and None)
+    if info.enabled:  # rank 0 builds the default corpus if needed (or fails for all); then every rank opens it
+        _on_main(info, lambda: [_open_corpus(cfg), None][1])
     corpus = _open_corpus(cfg)
     tokenizer = corpus.tokenizer
     model_config = build_model_config(cfg, tokenizer)
@@ -614,8 +612,8 @@ def _loop(run: Run, resumed: bool) -> dict:
                        f"per step on {info.world_size} x {info.device.type} ({D.mode_of(run.module)}); "
                        f"MFU against the {peak_basis} ({peak / 1e12:.3g} TFLOP/s)")
     stop = _StopSignal()
-    out = {"run_dir": str(run.run_dir), "interrupted": False, "checkpoint": None, "val_loss": None,
-           "mfu_basis": peak_basis, "num_params": model.num_params()}
+    out = {"run_dir": str(run.run_dir), "step": run.step, "loss": None, "val_loss": None, "interrupted": False,
+           "checkpoint": None, "mfu_basis": peak_basis, "num_params": model.num_params()}
     timings, last_saved = [], run.step if resumed else -1
     try:
         while run.step < cfg.max_steps:
@@ -689,8 +687,8 @@ def measure_data_share(cfg: TrainConfig, steps: int = 20) -> dict:
                                "eval_every": 0, "progress": False, "tensorboard": False, "resume": False,
                                "overwrite": True})
         res = train(probe)
-    keys = ("data_share", "data_s", "step_s", "tok_per_s", "mfu", "mfu_basis")
-    return {"steps": steps, **{k: res[k] for k in keys}}
+    keys = ("data_share", "data_s", "step_s", "tok_per_s", "mfu", "mfu_basis", "mfu_vs_measured_peak")
+    return {"steps": steps, **{k: res.get(k) for k in keys}}
 
 
 # ------------------------------------------------------------------------------------------ command line
@@ -725,8 +723,9 @@ def run(args: argparse.Namespace) -> int:
     finally:
         D.shutdown()
     if int(os.environ.get("RANK", "0")) == 0:
-        val = f", val loss {res['val_loss']:.4f}" if res.get("val_loss") is not None else ""
+        loss = f": loss {res['loss']:.4f}" if res["loss"] is not None else " (nothing left to train)"
+        val = f", val loss {res['val_loss']:.4f}" if res["val_loss"] is not None else ""
         rate = f", {res['tok_per_s']:,.0f} tokens/s" if res.get("tok_per_s") else ""
-        print(f"step {res.get('step', 0)}: loss {res.get('loss', float('nan')):.4f}{val}{rate}; "
-              f"run in {res['run_dir']}" + (f", checkpoint {res['checkpoint']}" if res["checkpoint"] else ""))
+        print(f"step {res['step']}{loss}{val}{rate}; run in {res['run_dir']}"
+              + (f", checkpoint {res['checkpoint']}" if res["checkpoint"] else ""))
     return 130 if res["interrupted"] else 0
