@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 
 import numpy as np
@@ -42,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default=None, help="model preset (default: bench-338m on cuda, small on cpu)")
     p.add_argument("--batch-size", type=int, default=None, help="default: 16 on cuda, 4 on cpu")
     p.add_argument("--seq-len", type=int, default=None, help="default: 1024 on cuda, 256 on cpu")
-    p.add_argument("--steps", type=int, default=None, help="timed steps per model (default: 20 cuda, 4 cpu)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per model (default: 20 cuda, 8 cpu)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 5 cuda/compile, 1 cpu)")
     p.add_argument("--compile", action="store_true", help="torch.compile both models (glmkit: per block)")
     p.add_argument("--objective", choices=["glm", "clm", "both"], default="glm")
@@ -174,7 +175,7 @@ def _defaults(args):
     args.preset = args.preset or ("bench-338m" if cuda else "small")
     args.batch_size = args.batch_size or (16 if cuda else 4)
     args.seq_len = args.seq_len or (1024 if cuda else 256)
-    args.steps = args.steps or (20 if cuda else 4)
+    args.steps = args.steps or (20 if cuda else 8)
     args.warmup = args.warmup if args.warmup is not None else (5 if cuda or args.compile else 1)
     return args
 
@@ -201,8 +202,7 @@ def run(args: argparse.Namespace) -> int:
         batches[k] = (b.to(device), counts)
     main_batch, counts = batches[kinds[0]]
     backend = args.backend or config.attention_backend
-    from glmkit.attention import resolve_backend
-    resolved = resolve_backend(backend, device, dtype, main_batch)
+    resolved = model.attention_mask(main_batch, backend).backend     # what glmkit really runs (incl. no mask)
 
     if args.compile:
         for block in model.layers:
@@ -226,23 +226,22 @@ def run(args: argparse.Namespace) -> int:
           f"(+{counts['positions'] - counts['processed']} padding), {counts['loss_tokens']} loss tokens")
     for step, _ in contestants.values():
         timed(step, args.warmup, device)
-    seconds = {name: 0.0 for name in contestants}
-    rounds = max(1, min(args.steps, 3))
-    per_round = [args.steps // rounds + (i < args.steps % rounds) for i in range(rounds)]
-    for n in per_round:                                     # alternate, so drift hits every model alike
+    times = {name: [] for name in contestants}
+    for _ in range(args.steps):           # interleave single steps, take medians: robust to a busy machine
         for name, (step, _) in contestants.items():
-            seconds[name] += timed(step, n, device)
+            times[name].append(timed(step, 1, device))
+    seconds = {name: statistics.median(t) for name, t in times.items()}       # per step
     return _report(args, config, device, dtype, contestants, seconds, counts, resolved)
 
 
 def _report(args, config, device, dtype, contestants, seconds, counts, resolved) -> int:
-    rate = {n: counts["positions"] * args.steps / s for n, s in seconds.items()}
+    rate = {n: counts["positions"] / s for n, s in seconds.items()}
     peak = matmul_peak(device, dtype)
     sheet = datasheet_peak(device)
     fpt = config.flops_per_token(args.seq_len)
     for name, r in rate.items():
         first = contestants[name][1]
-        print(f"{name:>11}: {r:12,.0f} positions/s  {1e3 * seconds[name] / args.steps:8.1f} ms/step  "
+        print(f"{name:>11}: {r:12,.0f} positions/s  {1e3 * seconds[name]:8.1f} ms/step (median)  "
               f"MFU {100 * fpt * r / peak:5.1f}% of measured peak  first loss {first[0]:.4f}")
     g = rate["glmkit"]
     scale = lambda key: g * counts[key] / counts["positions"]
