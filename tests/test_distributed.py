@@ -22,7 +22,7 @@ from glmkit import train as T
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = dict(model="tiny", seq_len=64, batch_size=2, lr=5e-3, warmup_steps=100, eval_every=3, eval_batches=2,
-              save_every=3, progress=False, tensorboard=False, prefetch=0, seed=7)
+              save_every=3, progress=False, tensorboard=False, prefetch=0, seed=7, device="cpu")
 
 
 

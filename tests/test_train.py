@@ -60,7 +60,7 @@ def corpus(tmp_path_factory):
 def tiny_cfg(corpus_dir, out_dir, **kw) -> T.TrainConfig:
     base = dict(out_dir=str(out_dir), model="tiny", corpus=str(corpus_dir), seq_len=64, batch_size=4,
                 max_steps=12, lr=3e-3, warmup_steps=2, eval_every=6, eval_batches=2, save_every=4, keep=2,
-                progress=False, tensorboard=False, prefetch=1)
+                progress=False, tensorboard=False, prefetch=1, device="cpu")
     return T.TrainConfig(**{**base, **kw})
 
 
@@ -136,7 +136,7 @@ def _cli(corpus_dir, out_dir, *extra):
     args = ["--out-dir", str(out_dir), "--model", "tiny", "--corpus", str(corpus_dir), "--seq-len", "64",
             "--batch-size", "4", "--lr", "3e-3", "--warmup-steps", "5", "--eval-every", "10",
             "--eval-batches", "2", "--save-every", "5", "--keep", "3", "--no-progress", "--no-tensorboard",
-            "--prefetch", "2", *extra]
+            "--prefetch", "2", "--device", "cpu", *extra]
     return [sys.executable, "-m", "glmkit", "train", *args]
 
 
@@ -248,3 +248,15 @@ def test_help_text_comes_from_field_docstrings():
     assert e.value.code == 0
 
 
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_bf16_training_checkpoint_and_resume(corpus, tmp_path):
+    cfg = tiny_cfg(corpus.directory, tmp_path, device="cuda", max_steps=8, save_every=4, eval_every=4,
+                   seq_len=256)
+    res = T.train(cfg)
+    assert res["step"] == 8 and math.isfinite(res["loss"]) and res["mfu_vs_measured_peak"] > 0
+    T.train(replace(cfg, max_steps=10, resume=True))
+    assert sorted(losses(tmp_path)) == list(range(1, 11))
+    model, _ = C.load_model(tmp_path, device="cuda")
+    assert next(model.parameters()).dtype == torch.float32   # bf16 autocast, fp32 master weights
