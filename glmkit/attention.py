@@ -65,17 +65,21 @@ class Rotary(nn.Module):
         dim = config.rotary_dim
         inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self._inv_freq_fp32 = inv_freq.clone()      # computed on the CPU as HF does; survives model.to(bf16)
 
     def forward(self, position_ids, block_position_ids, dtype):
         """-> (cos, sin), each (B, T, 1, R/2) for rope or (B, T, 1, 2, R/2) for rope_2d."""
+        inv_freq = self.inv_freq
+        if inv_freq.dtype != torch.float32:           # the module was cast: use the exact fp32 values
+            inv_freq = self._inv_freq_fp32.to(inv_freq.device)
         if self.kind == "rope":
             pos = (position_ids + block_position_ids)[..., None].float()        # (B, T, 1)
         else:
             pos = torch.stack((position_ids, block_position_ids), -1)[..., None].float()  # (B, T, 2, 1)
-        freqs = (pos * self.inv_freq.float())[:, :, None]                       # (B, T, 1, [2,] R/2)
+        freqs = (pos * inv_freq)[:, :, None]                                    # (B, T, 1, [2,] R/2)
         return freqs.cos().to(dtype), freqs.sin().to(dtype)
 
-    def apply(self, x, cos, sin):
+    def rotate(self, x, cos, sin):
         """Rotate x (B, T, H, D) in place of its rotary dims; the rest passes through."""
         if self.kind == "rope_2d":
             half = x.shape[-1] // 2

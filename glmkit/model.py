@@ -105,7 +105,7 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
-            q, k = rotary.apply(q, *rope), rotary.apply(k, *rope)
+            q, k = rotary.rotate(q, *rope), rotary.rotate(k, *rope)
         if cache is not None:
             k, v = cache.update(self.layer_idx, input_pos, k, v)          # (B, S, Hkv, D)
         y = attend(q, k, v, attn)                                         # (B, T, H, D)

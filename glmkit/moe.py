@@ -36,6 +36,16 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.zeros(self.n_experts, config.hidden_size, dtype=torch.float32))
         self.register_buffer("e_score_correction_bias", torch.zeros(self.n_experts, dtype=torch.float32))
 
+    def _apply(self, fn, recurse=True):
+        """Stay fp32 through `model.to(bf16)` (HF keeps the router in fp32 too): routing is decided by
+        small differences between scores."""
+        super()._apply(fn, recurse)
+        if self.weight.dtype != torch.float32:
+            self.weight.data = self.weight.data.float()
+        if self.e_score_correction_bias.dtype != torch.float32:
+            self.e_score_correction_bias = self.e_score_correction_bias.float()
+        return self
+
     def forward(self, x):
         """x (N, h) -> scores (N, E) fp32, top-k indices (N, k), top-k weights (N, k) fp32."""
         scores = F.linear(x.float(), self.weight.float()).sigmoid()

@@ -168,7 +168,7 @@ def test_rope_matches_hf_formula(interleaved):
     rot = Rotary(c)
     x = torch.randn(2, 7, 4, 16)
     pos, block = torch.randint(0, 50, (2, 7)), torch.randint(0, 5, (2, 7))
-    got = rot.apply(x, *rot(pos, block, x.dtype))
+    got = rot.rotate(x, *rot(pos, block, x.dtype))
     torch.testing.assert_close(got, _hf_style_rope(x, pos + block, 8, c.rope_theta, interleaved))
 
 
@@ -177,7 +177,7 @@ def test_rope_2d_rotates_halves_by_each_position():
     rot = Rotary(c)
     x = torch.randn(1, 5, 4, 16)
     pos, block = torch.randint(0, 50, (1, 5)), torch.randint(0, 5, (1, 5))
-    got = rot.apply(x, *rot(pos, block, x.dtype))
+    got = rot.rotate(x, *rot(pos, block, x.dtype))
     want = torch.cat((_hf_style_rope(x[..., :8], pos, 8, 10000.0, False),
                       _hf_style_rope(x[..., 8:], block, 8, 10000.0, False)), -1)
     torch.testing.assert_close(got, want)

@@ -217,3 +217,22 @@ def test_learned_positions_out_of_range_is_named():
     ids = torch.zeros(1, 4, dtype=torch.long)
     with pytest.raises(GlmkitError, match="max_position_embeddings"):
         model(ids, torch.full((1, 4), 300), ids)
+
+
+def test_casting_keeps_router_and_rope_frequencies_fp32():
+    c = GLMConfig.from_name("tiny-moe")
+    model = GLM(c)
+    batch = make_batch(ROWS["packed"], T=24, vocab=c.vocab_size)
+    with torch.no_grad():
+        ref = model(batch.input_ids, batch.position_ids, batch.block_position_ids, model.attention_mask(batch))
+    model.to(torch.bfloat16)
+    moe = model.moe_layers()[0]
+    assert moe.gate.weight.dtype == torch.float32 and moe.gate.e_score_correction_bias.dtype == torch.float32
+    assert model.layers[0].self_attn.qkv_proj.weight.dtype == torch.bfloat16
+    cos, _ = model.rotary(batch.position_ids, batch.block_position_ids, torch.float32)
+    inv = 1.0 / (c.rope_theta ** (torch.arange(0, 8, 2, dtype=torch.float) / 8))
+    torch.testing.assert_close(cos, (batch.position_ids + batch.block_position_ids)[..., None, None].float().mul(inv).cos())
+    model.apply(lambda m: None)                 # nn.Module.apply still works (no name clash)
+    with torch.no_grad():
+        out = model(batch.input_ids, batch.position_ids, batch.block_position_ids, model.attention_mask(batch))
+    assert (out.float() - ref).abs().mean() < 0.05
