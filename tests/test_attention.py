@@ -111,29 +111,33 @@ def test_split_plan_partitions_tokens():
     assert (cols[p.a_idx] < sep[p.a_idx]).all() and (cols[p.b_idx] >= sep[p.b_idx]).all()
 
 
-def test_split_emulated_with_reference_math():
-    """The split decomposition itself (A bidirectional, B causal bottom-right against the whole sample)
-    reproduces the reference on the CPU, computed per sample with plain attention."""
-    batch = make_batch(ROWS["packed"], T=24)
-    q, k, v = _qkv(*batch.shape, H=4, Hkv=4)
-    p = split_plan(batch)
-    qf, kf, vf = (x.reshape(48, 4, 16) for x in (q, k, v))
+def _emulated_split(q, k, v, plan):
+    """The split decomposition with plain per-sample math: Part A bidirectional within itself, Part B
+    causal with flash's bottom-right alignment against the whole sample (what `_split` asks of flash)."""
+    B, T, H, D = q.shape
+    qf, kf, vf = (x.reshape(B * T, H, D) for x in (q, k, v))
     outs_a, outs_b = [], []
-    for i in range(len(p.cu_k) - 1):
-        a0, a1, b0, b1 = int(p.cu_a[i]), int(p.cu_a[i + 1]), int(p.cu_b[i]), int(p.cu_b[i + 1])
-        ka = p.a_idx[a0:a1]
-        kb = p.b_idx[b0:b1]
+    for i in range(len(plan.cu_k) - 1):
+        ka = plan.a_idx[int(plan.cu_a[i]):int(plan.cu_a[i + 1])]
+        kb = plan.b_idx[int(plan.cu_b[i]):int(plan.cu_b[i + 1])]
         keys = torch.cat((ka, kb))
         if len(ka):
-            s = torch.einsum("qhd,khd->hqk", qf[ka], kf[ka]) / 4
+            s = torch.einsum("qhd,khd->hqk", qf[ka], kf[ka]) / D ** 0.5
             outs_a.append(torch.einsum("hqk,khd->qhd", s.softmax(-1), vf[ka]))
         if len(kb):
-            s = torch.einsum("qhd,khd->hqk", qf[kb], kf[keys]) / 4
+            s = torch.einsum("qhd,khd->hqk", qf[kb], kf[keys]) / D ** 0.5
             nq, nk = len(kb), len(keys)
             allowed = torch.arange(nk)[None] <= torch.arange(nq)[:, None] + (nk - nq)   # bottom-right
             s = s.masked_fill(~allowed, float("-inf"))
             outs_b.append(torch.einsum("hqk,khd->qhd", s.softmax(-1), vf[keys]))
-    out = torch.cat(outs_a + outs_b).index_select(0, p.inverse).view(2, 24, 4, 16)
+    return torch.cat(outs_a + outs_b).index_select(0, plan.inverse).view(B, T, H, D)
+
+
+def test_split_emulated_with_reference_math():
+    """The split decomposition itself reproduces the reference on the CPU."""
+    batch = make_batch(ROWS["packed"], T=24)
+    q, k, v = _qkv(*batch.shape, H=4, Hkv=4)
+    out = _emulated_split(q, k, v, split_plan(batch))
     torch.testing.assert_close(out, _reference(q, k, v, batch), atol=2e-5, rtol=1e-4)
 
 
@@ -192,3 +196,55 @@ def test_plain_rows_need_no_mask(backend):
         q, k, v = _qkv(*batch.shape)
         torch.testing.assert_close(attend(q, k, v, mask), _reference(q, k, v, batch), atol=2e-5, rtol=1e-4)
     assert make_attention_mask(make_batch([[("clm", 20)]], T=24), backend).backend == backend   # padded
+
+
+def _random_rows(rng, B, T):
+    rows = []
+    for _ in range(B):
+        row, used = [], 0
+        while True:
+            kind = rng.choice(["glm", "clm", "mlm"])
+            if kind == "glm":
+                spans = list(rng.integers(1, 4, size=rng.integers(1, 3)))
+                need = int(rng.integers(3, 8))
+                sample, size = ("glm", need, spans), need + sum(spans) + len(spans)
+            else:
+                size = int(rng.integers(2, 7))
+                sample = (kind, size)
+            if used + size > T:
+                break
+            row.append(sample)
+            used += size
+        rows.append(row)
+    return rows
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_packed_rows_every_path_matches_reference(seed):
+    """Random mixtures of GLM / CLM / MLM samples packed into padded rows, both layouts."""
+    rng = np.random.default_rng(seed)
+    rows = _random_rows(rng, 3, 32)
+    for layout in ("glm", "span"):
+        batch = make_batch(rows, T=32, layout=layout, seed=seed)
+        q, k, v = _qkv(*batch.shape)
+        ref = _reference(q, k, v, batch)
+        for backend in ("sdpa", "flex"):
+            torch.testing.assert_close(attend(q, k, v, make_attention_mask(batch, backend)), ref,
+                                       atol=2e-5, rtol=1e-4)
+        assert split_applies(batch) == (layout == "glm" or all(
+            len(s[2]) == 1 for row in rows for s in row if s[0] == "glm"))
+        if layout == "glm":
+            q4, k4, v4 = _qkv(*batch.shape, H=4, Hkv=4)
+            torch.testing.assert_close(_emulated_split(q4, k4, v4, split_plan(batch)),
+                                       _reference(q4, k4, v4, batch), atol=2e-5, rtol=1e-4)
+
+
+def test_split_applies_to_batches_from_the_packing_code():
+    from glmkit.bench.train import make_batch as packed_batch
+
+    for kind in ("glm", "clm"):
+        batch, _ = packed_batch(kind, 3, 128, vocab=200)
+        batch = batch.to("cpu")
+        assert split_applies(batch)
+        p = split_plan(batch)
+        assert int(p.cu_k[-1]) == 3 * 128
