@@ -8,8 +8,17 @@
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
-PY=${PY:-.venv/bin/python}
-[ -x "$PY" ] || PY=python
+# the first Python whose torch sees a GPU ($PY if given, then the project venv, then python3 / python)
+pick_python() {
+    for p in "${PY:-}" .venv/bin/python python3 python; do
+        [ -n "$p" ] && command -v "$p" >/dev/null 2>&1 || continue
+        "$p" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null && { echo "$p"; return; }
+    done
+    if [ -n "${PY:-}" ]; then echo "$PY"; elif [ -x .venv/bin/python ]; then echo .venv/bin/python; else echo python3; fi
+}
+PY=$(pick_python)
+echo "python: $PY"
+"$PY" -c 'import transformers' 2>/dev/null || echo "WARNING: transformers is not importable by $PY: the HF side of the bench will fail (pip install transformers)"
 LOG=${OUT:-out/gpu_check}
 mkdir -p "$LOG"
 
@@ -23,17 +32,20 @@ step() {   # step NAME SECONDS CMD...
 
 step env 30 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; $PY -c 'import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())'" || true
 
-# 1. correctness on the GPU: every backend fwd+bwd vs the dense reference, compiled blocks, bf16 KV cache
-step tests 180 "$PY" -m pytest tests/test_gpu.py -q -p no:cacheprovider || true
-
-# 2. the headline: 338M GLM-4 shape, bf16, batch 16 x 1024, GLM objective, both compiled, same weights;
+# 1. the headline: 338M GLM-4 shape, bf16, batch 16 x 1024, GLM objective, both compiled, same weights;
 #    `both` also times the same glmkit model on causal batches (GLM objective >= 0.95x causal)
-step bench_glm_vs_hf 240 "$PY" -m glmkit.bench.train --device cuda --dtype bfloat16 --preset bench-338m \
-    --batch-size 16 --seq-len 1024 --steps 20 --compile --objective both || true
+step bench_glm_vs_hf 200 "$PY" -m glmkit.bench.train --device cuda --dtype bfloat16 --preset bench-338m \
+    --batch-size 16 --seq-len 1024 --steps 15 --compile --objective both || true
 
-# 3. the other training backend inside the glmkit model alone (auto picks split when its self-check
-#    passes): is flex faster on this card?
-step bench_backend_flex 80 "$PY" -m glmkit.bench.train --device cuda --dtype bfloat16 --preset bench-338m \
+# 2. correctness on the GPU: every backend fwd+bwd vs the dense reference, compiled blocks, bf16 KV cache
+step tests 140 "$PY" -m pytest tests/test_gpu.py -q -p no:cacheprovider || true
+
+# 3. the attention kernels alone (DESIGN.md §4's table: fwd+bwd ms per backend vs flash causal)
+step bench_attention_table 60 "$PY" -m glmkit.bench.train --device cuda --dtype bfloat16 --attention-table || true
+
+# 4. the flex backend inside the glmkit model (auto picks split when its self-check passes): is flex
+#    faster on this card?
+step bench_backend_flex 70 "$PY" -m glmkit.bench.train --device cuda --dtype bfloat16 --preset bench-338m \
     --batch-size 16 --seq-len 1024 --steps 10 --compile --objective glm --backend flex --no-hf || true
 
 echo; echo "=== summary (last JSON line of each bench)"

@@ -52,6 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="peer architecture for dense presets: Glm4ForCausalLM (sandwich) or GlmForCausalLM")
     p.add_argument("--no-hf", action="store_true", help="time glmkit only (ratio null)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--attention-table", action="store_true",
+                   help="instead: fwd+bwd ms of each attention backend on GLM rows vs flash causal (CUDA)")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -180,10 +182,64 @@ def _defaults(args):
     return args
 
 
+def _glm_rows(B: int, T: int, part_a: float, device) -> Batch:
+    """B rows, each one GLM sample: Part A of part_a * T tokens, then one causal Part B run."""
+    a = int(part_a * T)
+    col = np.arange(T)[None].repeat(B, 0)
+    z = np.zeros((B, T), dtype=np.int64)
+    return Batch(z, z, z.astype(bool), z, z, z, np.full((B, T), a), (col >= a).astype(np.int64)).to(device)
+
+
+def attention_table(device, dtype, shapes=((16, 16, 1024), (4, 16, 4096)), parts=(0.9, 0.5)) -> list[dict]:
+    """fwd+bwd milliseconds of `attend` per backend on GLM rows, against flash causal attention (the
+    DESIGN.md §4 kernel table). head dim 64, GQA off."""
+    from glmkit.attention import attend, make_attention_mask
+
+    rows = []
+    for B, H, T in shapes:
+        for part_a in parts:
+            batch = _glm_rows(B, T, part_a, device)
+            q, k, v = (torch.randn(B, T, H, 64, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+            grad = torch.randn(B, T, H, 64, device=device, dtype=dtype)
+            a, b = part_a, 1 - part_a
+            row = {"shape": f"{B}x{H}x{T}", "part_a": part_a, "work_vs_causal": round((a * a + a * b + b * b / 2) / 0.5, 3)}
+            for name in ("causal", "sdpa", "flex", "split"):
+                try:
+                    mask = None if name == "causal" else make_attention_mask(batch, name, dtype)
+                except GlmkitError as e:          # split unavailable here
+                    print(f"{name}: {e}")
+                    row[name] = None
+                    continue
+
+                def fn(mask=mask, q=q, k=k, v=v, grad=grad):
+                    return torch.autograd.grad(attend(q, k, v, mask), (q, k, v), grad)
+                try:
+                    for _ in range(3):
+                        fn()
+                except (NotImplementedError, RuntimeError) as e:    # e.g. Flex has no CPU backward
+                    print(f"{name}: {type(e).__name__}: {str(e)[:100]}")
+                    row[name] = None
+                    continue
+                ms = [1e3 * timed(fn, 1, device) for _ in range(10)]
+                row[name] = round(statistics.median(ms), 3)
+            rows.append(row)
+            print("  ".join(f"{k} {v}" for k, v in row.items()))
+    return rows
+
+
 def run(args: argparse.Namespace) -> int:
     from glmkit.model import GLM
 
     args = _defaults(args)
+    if args.attention_table:
+        device = torch.device(args.device)
+        shapes = ((16, 16, 1024), (4, 16, 4096)) if device.type == "cuda" else ((2, 4, 256),)
+        rows = attention_table(device, getattr(torch, args.dtype), shapes)
+        g = rows[0]
+        best = min(x for x in (g["sdpa"], g["flex"], g["split"]) if x)
+        print(json.dumps({"device": args.device, "dtype": args.dtype, "rows": rows,
+                          "ratio": round(g["causal"] / best, 4)}))   # causal ms / best GLM-mask ms, first row
+        return 0
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     torch.manual_seed(args.seed)
     config = GLMConfig.from_name(args.preset)
