@@ -14,8 +14,10 @@ Contract
   of each head by each; the 1-D RoPE families (GLM-130B, GLM-4, GLM-4.5) use
   `position_ids + block_position_ids`, which is the running index for causal text and makes blank
   infilling work on them too.
-- `loss(batch)`: mean cross-entropy over `batch.loss_mask`, hidden states gathered at those positions
-  before the output projection; + MoE balance terms if `router_aux_loss_coef > 0`.
+- `loss(batch)`: mean cross-entropy over `batch.loss_mask`; hidden states are gathered at those
+  positions right after the last block's attention (`forward(..., select=idx)`), so that block's MLP,
+  the final norm and the output projection run only there; + MoE balance terms if
+  `router_aux_loss_coef > 0`.
 - KV cache (`glmkit.kv_cache`): `forward(..., cache=cache, input_pos=slots)` writes this call's keys
   and values at `input_pos` and attends over the whole cache with `attn.dense` (B, 1, T, S).
 - `model.layers` is a ModuleList of `Block`s (wrap each with FSDP2 / compile outside the model);
@@ -125,14 +127,22 @@ class Block(nn.Module):
             self.post_self_attn_layernorm = make_norm(config)
             self.post_mlp_layernorm = make_norm(config)
 
-    def forward(self, x, rotary, rope, attn, cache=None, input_pos=None):
+    def forward(self, x, rotary, rope, attn, cache=None, input_pos=None, select=None):
+        """x (B, T, h) -> (B, T, h); with `select` (N,) flat indices into B*T -> (N, h): only those
+        positions go through the rest of the block after attention (the last block, in the loss)."""
+        def pick(t):
+            if select is None:
+                return t
+            return t.reshape(-1, t.shape[-1]).index_select(0, select)
+
         if self.residual == "deepnorm":
             # post-LN, written as ChatGLM does: the residual branch carries the normed input * alpha
             a = self.input_layernorm(x)
-            x = a * self.alpha + self.self_attn(a, rotary, rope, attn, cache, input_pos)
+            x = pick(a) * self.alpha + pick(self.self_attn(a, rotary, rope, attn, cache, input_pos))
             b = self.post_attention_layernorm(x)
             return b * self.alpha + self.mlp(b)
         h = self.self_attn(self.input_layernorm(x), rotary, rope, attn, cache, input_pos)
+        x, h = pick(x), pick(h)
         if self.residual == "sandwich":
             h = self.post_self_attn_layernorm(h)
         x = x + h
@@ -212,15 +222,22 @@ class GLM(nn.Module):
         return x
 
     def forward(self, input_ids, position_ids, block_position_ids, attn: AttentionMask | None = None,
-                cache=None, input_pos=None):
-        """input_ids, position_ids, block_position_ids: (B, T) -> final hidden states (B, T, hidden)."""
+                cache=None, input_pos=None, select=None):
+        """input_ids, position_ids, block_position_ids: (B, T) -> final hidden states (B, T, hidden).
+        select: (N,) flat indices into B*T -> (N, hidden) at those positions only; the last block then
+        runs its MLP there only (a dense last block; an MoE one runs everywhere and is gathered after,
+        so its expert-load counts stay those of the whole batch)."""
         x = self.embed(input_ids, position_ids, block_position_ids)
         rope = None if self.rotary is None else self.rotary(position_ids, block_position_ids, x.dtype)
-        for block in self.layers:
+        last = len(self.layers) - 1
+        for i, block in enumerate(self.layers):
+            sel = select if i == last and not isinstance(block.mlp, MoE) else None
             if self.checkpointing and self.training and cache is None:
-                x = checkpoint(block, x, self.rotary, rope, attn, use_reentrant=False)
+                x = checkpoint(block, x, self.rotary, rope, attn, None, None, sel, use_reentrant=False)
             else:
-                x = block(x, self.rotary, rope, attn, cache, input_pos)
+                x = block(x, self.rotary, rope, attn, cache, input_pos, sel)
+        if select is not None and x.dim() == 3:          # not selected inside the last block (MoE)
+            x = x.reshape(-1, x.shape[-1]).index_select(0, select)
         return self.norm(x)
 
     def logits(self, hidden):
@@ -232,14 +249,15 @@ class GLM(nn.Module):
         return make_attention_mask(batch, backend or self.config.attention_backend, dtype)
 
     def loss(self, batch: Batch, attn: AttentionMask | None = None) -> torch.Tensor:
-        """Mean cross-entropy over batch.loss_mask; the vocabulary projection runs only there."""
+        """Mean cross-entropy over batch.loss_mask. Hidden states are gathered at those positions inside
+        the last block (after its attention), so its MLP, the final norm and the vocabulary projection
+        run only there."""
         if attn is None:
             attn = self.attention_mask(batch)
-        h = self(batch.input_ids, batch.position_ids, batch.block_position_ids, attn)
         sel = batch.loss_mask.reshape(-1).nonzero().squeeze(-1)                  # (N_loss,)
+        h = self(batch.input_ids, batch.position_ids, batch.block_position_ids, attn, select=sel)
         if sel.numel() == 0:                      # nothing to score: a zero that keeps the graph
             return h.sum() * 0.0
-        h = h.reshape(-1, h.shape[-1]).index_select(0, sel)                      # (N_loss, hidden)
         targets = batch.targets.reshape(-1).index_select(0, sel)
         loss = F.cross_entropy(self.logits(h).float(), targets)
         for m in self.moe_layers():

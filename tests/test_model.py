@@ -236,3 +236,15 @@ def test_casting_keeps_router_and_rope_frequencies_fp32():
     with torch.no_grad():
         out = model(batch.input_ids, batch.position_ids, batch.block_position_ids, model.attention_mask(batch))
     assert (out.float() - ref).abs().mean() < 0.05
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_select_equals_gathering_the_full_output(name):
+    c = GLMConfig.from_name(name)
+    model = GLM(c).eval()
+    batch = make_batch(ROWS["packed"], T=24, vocab=c.vocab_size)
+    args = (batch.input_ids, batch.position_ids, batch.block_position_ids, model.attention_mask(batch))
+    sel = torch.tensor([0, 5, 7, 30, 47])
+    with torch.no_grad():
+        full = model(*args).reshape(-1, c.hidden_size)[sel]
+        torch.testing.assert_close(model(*args, select=sel), full, atol=1e-5, rtol=1e-5)
