@@ -1,8 +1,19 @@
-"""Choosing the next token from logits: greedy, temperature, top-k, top-p, repetition penalty.
+"""Blank infilling and generation (DESIGN.md §3): sampling, blank parsing, the decode engine, the
+text API with streaming, and the `glmkit infill` / `glmkit generate` verbs.
 
-Pure functions on (B, V) float logits, so the generator, the tests and the benchmark share them. A
-filter never changes the order of what it keeps; filtered entries become -inf. Sampling draws from a
-`torch.Generator` owned by the caller, so a seed reproduces a run exactly on one device.
+    model, tok, objective = load_for_inference("runs/glm")
+    infill(model, tok, "The quick [MASK] fox [MASK] the dog.")[0].text
+    generate(model, tok, ["In the beginning", "北京是"], SamplingConfig(temperature=0.8, top_p=0.9, seed=0))
+    for piece in stream(model, tok, "The [MASK] sat on the mat."): print(piece.text, end="")
+
+Layers, bottom up:
+- sampling: pure functions on (B, V) logits (greedy, temperature, top-k, top-p, CTRL repetition
+  penalty); filtered entries become -inf; draws come from a caller-owned `torch.Generator`, so a seed
+  reproduces a run exactly on one device.
+- `decode_blanks`: token ids only. Prefills Part A into `glmkit.kv_cache`'s static cache and steps every
+  row with `decode_one_token`, yielding an `Event` per produced token and per finished blank.
+- `stream` / `run_fill` / `infill` / `generate`: text in, text out; the non-streaming functions are the
+  streamed pieces joined, so both always agree.
 """
 
 from __future__ import annotations
@@ -14,6 +25,10 @@ import torch
 
 from glmkit.errors import GlmkitError
 from glmkit.kv_cache import KVCache, decode_one_token, prefill
+
+# ================================================================================================
+# Sampling
+# ================================================================================================
 
 
 @dataclass
