@@ -154,3 +154,15 @@ def test_bad_prompts(tok):
         generate(model, tok, "The quick brown fox " * 10)
     with pytest.raises(GlmkitError, match="no prompt"):
         generate(model, tok, [])
+
+
+def test_bench_generate_prints_one_json_line(capsys):
+    pytest.importorskip("transformers")
+    import json
+
+    from glmkit.cli import main
+    assert main(["bench", "generate", "--preset", "tiny", "--batches", "1,2", "--new-tokens", "4",
+                 "--prompt-len", "5", "--repeats", "1"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {"glmkit_tokens_per_s", "hf_tokens_per_s", "ratio", "batch", "device"} <= set(out)
+    assert out["batch"] == 1 and set(out["by_batch"]) == {"1", "2"} and out["ratio"] > 0
