@@ -166,3 +166,24 @@ def test_bench_generate_prints_one_json_line(capsys):
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert {"glmkit_tokens_per_s", "hf_tokens_per_s", "ratio", "batch", "device"} <= set(out)
     assert out["batch"] == 1 and set(out["by_batch"]) == {"1", "2"} and out["ratio"] > 0
+
+
+def test_converted_hf_checkpoint_generates_what_hf_generates(tok, tmp_path):
+    """An HF folder (written by glmkit.hf.to_hf) loads for inference as a causal model, and its
+    greedy continuation equals transformers' own `generate` on the same folder."""
+    transformers = pytest.importorskip("transformers")
+    from glmkit.generate import Prompt, load_for_inference
+    from glmkit.hf import to_hf
+    torch.manual_seed(2)
+    to_hf(GLM(GLMConfig.from_name("tiny", vocab_size=tok.vocab_size)), tmp_path)
+    tok.save(tmp_path)
+    model, tok2, objective = load_for_inference(str(tmp_path))
+    assert objective == "clm"
+    ids = tok2.encode("The quick brown fox")
+    ours = [ev.token for ev in decode_blanks(model, [Prompt(ids, [len(ids)], [tok.gmask_id])],
+                                             SamplingConfig(max_new_tokens=6), tok2, causal=True, ignore_stop=True)
+            if ev.token is not None]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    out = hf.generate(torch.tensor([ids]), max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                      pad_token_id=0, eos_token_id=None)
+    assert ours == out[0, len(ids):].tolist()
