@@ -151,6 +151,8 @@ def make_attention_mask(batch: Batch, backend: str = "sdpa", dtype: torch.dtype 
     plain = _plain_rows(batch)
     if plain:                       # every row one unpadded causal (CLM) or bidirectional (MLM) sample
         return AttentionMask(plain)
+    if backend == "flex" and batch.input_ids.shape[1] < 16:      # below Flex's smallest block: dense
+        backend = "sdpa"
     if backend == "sdpa":
         return AttentionMask("sdpa", dense=dense_mask(batch)[:, None])
     if backend == "flex":
@@ -178,7 +180,8 @@ def _block_mask(batch: Batch):
     def visible(b, h, q, k):
         return (seg[b, q] == seg[b, k]) & ((k < sep[b, q]) | ((k <= q) & (span[b, k] == span[b, q])))
 
-    block = 128 if T >= 128 else max(16, 1 << (T - 1).bit_length())
+    # a block never longer than the row: compiled Flex (torch 2.13) is wrong when T < BLOCK_SIZE
+    block = 128 if T >= 128 else 1 << (T.bit_length() - 1)
     return create_block_mask(visible, B, None, T, T, device=seg.device, BLOCK_SIZE=block)
 
 
@@ -284,6 +287,8 @@ def _flex(q, k, v, block_mask, gqa):
     global _compiled_flex
     from torch.nn.attention.flex_attention import flex_attention
 
+    if torch.compiler.is_compiling():       # inside a compiled block: dynamo lowers flex itself
+        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa)
     if q.device.type == "cuda":
         if _compiled_flex is None:
             _compiled_flex = torch.compile(flex_attention, dynamic=False)
@@ -304,6 +309,9 @@ def attend(q, k, v, mask: AttentionMask | None = None, scale: float | None = Non
         causal = mask is None or mask.backend == "causal"
         out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, scale=scale, enable_gqa=gqa)
     elif mask.backend == "flex":
+        # contiguous inputs: compiled Flex (torch 2.13, inductor CPU at least) returns wrong values when
+        # v is a slice of the fused qkv output and q, k are not (a storage-offset view)
+        qt, kt, vt = (x.contiguous().transpose(1, 2) for x in (q, k, v))
         out = _flex(qt, kt, vt, mask.block_mask, gqa)
     else:
         if gqa and q.device.type == "cuda" and q.shape[1] > 1:   # masked CUDA kernels prefer explicit heads

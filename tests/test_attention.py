@@ -248,3 +248,20 @@ def test_split_applies_to_batches_from_the_packing_code():
         assert split_applies(batch)
         p = split_plan(batch)
         assert int(p.cu_k[-1]) == 3 * 128
+
+
+def test_compiled_flex_inside_a_block_matches_sdpa():
+    """Regression: compiled Flex (inductor CPU, torch 2.13) gave wrong outputs when v was a slice of the
+    fused qkv projection and a row was shorter than the block size; `attend` and `_block_mask` avoid both."""
+    from glmkit.model import GLM
+
+    c = GLMConfig.from_name("tiny")
+    model = GLM(c).eval()
+    batch = make_batch(ROWS["packed"], T=24)
+    args = (batch.input_ids, batch.position_ids, batch.block_position_ids)
+    with torch.no_grad():
+        ref = model(*args, make_attention_mask(batch, "sdpa"))
+        for block in model.layers:
+            block.compile()
+        got = model(*args, make_attention_mask(batch, "flex"))
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
