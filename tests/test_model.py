@@ -187,6 +187,7 @@ def test_bench_train_smoke(capsys):
     import argparse
     import json
 
+    pytest.importorskip("transformers")
     from glmkit.bench import train
 
     p = argparse.ArgumentParser()
