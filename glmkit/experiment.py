@@ -34,7 +34,7 @@ class CompareConfig:
     model: str = "small"
     model_overrides: str = "hidden_size=128,num_layers=4,num_heads=4,num_kv_heads=2,intermediate_size=352"
     corpus: str | None = None
-    steps: int = 300
+    steps: int = 400
     seq_len: int = 128
     batch_size: int = 16
     lr: float = 1e-3
