@@ -53,15 +53,8 @@ DEFAULT_EVAL = EvalConfig(val_tokens=20000, infill_n=200, cloze_n=200, sentiment
                           finetune_steps=100, finetune_batch=16, finetune_lr=3e-4)
 
 
-def _register_noshuffle():
-    """The ablation's objective: GLM-Large's preset with Part B in left-to-right span order."""
-    from glmkit.objectives import PRESETS
-    PRESETS.setdefault("glm-noshuffle", replace(PRESETS["glm-large"], shuffle_spans=False))
-
-
 def train_variant(cfg: CompareConfig, variant: str) -> Path:
     from glmkit.train import TrainConfig, train
-    _register_noshuffle()
     glm = variant.startswith("glm")
     tc = TrainConfig(out_dir=str(Path(cfg.out_dir) / variant), model=cfg.model, model_overrides=cfg.model_overrides,
                      corpus=cfg.corpus, objective={"glm": "glm", "glm-noshuffle": "glm-noshuffle"}.get(variant, variant),

@@ -118,11 +118,14 @@ def measured_matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 1024
     for _ in range(2):
         a @ b
     sync()
-    t = time.perf_counter()
-    for _ in range(iters):
-        a @ b
-    sync()
-    return 2 * n**3 * iters / (time.perf_counter() - t)
+    best = float("inf")
+    for _ in range(3):  # best of three: a peak, not a moment when another process held the cores
+        t = time.perf_counter()
+        for _ in range(iters):
+            a @ b
+        sync()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 * iters / best
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:

@@ -152,6 +152,8 @@ PRESETS: dict[str, ObjectiveConfig] = {
     "glm-large": ObjectiveConfig(kind="glm", mixture=(1.0, 0.0, 0.0)),
     "glm-10b": ObjectiveConfig(kind="glm", mixture=(0.5, 0.3, 0.2), mix_per="batch"),
     "glm-130b": ObjectiveConfig(kind="glm", mixture=(0.3, 0.0, 0.7)),
+    # the paper's ablation: Part B in left-to-right span order instead of a random permutation
+    "glm-noshuffle": ObjectiveConfig(kind="glm", mixture=(1.0, 0.0, 0.0), shuffle_spans=False),
     "bert": ObjectiveConfig(kind="mlm"),
     "gpt": ObjectiveConfig(kind="clm"),
 }
