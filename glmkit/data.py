@@ -1,8 +1,8 @@
 """The batch iterator: documents -> an endless, resumable stream of packed `Batch`es.
 
 Each epoch deterministically shuffles the documents (seed, epoch) and gives rank r every
-world_size-th of them; documents are cut into pieces that fit a row (`chunk_length`), and the pieces
-form this rank's stream. A group of batches takes pieces from the stream in order, corrupts them with
+world_size-th of them; documents are cut into pieces that fit a row (`chunk_length`), and the pieces,
+shuffled again, form this rank's stream. A group of batches takes pieces from the stream in order, corrupts them with
 the objective and packs them first-fit into group * batch_size rows (`packing.pack`), then hands the
 batches out one by one; pieces that did not fit stay at the head of the stream for the next group.
 Epochs run into each other without a gap.
@@ -112,6 +112,10 @@ class BatchIterator:
             k = np.arange(int(n.sum())) - np.repeat(offsets_of(n)[:-1], n)
             start = k * self.chunk_len
             length = np.minimum(self.chunk_len, self.doc_len[doc] - start)
+            # pieces in random order too: a long document (a play is ~32k tokens) would otherwise fill
+            # many consecutive batches, and the loss would swing with the source from step to step
+            perm = np.random.default_rng([self.seed, epoch, 1]).permutation(len(doc))
+            doc, start, length = doc[perm], start[perm], length[perm]
             if len(self._pieces) >= 2:                          # keep the current and the next epoch
                 del self._pieces[min(self._pieces)]
             self._pieces[epoch] = (doc, start, length, offsets_of(length))
@@ -132,10 +136,8 @@ class BatchIterator:
                 continue
             end = min(len(doc), int(np.searchsorted(cum, cum[cursor] + budget - total)))
             d = doc[cursor:end]
-            runs = np.flatnonzero(np.diff(d, prepend=-1, append=-1))   # pieces of one document are adjacent
-            for r0, r1 in zip(runs[:-1].tolist(), runs[1:].tolist()):
-                a, b = cursor + r0, cursor + r1 - 1
-                parts.append(self.documents[int(doc[a])][int(start[a]):int(start[b] + length[b])])
+            for a, s0, n in zip(d.tolist(), start[cursor:end].tolist(), length[cursor:end].tolist()):
+                parts.append(self.documents[a][s0:s0 + n])
             lengths.append(length[cursor:end])
             source.append(np.stack([np.full(end - cursor, epoch), d], 1))
             after.append(np.stack([np.full(end - cursor, epoch), np.arange(cursor + 1, end + 1)], 1))
