@@ -193,7 +193,7 @@ def test_bench_train_smoke(capsys):
     p = argparse.ArgumentParser()
     train.add_arguments(p)
     args = p.parse_args(["--device", "cpu", "--preset", "tiny", "--batch-size", "2", "--seq-len", "64",
-                         "--steps", "1", "--warmup", "0", "--objective", "both"])
+                         "--steps", "1", "--warmup", "0", "--objective", "both", "--loop-steps", "0"])
     assert train.run(args) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     for key in ("glmkit_tokens_per_s", "hf_tokens_per_s", "ratio", "mfu", "device", "glm_vs_clm"):

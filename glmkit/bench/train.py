@@ -52,6 +52,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="peer architecture for dense presets: Glm4ForCausalLM (sandwich) or GlmForCausalLM")
     p.add_argument("--no-hf", action="store_true", help="time glmkit only (ratio null)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--loop-steps", type=int, default=10,
+                   help="then time this many steps of the whole training loop (glmkit train on the default "
+                        "corpus, data loading included) and report the data pipeline's share of step time (0: skip)")
     p.add_argument("--attention-table", action="store_true",
                    help="instead: fwd+bwd ms of each attention backend on GLM rows vs flash causal (CUDA)")
 
@@ -321,8 +324,23 @@ def _report(args, config, device, dtype, contestants, seconds, counts, resolved)
         print(f"GLM objective vs causal on the same glmkit model: {out['glm_vs_clm']:.3f}x")
     if ratio:
         print(f"ratio glmkit / HF: {ratio:.3f}x")
+    if args.loop_steps > 0:
+        out.update(_loop_share(args, config))
     print(json.dumps(out))
     return 0
+
+
+def _loop_share(args, config) -> dict:
+    """The whole `glmkit train` loop (default corpus, its tokenizer's vocabulary, data iterator and
+    prefetch, AdamW, the GLM-Large objective) for `--loop-steps` steps: how much of a step waits for data."""
+    from glmkit.train import TrainConfig, measure_data_share
+    dtype = {"float32": "fp32", "bfloat16": "bf16"}.get(args.dtype, "auto")
+    cfg = TrainConfig(model=config.name, seq_len=args.seq_len, batch_size=args.batch_size, device=args.device,
+                      dtype=dtype, compile=args.compile, objective="glm", progress=False, tensorboard=False)
+    r = measure_data_share(cfg, steps=args.loop_steps)
+    print(f"whole training loop ({args.loop_steps} steps, default corpus): {r['tok_per_s']:,.0f} positions/s, "
+          f"data pipeline {100 * r['data_share']:.2f}% of step time")
+    return {"loop_tokens_per_s": round(r["tok_per_s"], 1), "data_share": round(r["data_share"], 5)}
 
 
 if __name__ == "__main__":       # `python -m glmkit.bench.train ...`, independent of the other benches
