@@ -31,8 +31,7 @@ import torch.nn.functional as F
 from glmkit.batch import Batch, float_mask
 from glmkit.config import GLMConfig, human
 from glmkit.errors import GlmkitError
-
-DATASHEET_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}   # bf16 dense
+from glmkit.metrics import datasheet_peak
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -160,13 +159,6 @@ def matmul_peak(device, dtype) -> float:
         best = min(best, timed(lambda: a @ b, 4 if device.type == "cuda" else 1, device)
                    / (4 if device.type == "cuda" else 1))
     return 2 * n ** 3 / best
-
-
-def datasheet_peak(device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v * 1e12 for k, v in DATASHEET_TFLOPS.items() if k in name), None)
 
 
 # ------------------------------------------------------------------------------------------------
