@@ -41,7 +41,7 @@ DEMO_OVERRIDES = "hidden_size=256,num_layers=4,num_heads=4,num_kv_heads=2,interm
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out-dir", default="runs/demo", help="run directory (default runs/demo)")
     parser.add_argument("--corpus", default=None, help="corpus directory (default: the default bilingual corpus)")
-    parser.add_argument("--max-steps", type=int, default=600, help="optimizer steps (default 600, ~10 min on 2 cores)")
+    parser.add_argument("--max-steps", type=int, default=700, help="optimizer steps (default 700: ~10 min on 2 cores)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--lr", type=float, default=2e-3)
