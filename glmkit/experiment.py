@@ -6,7 +6,7 @@ and optimizer), plus the span-shuffling ablation (GLM with Part B left to right)
 evaluated on every task of `glmkit.evaluate`, and the results go to `OUT/results.json`,
 `OUT/results.md` (a Markdown table) and `OUT/compare.png` (validation curves + task scores).
 
-    glmkit experiment compare                 # the CPU default (~40-50 min on 2 free cores)
+    glmkit experiment compare                 # the CPU default (~27 min on 2 cores)
     glmkit experiment compare --quick         # a ~3-minute smoke run of the whole pipeline
     glmkit experiment compare --steps 5000 --model-overrides hidden_size=512,num_layers=8 --device cuda
 
