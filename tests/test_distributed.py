@@ -25,16 +25,6 @@ COMMON = dict(model="tiny", seq_len=64, batch_size=2, lr=5e-3, warmup_steps=100,
               save_every=3, progress=False, tensorboard=False, prefetch=0, seed=7, device="cpu")
 
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The tiny model is fastest on one thread (and a shared CPU wastes time spinning a second)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     return build_toy_corpus(tmp_path_factory.mktemp("corpus") / "toy")

@@ -87,16 +87,6 @@ def save_hf(model, path, **kw):
     return path
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These models are tiny: one intra-op thread is fastest, and on a busy shared machine a second
-    thread mostly waits at OpenMP barriers (100x slower matmuls seen with 2 threads on 2 loaded cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def hf_dirs(tmp_path_factory):
     """case -> (saved directory, the HF model) built once per module."""

@@ -42,16 +42,6 @@ def build_toy_corpus(out: Path, seed: int = 0, n_docs: int = 160, vocab_size: in
     return build_corpus([source], tokenizer, out, val_fraction=0.1, overwrite=True)
 
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The tiny model is fastest on one thread (and a shared CPU wastes time spinning a second)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     return build_toy_corpus(tmp_path_factory.mktemp("corpus") / "toy")
