@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from glmkit.batch import Batch, float_mask
 from glmkit.config import GLMConfig, human
 from glmkit.errors import GlmkitError
-from glmkit.metrics import datasheet_peak
+from glmkit.metrics import datasheet_peak, measured_matmul_peak
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -149,16 +149,8 @@ def make_step(model, loss_fn):
 
 
 def matmul_peak(device, dtype) -> float:
-    """Measured matmul FLOP/s of this device in this dtype (a square matmul, best of a few)."""
-    n = 8192 if device.type == "cuda" else 1024
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    best = float("inf")
-    for _ in range(5):
-        best = min(best, timed(lambda: a @ b, 4 if device.type == "cuda" else 1, device)
-                   / (4 if device.type == "cuda" else 1))
-    return 2 * n ** 3 / best
+    """Measured matmul FLOP/s of this device in this dtype (a square matmul, best of three rounds)."""
+    return measured_matmul_peak(device, dtype, n=8192 if device.type == "cuda" else 1024)
 
 
 # ------------------------------------------------------------------------------------------------
