@@ -179,7 +179,8 @@ def _pad(prompts: list[Prompt], pad_id: int, device) -> tuple[torch.Tensor, torc
 
 
 def decode_blanks(model, prompts: list[Prompt], cfg: SamplingConfig, tok, causal: bool = False,
-                  stop_ids: tuple[int, ...] = (), ignore_stop: bool = False, step=decode_one_token) -> Iterator[Event]:
+                  stop_ids: tuple[int, ...] = (), ignore_stop: bool = False, step=decode_one_token,
+                  cancel: set[tuple[int, int]] | None = None) -> Iterator[Event]:
     """Fill every blank of every prompt, left to right within a row, rows in lock-step (DESIGN.md §3).
 
     Bidirectional (GLM, default): Part A is prefilled once with full attention; each blank is decoded
@@ -192,6 +193,8 @@ def decode_blanks(model, prompts: list[Prompt], cfg: SamplingConfig, tok, causal
     sees its own Part A (slots < len_b) and every decode slot up to now. Yields `Event`s as produced.
     `tok`: anything with the special ids (`sop_id, eop_id, eot_id, gmask_id, pad_id`); `step`: the
     decode step (e.g. a `torch.compile`d `decode_one_token`); `ignore_stop`: always `max_new_tokens`.
+    `cancel`: a set the consumer may add `(row, blank)` to while iterating (a multi-token stop string
+    matched on the text): that blank ends before the next decode step, with no further events for it.
     """
     device = model.embed_tokens.weight.device
     B, n_new = len(prompts), cfg.max_new_tokens
@@ -216,6 +219,10 @@ def decode_blanks(model, prompts: list[Prompt], cfg: SamplingConfig, tok, causal
                          if causal else None).float()
         for t in range(steps + 1):
             if not causal or t > 0:
+                if cancel:
+                    for b, r in enumerate(rows):
+                        if not r.done and (b, r.j) in cancel:
+                            _end_blank(r, causal, tok)
                 if all(r.done for r in rows) or t >= steps:
                     break
                 feed = torch.tensor([r.feed for r in rows], device=device)          # (B, 3)
@@ -248,6 +255,11 @@ def _advance(r: _Row, b: int, x: int, n_new: int, causal: bool, stops, tok) -> I
         return
     if not r.flush:
         yield Event(b, r.j, None)
+    _end_blank(r, causal, tok)
+
+
+def _end_blank(r: _Row, causal: bool, tok) -> None:
+    """Row r's current blank is over: start the next with <sop>, or finish the row."""
     r.flush, r.gen = False, []
     r.j += 1
     if causal or r.j >= len(r.prompt.blanks):
@@ -313,14 +325,15 @@ def _stop_ids(stop: list[str], tok) -> tuple[tuple[int, ...], list[str]]:
 def stream(model, tok, texts: str | list[str], cfg: SamplingConfig | None = None, *, generation: bool = False,
            causal: bool = False, stop: list[str] | None = None) -> Iterator[Piece]:
     """Yield text pieces as they are produced. Bytes of a character split over tokens are held back
-    until the character is complete; multi-token stop strings end the blank at the match."""
+    until the character is complete; a multi-token stop string ends the blank at the match (the text is
+    cut there and decoding of that blank stops at once)."""
     cfg = cfg or SamplingConfig()
     prompts = _encode_prompts(texts, tok, generation, causal)
     stop_ids, stop_strings = _stop_ids(stop or [], tok)
     spans: dict[tuple[int, int], list[int]] = {}
     shown: dict[tuple[int, int], int] = {}
     cut: set[tuple[int, int]] = set()
-    for ev in decode_blanks(model, prompts, cfg, tok, causal, stop_ids):
+    for ev in decode_blanks(model, prompts, cfg, tok, causal, stop_ids, cancel=cut):
         key = (ev.row, ev.blank)
         if key in cut:
             continue

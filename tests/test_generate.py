@@ -187,3 +187,29 @@ def test_converted_hf_checkpoint_generates_what_hf_generates(tok, tmp_path):
     out = hf.generate(torch.tensor([ids]), max_new_tokens=6, min_new_tokens=6, do_sample=False,
                       pad_token_id=0, eos_token_id=None)
     assert ours == out[0, len(ids):].tolist()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_multi_token_stop_string_cuts_the_text_and_stops_decoding(tok, causal):
+    """A stop string of several tokens ends the blank at the match: the text is cut before it, and no
+    more decode steps are spent on that blank (counted as forward passes of the model)."""
+    torch.manual_seed(3)
+    model = GLM(GLMConfig.from_name("tiny", vocab_size=tok.vocab_size)).eval()
+    text = "The quick brown" if causal else "The quick brown [gMASK]"
+    calls = []
+    hook = model.embed_tokens.register_forward_hook(lambda *_: calls.append(1))
+    cfg = SamplingConfig(max_new_tokens=16, temperature=1.0, seed=5)   # sampled: no early <eop> at random init
+    try:
+        free = generate(model, tok, text, cfg, causal=causal, stop=[])[0]
+        steps_free = len(calls)
+        assert len(tok.encode(free)) >= 12, free
+        # the first 3-character piece of the free continuation (after its first quarter) that is
+        # several tokens long: the stop string
+        stop = next(free[i:i + 3] for i in range(len(free) // 4, len(free) - 3)
+                    if "\ufffd" not in free[i:i + 3] and len(tok.encode(free[i:i + 3], allow_special=True)) > 1)
+        calls.clear()
+        cut = generate(model, tok, text, cfg, causal=causal, stop=[stop])[0]
+    finally:
+        hook.remove()
+    assert cut == free[:free.find(stop)]
+    assert len(calls) < steps_free - 4, (len(calls), steps_free)
