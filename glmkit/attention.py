@@ -18,7 +18,8 @@ Backends (chosen once by name: `GLMConfig.attention_backend`, or an override):
 - `split` GPU only (CUDA, fp16/bf16): uses the prefix structure of the `glm` layout. Every sample
           (packed or not) is one Part A block that is bidirectional within itself, then a Part B block
           that is causal against A+B. Both are stock flash kernels through
-          `torch.nn.attention.varlen.varlen_attn` on the flattened tokens: Part A tokens gathered into
+          `torch.nn.attention.varlen.varlen_attn` (torch >= 2.10; `_varlen` adapts to each version's
+          signature) on the flattened tokens: Part A tokens gathered into
           one varlen batch (non-causal), Part B queries gathered into another against the whole sample
           as keys, causal with flash's bottom-right alignment. Work done: a^2 + ab + b^2/2 per sample,
           exactly the mask's. Applies only when each sample's Part B is one causal run (`glm` layout,
@@ -321,16 +322,49 @@ def attend(q, k, v, mask: AttentionMask | None = None, scale: float | None = Non
     return out.transpose(1, 2)
 
 
-def _split(q, k, v, plan: SplitPlan, scale):
-    from torch.nn.attention.varlen import varlen_attn
+def _varlen(q, k, v, cu_q, cu_k, max_len: int, scale: float, causal: bool, gqa: bool):
+    """`varlen_attn` across torch versions: 2.10 takes `is_causal` and no scale / GQA; later versions take
+    `scale`, `window_size` ((-1, 0) = causal, bottom-right aligned) and `enable_gqa`. What a version lacks
+    is done here: a non-default scale folded into q, GQA by repeating the k/v heads."""
+    import torch.nn.attention.varlen as vl
 
+    params = _varlen_params(vl.varlen_attn)
+    kw = {}
+    if "window_size" in params:
+        if causal:
+            kw["window_size"] = (-1, 0)
+    elif causal:
+        kw["is_causal"] = True
+    if "scale" in params:
+        kw["scale"] = scale
+    elif scale != 1.0 / math.sqrt(q.shape[-1]):
+        q = q * (scale * math.sqrt(q.shape[-1]))
+    if gqa:
+        if "enable_gqa" in params:
+            kw["enable_gqa"] = True
+        else:
+            k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], dim=1) for x in (k, v))
+    return vl.varlen_attn(q, k, v, cu_q, cu_k, max_len, max_len, **kw)
+
+
+_VARLEN_PARAMS: dict = {}
+
+
+def _varlen_params(fn) -> frozenset:
+    if fn not in _VARLEN_PARAMS:
+        import inspect
+        _VARLEN_PARAMS[fn] = frozenset(inspect.signature(fn).parameters)
+    return _VARLEN_PARAMS[fn]
+
+
+def _split(q, k, v, plan: SplitPlan, scale):
     B, T, H, D = q.shape
     qf, kf, vf = (x.reshape(B * T, x.shape[2], D).contiguous() for x in (q, k, v))   # (B*T, heads, D)
     scale = scale if scale is not None else 1.0 / math.sqrt(D)
     gqa = H != k.shape[2]
     # index_select (not x[idx]): its backward is a plain index_add, not a sorting index_put
     a = [x.index_select(0, plan.a_idx) for x in (qf, kf, vf)]
-    oa = varlen_attn(*a, plan.cu_a, plan.cu_a, plan.max_len, plan.max_len, scale=scale, enable_gqa=gqa)
-    ob = varlen_attn(qf.index_select(0, plan.b_idx), kf, vf, plan.cu_b, plan.cu_k, plan.max_len, plan.max_len,
-                     scale=scale, window_size=(-1, 0), enable_gqa=gqa)     # causal, bottom-right aligned
+    oa = _varlen(*a, plan.cu_a, plan.cu_a, plan.max_len, scale, causal=False, gqa=gqa)
+    ob = _varlen(qf.index_select(0, plan.b_idx), kf, vf, plan.cu_b, plan.cu_k, plan.max_len, scale,
+                 causal=True, gqa=gqa)                                     # causal, bottom-right aligned
     return torch.cat((oa, ob)).index_select(0, plan.inverse).view(B, T, H, D)

@@ -141,6 +141,58 @@ def test_split_emulated_with_reference_math():
     torch.testing.assert_close(out, _reference(q, k, v, batch), atol=2e-5, rtol=1e-4)
 
 
+def _varlen_math(q, k, v, cu_q, cu_k, causal, scale=None, gqa=False):
+    """What flash's varlen computes, in plain math: per sequence, softmax attention of its queries over
+    its keys; causal is bottom-right aligned (query i of nq sees keys <= i + nk - nq)."""
+    if k.shape[1] != q.shape[1]:
+        assert gqa, "heads differ but GQA was not asked for"
+        k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], dim=1) for x in (k, v))
+    scale = scale if scale is not None else q.shape[-1] ** -0.5
+    out = torch.zeros_like(q)
+    for i in range(len(cu_q) - 1):
+        qs, ks = slice(int(cu_q[i]), int(cu_q[i + 1])), slice(int(cu_k[i]), int(cu_k[i + 1]))
+        nq, nk = qs.stop - qs.start, ks.stop - ks.start
+        if nq == 0:
+            continue
+        s = torch.einsum("qhd,khd->hqk", q[qs], k[ks]) * scale
+        if causal:
+            allowed = torch.arange(nk)[None] <= torch.arange(nq)[:, None] + (nk - nq)
+            s = s.masked_fill(~allowed, float("-inf"))
+        out[qs] = torch.einsum("hqk,khd->qhd", s.softmax(-1), v[ks])
+    return out
+
+
+def _varlen_2_10(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+    return _varlen_math(query, key, value, cu_seq_q, cu_seq_k, is_causal)
+
+
+def _varlen_2_11(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                 window_size=(-1, -1), enable_gqa=False):
+    assert tuple(window_size) in ((-1, -1), (-1, 0))
+    return _varlen_math(query, key, value, cu_seq_q, cu_seq_k, tuple(window_size) == (-1, 0), scale, enable_gqa)
+
+
+@pytest.mark.parametrize("fake", [_varlen_2_10, _varlen_2_11], ids=["torch-2.10-signature", "torch-2.11-signature"])
+@pytest.mark.parametrize("heads", [(4, 4), (4, 2)], ids=["mha", "gqa"])
+def test_split_backend_through_each_varlen_signature(monkeypatch, fake, heads):
+    """`_split` itself (gathers, both varlen calls, the inverse scatter) on the CPU, with flash's varlen
+    replaced by plain math of the same signature: equal to the dense reference, with or without GQA,
+    whatever the torch version's varlen_attn takes."""
+    import torch.nn.attention.varlen as vl
+
+    from glmkit.attention import _split
+    monkeypatch.setattr(vl, "varlen_attn", fake)
+    batch = make_batch(ROWS["packed"], T=24)
+    q, k, v = _qkv(*batch.shape, H=heads[0], Hkv=heads[1])
+    out = _split(q, k, v, split_plan(batch), None)
+    torch.testing.assert_close(out, _reference(q, k, v, batch), atol=2e-5, rtol=1e-4)
+    q.requires_grad_()
+    _split(q, k, v, split_plan(batch), None).square().sum().backward()
+    q2 = q.detach().clone().requires_grad_()
+    _reference(q2, k, v, batch).square().sum().backward()
+    torch.testing.assert_close(q.grad, q2.grad, atol=1e-4, rtol=1e-4)
+
+
 def test_backend_resolution():
     batch = make_batch(ROWS["one_sample"], T=24)
     assert resolve_backend("auto", "cpu") == "sdpa"
