@@ -24,7 +24,11 @@ Backends (chosen once by name: `GLMConfig.attention_backend`, or an override):
           as keys, causal with flash's bottom-right alignment. Work done: a^2 + ab + b^2/2 per sample,
           exactly the mask's. Applies only when each sample's Part B is one causal run (`glm` layout,
           MLM, CLM); the `span` layout falls back to flex.
-- `auto`  CUDA: split when it applies and the dtype is half precision, else flex; CPU: sdpa.
+- `auto`  CUDA: split when it applies, the dtype is half precision and rows are at least
+          `SPLIT_MIN_LEN` long, else flex; CPU: sdpa. The length rule comes from DESIGN.md §4's kernel
+          table (one H200, fwd+bwd, head dim 64): at 1024 tokens Flex beat the split (1.11 vs 1.34 ms at
+          90% Part A, 0.93 vs 1.15 at 50%), at 4096 the split beat Flex (2.93 vs 4.11, 2.47 vs 2.98);
+          the two cross near 2048. Re-measure with `glmkit bench train --attention-table` on your card.
 Whatever the backend, a batch whose rows are each one unpadded causal sample (CLM) or one
 bidirectional sample (MLM) gets no mask at all (`AttentionMask("causal" | "full")`): the stock kernels
 then skip the masked half instead of reading a mask.
@@ -46,6 +50,7 @@ from glmkit.batch import Batch, dense_mask
 from glmkit.errors import GlmkitError
 
 BACKENDS = ("auto", "sdpa", "flex", "split")
+SPLIT_MIN_LEN = 2048     # `auto` picks split only for rows at least this long (see the docstring)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -133,7 +138,9 @@ def resolve_backend(backend: str, device: torch.device | str, dtype: torch.dtype
         if not cuda:
             return "sdpa"
         half = dtype in (torch.float16, torch.bfloat16)
-        return "split" if half and split_available() and (batch is None or split_applies(batch)) else "flex"
+        long_rows = batch is None or batch.input_ids.shape[1] >= SPLIT_MIN_LEN
+        return "split" if half and long_rows and split_available() and (batch is None or split_applies(batch)) \
+            else "flex"
     if backend == "split":
         if not cuda:
             raise GlmkitError("attention backend 'split' needs a CUDA device; use 'sdpa' or 'flex' (or 'auto')")

@@ -43,10 +43,10 @@ step tests 140 "$PY" -m pytest tests/test_gpu.py -q -p no:cacheprovider || true
 # 3. the attention kernels alone (DESIGN.md §4's table: fwd+bwd ms per backend vs flash causal)
 step bench_attention_table 60 "$PY" -m glmkit.bench.train --device cuda --dtype bfloat16 --attention-table || true
 
-# 4. the flex backend inside the glmkit model (auto picks split when its self-check passes): is flex
-#    faster on this card?
-step bench_backend_flex 70 "$PY" -m glmkit.bench.train --device cuda --dtype bfloat16 --preset bench-338m \
-    --batch-size 16 --seq-len 1024 --steps 10 --compile --objective glm --backend flex --no-hf || true
+# 4. the split backend inside the glmkit model (auto picks flex below 2048 tokens, from DESIGN.md's
+#    kernel table): is the split faster on this card at 1024?
+step bench_backend_split 70 "$PY" -m glmkit.bench.train --device cuda --dtype bfloat16 --preset bench-338m \
+    --batch-size 16 --seq-len 1024 --steps 10 --compile --objective glm --backend split --no-hf || true
 
 echo; echo "=== summary (last JSON line of each bench)"
 for f in "$LOG"/bench_*.log; do

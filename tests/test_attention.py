@@ -141,6 +141,20 @@ def test_split_emulated_with_reference_math():
     torch.testing.assert_close(out, _reference(q, k, v, batch), atol=2e-5, rtol=1e-4)
 
 
+def test_auto_picks_split_only_for_long_rows(monkeypatch):
+    """On CUDA in half precision `auto` takes the split for rows >= SPLIT_MIN_LEN, Flex below (the
+    kernel table of DESIGN.md §4); fp32 and the span layout always get Flex. (Decided on the host: no
+    GPU needed; the split's availability check is stubbed.)"""
+    import glmkit.attention as att
+    monkeypatch.setattr(att, "split_available", lambda: True)
+    short = make_batch(ROWS["packed"], T=24)
+    long = make_batch([[("glm", 2000, [20, 7])], [("clm", 2048)]], T=att.SPLIT_MIN_LEN)
+    assert resolve_backend("auto", "cuda", torch.bfloat16, short) == "flex"
+    assert resolve_backend("auto", "cuda", torch.bfloat16, long) == "split"
+    assert resolve_backend("auto", "cuda", torch.float32, long) == "flex"
+    assert resolve_backend("auto", "cuda", torch.bfloat16, make_batch(ROWS["packed"], T=24, layout="span")) == "flex"
+
+
 def _varlen_math(q, k, v, cu_q, cu_k, causal, scale=None, gqa=False):
     """What flash's varlen computes, in plain math: per sequence, softmax attention of its queries over
     its keys; causal is bottom-right aligned (query i of nq sees keys <= i + nk - nq)."""
