@@ -36,7 +36,9 @@ then skip the masked half instead of reading a mask.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -288,6 +290,38 @@ def _split_self_check() -> bool:
 # attend
 # ------------------------------------------------------------------------------------------------
 _compiled_flex = None
+# FlexAttention kernel options (torch's FlexKernelOptions: BLOCK_M, BLOCK_N, num_warps, num_stages,
+# USE_TMA, ROWS_GUARANTEED_SAFE, ...) for every flex call; None = torch's defaults. Set from the
+# environment as JSON (GLMKIT_FLEX_OPTIONS='{"BLOCK_M": 64, "BLOCK_N": 64}') or `set_flex_options`.
+# `glmkit bench train --attention-table --flex-options JSON` times candidates beside the defaults.
+FLEX_OPTIONS: dict | None = None
+
+
+def set_flex_options(options: dict | str | None) -> dict | None:
+    """Set the Flex kernel options (a dict, its JSON text, or None for the defaults); returns them.
+    Unknown names are an error that lists the known ones."""
+    global FLEX_OPTIONS
+    if isinstance(options, str):
+        try:
+            options = json.loads(options) if options.strip() else None
+        except ValueError as e:
+            raise GlmkitError(f"Flex kernel options {options!r} are not JSON ({e}); write e.g. "
+                              '\'{"BLOCK_M": 64, "BLOCK_N": 64}\'') from None
+    if options is not None:
+        if not isinstance(options, dict):
+            raise GlmkitError(f"Flex kernel options must be a JSON object, got {options!r}")
+        from torch.nn.attention.flex_attention import FlexKernelOptions
+        known = set(FlexKernelOptions.__annotations__)
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise GlmkitError(f"unknown Flex kernel option(s) {', '.join(unknown)}; this torch knows "
+                              f"{', '.join(sorted(known))}")
+    FLEX_OPTIONS = dict(options) if options else None
+    return FLEX_OPTIONS
+
+
+if os.environ.get("GLMKIT_FLEX_OPTIONS"):
+    set_flex_options(os.environ["GLMKIT_FLEX_OPTIONS"])
 
 
 def _flex(q, k, v, block_mask, gqa):
@@ -295,12 +329,13 @@ def _flex(q, k, v, block_mask, gqa):
     global _compiled_flex
     from torch.nn.attention.flex_attention import flex_attention
 
+    kw = {"kernel_options": FLEX_OPTIONS} if FLEX_OPTIONS and q.device.type == "cuda" else {}
     if torch.compiler.is_compiling():       # inside a compiled block: dynamo lowers flex itself
-        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa, **kw)
     if q.device.type == "cuda":
         if _compiled_flex is None:
             _compiled_flex = torch.compile(flex_attention, dynamic=False)
-        return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+        return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=gqa, **kw)
     with warnings.catch_warnings():       # "called without torch.compile": intended on the CPU
         warnings.simplefilter("ignore", UserWarning)
         return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa)

@@ -2,7 +2,7 @@
 # One prepared GPU check of the model part (issue 3): the CUDA tests, then the training benchmarks
 # against HF transformers with torch.compile. Prints everything; logs go to $OUT (if set) or ./out/gpu_check.
 # Each step is bounded by `timeout` and never stops the script (|| true), so one failure hides nothing.
-# Budget: < 8 minutes on one H100/H200 (compilation dominates; the inductor cache makes reruns faster).
+# Budget: < 9 minutes on one H100/H200 (compilation dominates; the inductor cache makes reruns faster).
 #
 #   bash scripts/gpu_check.sh
 set -u
@@ -40,8 +40,10 @@ step bench_glm_vs_hf 200 "$PY" -m glmkit.bench.train --device cuda --dtype bfloa
 # 2. correctness on the GPU: every backend fwd+bwd vs the dense reference, compiled blocks, bf16 KV cache
 step tests 140 "$PY" -m pytest tests/test_gpu.py -q -p no:cacheprovider || true
 
-# 3. the attention kernels alone (DESIGN.md §4's table: fwd+bwd ms per backend vs flash causal)
-step bench_attention_table 60 "$PY" -m glmkit.bench.train --device cuda --dtype bfloat16 --attention-table || true
+# 3. the attention kernels alone (DESIGN.md §4's table: fwd+bwd ms per backend vs flash causal), with
+#    one Flex kernel-option candidate beside torch's defaults (Hopper's TMA loads)
+step bench_attention_table 120 "$PY" -m glmkit.bench.train --device cuda --dtype bfloat16 --attention-table \
+    --flex-options '{"USE_TMA": true}' || true
 
 # 4. the split backend inside the glmkit model (auto picks flex below 2048 tokens, from DESIGN.md's
 #    kernel table): is the split faster on this card at 1024?

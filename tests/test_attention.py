@@ -155,6 +155,22 @@ def test_auto_picks_split_only_for_long_rows(monkeypatch):
     assert resolve_backend("auto", "cuda", torch.bfloat16, make_batch(ROWS["packed"], T=24, layout="span")) == "flex"
 
 
+def test_flex_kernel_options_are_checked_and_leave_cpu_results_alone():
+    import glmkit.attention as att
+    with pytest.raises(GlmkitError, match="BLOK_M.*BLOCK_M"):
+        att.set_flex_options('{"BLOK_M": 64}')
+    with pytest.raises(GlmkitError, match="not JSON"):
+        att.set_flex_options("{BLOCK_M: 64}")
+    batch = make_batch(ROWS["packed"], T=24)
+    q, k, v = _qkv(*batch.shape)
+    try:
+        assert att.set_flex_options('{"BLOCK_M": 64, "BLOCK_N": 64}') == {"BLOCK_M": 64, "BLOCK_N": 64}
+        out = attend(q, k, v, make_attention_mask(batch, "flex"))      # CPU: options are for the GPU kernel
+    finally:
+        assert att.set_flex_options(None) is None
+    torch.testing.assert_close(out, _reference(q, k, v, batch), atol=2e-5, rtol=1e-4)
+
+
 def _varlen_math(q, k, v, cu_q, cu_k, causal, scale=None, gqa=False):
     """What flash's varlen computes, in plain math: per sequence, softmax attention of its queries over
     its keys; causal is bottom-right aligned (query i of nq sees keys <= i + nk - nq)."""

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from glmkit.attention import set_flex_options
 from glmkit.batch import Batch, float_mask
 from glmkit.config import GLMConfig, human
 from glmkit.errors import GlmkitError
@@ -56,6 +57,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "corpus, data loading included) and report the data pipeline's share of step time (0: skip)")
     p.add_argument("--attention-table", action="store_true",
                    help="instead: fwd+bwd ms of each attention backend on GLM rows vs flash causal (CUDA)")
+    p.add_argument("--flex-options", action="append", default=[], metavar="JSON",
+                   help="with --attention-table: also time Flex with these kernel options (repeatable), e.g. "
+                        "'{\"BLOCK_M\": 64, \"BLOCK_N\": 64}'; without it: the options every Flex call uses")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -177,9 +181,12 @@ def _glm_rows(B: int, T: int, part_a: float, device) -> Batch:
     return Batch(z, z, z.astype(bool), z, z, z, np.full((B, T), a), (col >= a).astype(np.int64)).to(device)
 
 
-def attention_table(device, dtype, shapes=((16, 16, 1024), (4, 16, 4096)), parts=(0.9, 0.5)) -> list[dict]:
+def attention_table(device, dtype, shapes=((16, 16, 1024), (4, 16, 4096)), parts=(0.9, 0.5),
+                    flex_variants: list[str] = ()) -> list[dict]:
     """fwd+bwd milliseconds of `attend` per backend on GLM rows, against flash causal attention (the
-    DESIGN.md §4 kernel table). head dim 64, GQA off."""
+    DESIGN.md §4 kernel table). head dim 64, GQA off. Each JSON text in `flex_variants` adds a column:
+    Flex with those kernel options."""
+    from glmkit import attention
     from glmkit.attention import attend, make_attention_mask
 
     rows = []
@@ -190,9 +197,11 @@ def attention_table(device, dtype, shapes=((16, 16, 1024), (4, 16, 4096)), parts
             grad = torch.randn(B, T, H, 64, device=device, dtype=dtype)
             a, b = part_a, 1 - part_a
             row = {"shape": f"{B}x{H}x{T}", "part_a": part_a, "work_vs_causal": round((a * a + a * b + b * b / 2) / 0.5, 3)}
-            for name in ("causal", "sdpa", "flex", "split"):
+            for name in ("causal", "sdpa", "flex", "split", *(f"flex{v}" for v in flex_variants)):
+                backend = "flex" if name.startswith("flex") else name
+                attention.set_flex_options(name[4:] if name.startswith("flex{") else None)
                 try:
-                    mask = None if name == "causal" else make_attention_mask(batch, name, dtype)
+                    mask = None if name == "causal" else make_attention_mask(batch, backend, dtype)
                 except GlmkitError as e:          # split unavailable here
                     print(f"{name}: {e}")
                     row[name] = None
@@ -203,7 +212,7 @@ def attention_table(device, dtype, shapes=((16, 16, 1024), (4, 16, 4096)), parts
                 try:
                     for _ in range(3):
                         fn()
-                except (NotImplementedError, RuntimeError) as e:    # e.g. Flex has no CPU backward
+                except (NotImplementedError, RuntimeError, GlmkitError) as e:    # e.g. Flex has no CPU backward
                     print(f"{name}: {type(e).__name__}: {str(e)[:100]}")
                     row[name] = None
                     continue
@@ -211,6 +220,7 @@ def attention_table(device, dtype, shapes=((16, 16, 1024), (4, 16, 4096)), parts
                 row[name] = round(statistics.median(ms), 3)
             rows.append(row)
             print("  ".join(f"{k} {v}" for k, v in row.items()))
+    attention.set_flex_options(None)
     return rows
 
 
@@ -221,12 +231,18 @@ def run(args: argparse.Namespace) -> int:
     if args.attention_table:
         device = torch.device(args.device)
         shapes = ((16, 16, 1024), (4, 16, 4096)) if device.type == "cuda" else ((2, 4, 256),)
-        rows = attention_table(device, getattr(torch, args.dtype), shapes)
+        for v in args.flex_options:              # bad JSON or an unknown option: say so before timing anything
+            set_flex_options(v)
+        rows = attention_table(device, getattr(torch, args.dtype), shapes, flex_variants=args.flex_options)
         g = rows[0]
-        best = min(x for x in (g["sdpa"], g["flex"], g["split"]) if x)
+        best = min(x for name, x in g.items() if name in ("sdpa", "split") or name.startswith("flex") if x)
         print(json.dumps({"device": args.device, "dtype": args.dtype, "rows": rows,
                           "ratio": round(g["causal"] / best, 4)}))   # causal ms / best GLM-mask ms, first row
         return 0
+    if args.flex_options:
+        if len(args.flex_options) > 1:
+            raise GlmkitError("give one --flex-options for a training bench (several are for --attention-table)")
+        set_flex_options(args.flex_options[0])
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     torch.manual_seed(args.seed)
     config = GLMConfig.from_name(args.preset)
