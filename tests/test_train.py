@@ -17,6 +17,7 @@ import torch
 
 from glmkit import checkpoint as C
 from glmkit import train as T
+from glmkit import train_setup as S
 from glmkit.errors import GlmkitError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,7 +62,7 @@ def losses(run_dir) -> dict[int, float]:
 
 @pytest.mark.parametrize("objective", ["glm", "mlm", "clm"])
 def test_each_objective_learns_a_repeated_batch(corpus, tmp_path, objective):
-    run, _ = T.setup(tiny_cfg(corpus.directory, tmp_path, objective=objective, lr=2e-2, warmup_steps=1,
+    run, _ = S.setup(tiny_cfg(corpus.directory, tmp_path, objective=objective, lr=2e-2, warmup_steps=1,
                               max_steps=12))
     batch = next(run.iterators[0])
     curve = [T.train_step(run, [batch])["loss"] for _ in range(12)]
@@ -69,7 +70,7 @@ def test_each_objective_learns_a_repeated_batch(corpus, tmp_path, objective):
 
 
 def test_activation_checkpointing_changes_nothing_but_memory(corpus, tmp_path):
-    runs = [T.setup(tiny_cfg(corpus.directory, tmp_path / str(ac), activation_checkpointing=ac))[0]
+    runs = [S.setup(tiny_cfg(corpus.directory, tmp_path / str(ac), activation_checkpointing=ac))[0]
             for ac in (False, True)]
     batch = next(runs[0].iterators[0])
     a, b = (T.train_step(r, [batch]) for r in runs)
@@ -77,7 +78,7 @@ def test_activation_checkpointing_changes_nothing_but_memory(corpus, tmp_path):
 
 
 def test_moe_model_trains_and_balances_its_router(corpus, tmp_path):
-    run, _ = T.setup(tiny_cfg(corpus.directory, tmp_path, model="tiny-moe", router_bias_rate=1e-2))
+    run, _ = S.setup(tiny_cfg(corpus.directory, tmp_path, model="tiny-moe", router_bias_rate=1e-2))
     batch = next(run.iterators[0])
     res = T.train_step(run, [batch])
     biases = [m.gate.e_score_correction_bias for m in run.model.moe_layers()]
@@ -85,13 +86,13 @@ def test_moe_model_trains_and_balances_its_router(corpus, tmp_path):
 
 
 def test_lr_schedule_warmup_then_cosine_to_floor():
-    f = [T.lr_factor(s, 10, 100, 0.05) for s in range(100)]
+    f = [S.lr_factor(s, 10, 100, 0.05) for s in range(100)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0) and f[10] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(f[10:], f[11:])) and f[-1] == pytest.approx(0.05, abs=1e-3)
 
 
 def test_weight_decay_skips_norms_biases_embeddings(corpus, tmp_path):
-    run, _ = T.setup(tiny_cfg(corpus.directory, tmp_path))
+    run, _ = S.setup(tiny_cfg(corpus.directory, tmp_path))
     decay, rest = (g["params"] for g in run.optimizer.param_groups)
     names = {id(p): n for n, p in run.model.named_parameters()}
     assert all(p.ndim == 2 and "embed" not in names[id(p)] for p in decay)

@@ -1,0 +1,364 @@
+"""What a training run is made of, and building it: the options, the optimizer, the data, the run directory.
+
+`TrainConfig` holds every option of `glmkit train` (the string under each field is its `--help` text);
+`setup(cfg)` turns one into a `Run` in every process: the corpus and tokenizer, the model config
+(a preset or a config.json, with overrides), the objective, the parallelized model, AdamW over
+`param_groups` with the warmup + cosine `lr_factor`, this process's data shards and its fixed
+validation batches. It also checks the run directory against `--resume` / `--overwrite`, comparing
+the setup's fingerprint (tokenizer, model, objective, `MUST_MATCH` options, data shards) with the
+one saved there, and returns the checkpoint to resume from, if any.
+
+The loop that trains a `Run`, checkpoints it and resumes it is `glmkit.train`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from glmkit import checkpoint as ckpt_io
+from glmkit import distributed as D
+from glmkit.errors import GlmkitError
+
+# ------------------------------------------------------------------------------------------ the options
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/glm"
+    """run directory: metrics.jsonl, train_config.json, checkpoints/"""
+    model: str = "small"
+    """model preset name (see glmkit.config PRESETS) or a config.json path"""
+    model_overrides: str = ""
+    """comma-separated GLMConfig overrides, e.g. 'hidden_size=128,num_layers=2'"""
+    corpus: str | None = None
+    """corpus directory (default: the default bilingual corpus in data/default, built on first use)"""
+    objective: str = "glm"
+    """glm | mlm | clm, or an objective preset (glm-large, glm-10b, glm-130b, bert, gpt)"""
+    mixture: str | None = None
+    """GLM mask mixture P([MASK]),P([sMASK]),P([gMASK]), e.g. '0.5,0.3,0.2' (default: the preset's)"""
+    seq_len: int = 256
+    """tokens per row"""
+    batch_size: int = 16
+    """rows per micro-batch per process"""
+    grad_accum: int = 1
+    """micro-batches per optimizer step (global batch = batch_size x grad_accum x processes)"""
+    data_shards: int | None = None
+    """independent data streams (default: the number of processes); keep it fixed to resume a run on a
+    different number of processes"""
+    max_steps: int = 1000
+    """optimizer steps"""
+    lr: float = 2e-4
+    """peak learning rate (GLM-Large: 2e-4)"""
+    min_lr_ratio: float = 0.05
+    """the cosine decays to lr x this (GLM-Large: 0.05)"""
+    warmup_steps: int | None = None
+    """linear warmup steps (default: 5% of max_steps, as GLM-Large)"""
+    weight_decay: float = 0.1
+    """decoupled (AdamW) weight decay; never applied to norms, biases or embeddings"""
+    beta1: float = 0.9
+    """Adam beta1"""
+    beta2: float = 0.98
+    """Adam beta2 (GLM-Large: 0.98)"""
+    eps: float = 1e-6
+    """Adam epsilon (GLM-Large: 1e-6)"""
+    grad_clip: float = 1.0
+    """clip the global gradient norm to this (0: no clipping)"""
+    seed: int = 1234
+    """seed of the model init and of the data streams"""
+    device: str = "auto"
+    """auto | cpu | cuda"""
+    dtype: str = "auto"
+    """auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16"""
+    compile: bool = False
+    """torch.compile each transformer block"""
+    activation_checkpointing: bool = False
+    """recompute each block's activations in backward (less memory, ~30% more compute)"""
+    parallel: str = "auto"
+    """auto (DDP under torchrun) | none | ddp | fsdp (FSDP2 fully_shard per block)"""
+    eval_every: int = 100
+    """validation loss every N steps (0: never)"""
+    eval_batches: int = 8
+    """fixed validation micro-batches from the val split"""
+    save_every: int = 200
+    """checkpoint every N steps, and at the end (0: never, not even at the end or on Ctrl-C)"""
+    keep: int = 3
+    """checkpoints kept (the newest)"""
+    prefetch: int = 2
+    """steps of batches prepared ahead in a background thread (0: build them in the loop)"""
+    progress: bool = True
+    """show a progress bar"""
+    tensorboard: bool = True
+    """also write TensorBoard events when tensorboard is installed"""
+    router_bias_rate: float = 1e-3
+    """MoE models: after each step move every router's correction bias by this much towards balance
+    (GLM-4.5's aux-loss-free balancing; 0: frozen)"""
+    resume: bool = False
+    """continue the run in out_dir from its latest checkpoint (start fresh if it has none)"""
+    overwrite: bool = False
+    """delete the run already in out_dir and start over"""
+
+    def validate(self) -> TrainConfig:
+        positive = ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_batches", "lr")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise GlmkitError(f"--{name.replace('_', '-')} must be positive (got {getattr(self, name)})")
+        checks = [(self.dtype in ("auto", "fp32", "bf16"), "--dtype must be auto, fp32 or bf16"),
+                  (self.parallel in D.MODES, f"--parallel must be one of {', '.join(D.MODES)}"),
+                  (0 <= self.min_lr_ratio <= 1, "--min-lr-ratio must be in [0, 1]"),
+                  (not (self.resume and self.overwrite), "--resume and --overwrite exclude each other"),
+                  (self.data_shards is None or self.data_shards > 0, "--data-shards must be positive")]
+        for ok, msg in checks:
+            if not ok:
+                raise GlmkitError(msg)
+        return self
+
+    @property
+    def warmup(self) -> int:
+        return self.warmup_steps if self.warmup_steps is not None else max(1, round(0.05 * self.max_steps))
+
+
+# fields a resumed run must share with its checkpoint (the rest: schedule length, logging, saving, speed)
+MUST_MATCH = ("seq_len", "batch_size", "grad_accum", "lr", "min_lr_ratio", "warmup_steps", "weight_decay",
+              "beta1", "beta2", "eps", "grad_clip", "seed", "router_bias_rate")
+
+
+def lr_factor(step: int, warmup: int, max_steps: int, min_ratio: float) -> float:
+    """Multiplier of the peak lr for optimizer step `step` (0-based): linear warmup, then cosine to
+    `min_ratio` at the last step."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# ------------------------------------------------------------------------------------------ building
+
+def build_model_config(cfg: TrainConfig, tokenizer):
+    from glmkit.config import GLMConfig
+    is_file = cfg.model.endswith(".json") or os.path.isdir(cfg.model)
+    config = GLMConfig.load(cfg.model) if is_file else GLMConfig.from_name(cfg.model)
+    overrides = {}
+    for item in filter(None, (s.strip() for s in cfg.model_overrides.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise GlmkitError(f"--model-overrides item {item!r} is not key=value")
+        try:
+            overrides[key.strip()] = json.loads(value)
+        except ValueError:
+            overrides[key.strip()] = value
+    if is_file and config.vocab_size < tokenizer.vocab_size:
+        raise GlmkitError(f"{cfg.model} has vocab_size {config.vocab_size} but the corpus tokenizer has "
+                          f"{tokenizer.vocab_size} tokens; raise vocab_size in the config")
+    if not is_file:  # presets take the corpus tokenizer's vocabulary
+        overrides.setdefault("vocab_size", tokenizer.vocab_size)
+    overrides.setdefault("max_position_embeddings", max(config.max_position_embeddings, cfg.seq_len))
+    return config.with_(**overrides)
+
+
+def build_objective(cfg: TrainConfig):
+    from glmkit.objectives import PRESETS, ObjectiveConfig
+    names = {"glm": "glm-large", "mlm": "bert", "clm": "gpt"}
+    name = names.get(cfg.objective, cfg.objective)
+    if name not in PRESETS:
+        raise GlmkitError(f"unknown --objective {cfg.objective!r}; use glm, mlm, clm or one of {', '.join(PRESETS)}")
+    objective = ObjectiveConfig.from_name(name)
+    if cfg.mixture:
+        if objective.kind != "glm":
+            raise GlmkitError("--mixture applies to the glm objective only")
+        try:
+            mix = tuple(float(x) for x in cfg.mixture.split(","))
+        except ValueError:
+            raise GlmkitError(f"--mixture {cfg.mixture!r} is not three comma-separated numbers") from None
+        objective = ObjectiveConfig(**{**objective.to_dict(), "mixture": mix})
+    return objective
+
+
+def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices only: not norms, biases or embeddings (a tied head is the embedding)."""
+    no_decay = set()
+    for m in module.modules():
+        if isinstance(m, torch.nn.Embedding):
+            no_decay.update(id(p) for p in m.parameters(recurse=False))
+    decay, rest = [], []
+    for p in module.parameters():
+        if p.requires_grad:
+            (rest if p.ndim < 2 or id(p) in no_decay else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+# ------------------------------------------------------------------------------------------ the run
+
+@dataclass
+class Run:
+    """Everything one training process holds."""
+    cfg: TrainConfig
+    info: D.DistInfo
+    run_dir: Path
+    tokenizer: object
+    model_config: object
+    objective: object
+    module: torch.nn.Module              # parallelize(model): call module(batch) -> loss
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    iterators: dict                      # data shard index -> BatchIterator (this process's shards)
+    val_batches: list                    # this process's fixed validation micro-batches (numpy)
+    fingerprint: dict
+    data_shards: int
+    step: int = 0
+    tokens: int = 0                      # processed positions (rows x seq_len) so far, all processes
+    data_states: dict | None = None      # iterator states after the last consumed step
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return D.unwrap(self.module)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        dtype = self.cfg.dtype
+        if dtype == "auto":
+            dtype = "bf16" if self.info.device.type == "cuda" else "fp32"
+        return torch.bfloat16 if dtype == "bf16" else torch.float32
+
+    @property
+    def autocast(self):
+        """bf16 autocast (weights and optimizer stay fp32), or nothing for fp32."""
+        if self.compute_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.info.device.type, dtype=torch.bfloat16)
+
+
+def on_main(info: D.DistInfo, fn):
+    """Run `fn` on rank 0 only; every rank gets its result or raises its GlmkitError (no hang)."""
+    result, error = None, None
+    if info.is_main:
+        try:
+            result = fn()
+        except GlmkitError as e:
+            error = str(e)
+    result, error = D.broadcast_object((result, error))
+    if error is not None:
+        raise GlmkitError(error)
+    return result
+
+
+def _open_corpus(cfg: TrainConfig):
+    from glmkit.corpus import Corpus, default_corpus
+    if cfg.corpus is None:
+        return default_corpus(progress=cfg.progress)  # builds data/default on first use (file-locked)
+    if not Path(cfg.corpus).is_dir():
+        raise GlmkitError(f"--corpus {cfg.corpus} is not a directory; build one with `glmkit corpus build` "
+                          f"or leave --corpus out for the default corpus")
+    return Corpus.open(cfg.corpus)
+
+
+def _prepare_run_dir(cfg: TrainConfig, run_dir: Path, fingerprint: dict) -> Path | None:
+    """Check out_dir against --resume / --overwrite; returns the checkpoint to resume from, if any."""
+    saved = run_dir / "train_config.json"
+    holds_run = saved.is_file() or (run_dir / "checkpoints").is_dir()
+    if holds_run and not (cfg.resume or cfg.overwrite):
+        differs = ""
+        if saved.is_file():
+            old = json.loads(saved.read_text()).get("fingerprint", {})
+            diff = _fingerprint_diff(old, fingerprint)
+            differs = f" with a different configuration ({diff})" if diff else ""
+        raise GlmkitError(f"{run_dir} already holds a training run{differs}; pass --resume to continue it, "
+                          f"--overwrite to delete it and start over, or choose another --out-dir")
+    if cfg.overwrite:
+        for name in ("checkpoints", "tensorboard"):
+            shutil.rmtree(run_dir / name, ignore_errors=True)
+        for name in ("metrics.jsonl", "train_config.json"):
+            (run_dir / name).unlink(missing_ok=True)
+    found = ckpt_io.latest_checkpoint(run_dir / "checkpoints") if cfg.resume else None
+    if found is not None:
+        manifest = ckpt_io.verify(found)
+        diff = _fingerprint_diff(manifest["fingerprint"], fingerprint)
+        if diff:
+            raise GlmkitError(f"cannot resume from {found}: it was trained with a different setup ({diff}); "
+                              f"use the same options, or --overwrite / another --out-dir to start a new run")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record = {"train_config": asdict(cfg), "fingerprint": fingerprint}
+    (run_dir / "train_config.json").write_text(json.dumps(record, indent=1) + "\n")
+    return found
+
+
+def _fingerprint_diff(old: dict, new: dict) -> str:
+    out = []
+    for part in ("tokenizer", "model", "objective", "train", "data_shards"):
+        a, b = old.get(part), new.get(part)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+            out += [f"{part}.{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys[:4]]
+        elif part == "tokenizer":
+            out.append(f"tokenizer hash {str(a)[:12]} -> {str(b)[:12]} (the corpus was built with another "
+                       f"tokenizer)")
+        else:
+            out.append(f"{part}: {a!r} -> {b!r}")
+    return "; ".join(out)
+
+
+def _val_batches(cfg: TrainConfig, corpus, objective, specials, info: D.DistInfo) -> list:
+    """A fixed validation set: `eval_batches` micro-batches from one stream (the same whatever the
+    number of processes); process r evaluates batches r, r + world, ..."""
+    from glmkit.data import BatchIterator
+    docs = corpus.documents("val")
+    if cfg.eval_every <= 0 or not docs:
+        return []
+    it = BatchIterator(docs, objective, specials, cfg.batch_size, cfg.seq_len, seed=cfg.seed + 1,
+                       rank=0, world_size=1)
+    # every rank must run the same number of forwards (FSDP2 gathers parameters in each)
+    n = -(-cfg.eval_batches // info.world_size) * info.world_size
+    batches = [next(it) for _ in range(n)]
+    return batches[info.rank::info.world_size]
+
+
+def setup(cfg: TrainConfig) -> tuple[Run, Path | None]:
+    """This process's `Run` of `cfg`, and the checkpoint to resume it from (None: start fresh)."""
+    from glmkit.data import BatchIterator
+    from glmkit.model import GLM
+    from glmkit.objectives import SpecialIds
+
+    cfg.validate()
+    info = D.init(cfg.device)
+    run_dir = Path(cfg.out_dir)
+    if info.enabled:  # rank 0 builds the default corpus if needed (or fails for all); then every rank opens it
+        on_main(info, lambda: [_open_corpus(cfg), None][1])
+    corpus = _open_corpus(cfg)
+    tokenizer = corpus.tokenizer
+    model_config = build_model_config(cfg, tokenizer)
+    objective = build_objective(cfg)
+    specials = SpecialIds.from_tokenizer(tokenizer)
+    objective.check(specials)
+    data_shards = cfg.data_shards or info.world_size
+    if data_shards % info.world_size:
+        raise GlmkitError(f"--data-shards {data_shards} must be a multiple of the {info.world_size} processes")
+    fingerprint = {"tokenizer": tokenizer.hash, "model": model_config.to_dict(), "objective": objective.to_dict(),
+                   "train": {k: getattr(cfg, k) for k in MUST_MATCH}, "data_shards": data_shards}
+    fingerprint = json.loads(json.dumps(fingerprint))  # as it reads back from a manifest (tuples -> lists)
+    resume_from = on_main(info, lambda: _prepare_run_dir(cfg, run_dir, fingerprint))
+
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank (FSDP2 does not broadcast)
+    model = GLM(model_config).to(info.device)
+    module = D.parallelize(model, info, cfg.parallel, cfg.compile, cfg.activation_checkpointing)
+    optimizer = torch.optim.AdamW(param_groups(module, cfg.weight_decay), lr=cfg.lr,
+                                  betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    warmup = cfg.warmup
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, warmup, cfg.max_steps, cfg.min_lr_ratio))
+    train_docs = corpus.documents("train")
+    if not train_docs:
+        raise GlmkitError(f"the corpus at {corpus.directory} has no training documents")
+    iterators = {s: BatchIterator(train_docs, objective, specials, cfg.batch_size, cfg.seq_len, seed=cfg.seed,
+                                  rank=s, world_size=data_shards)
+                 for s in range(info.rank, data_shards, info.world_size)}
+    run = Run(cfg, info, run_dir, tokenizer, model_config, objective, module, optimizer, scheduler, iterators,
+              _val_batches(cfg, corpus, objective, specials, info), fingerprint, data_shards)
+    return run, resume_from
