@@ -23,8 +23,9 @@ import numpy as np
 
 from glmkit.batch import Batch
 from glmkit.errors import GlmkitError
-from glmkit.objectives import INT, ObjectiveConfig, SpecialIds, chunk_length, offsets_of, span_length_moments
+from glmkit.objectives import INT, ObjectiveConfig, SpecialIds, chunk_length
 from glmkit.packing import PackResult, PackStats, pack, split_rows
+from glmkit.spans import offsets_of, span_length_moments
 
 
 def expected_growth(cfg: ObjectiveConfig) -> float:

@@ -33,9 +33,9 @@ from glmkit.objectives import (
     fill_runs,
     glm_spans,
     mlm_samples,
-    offsets_of,
     take_samples,
 )
+from glmkit.spans import offsets_of
 
 
 @dataclass

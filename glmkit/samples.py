@@ -25,9 +25,9 @@ from glmkit.objectives import (
     SpecialIds,
     clm_samples,
     mlm_samples,
-    offsets_of,
     random_glm_samples,
 )
+from glmkit.spans import offsets_of
 
 TITLES = {MASK: "[MASK] blank infilling (Poisson(3) spans, 15% of tokens)",
           SMASK: "[sMASK] whole sentences (~15% of tokens)",

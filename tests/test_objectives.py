@@ -18,14 +18,10 @@ from glmkit.objectives import (
     chunk_length,
     clm_samples,
     glm_sample,
-    gmask_spans,
-    mask_spans,
     mlm_samples,
-    offsets_of,
     random_glm_samples,
-    span_length_moments,
-    truncated_poisson,
 )
+from glmkit.spans import gmask_spans, mask_spans, offsets_of, span_length_moments, truncated_poisson
 
 # text ids 0..49 (7 and 9 end sentences), specials above them
 SP = SpecialIds(mask=100, smask=101, gmask=102, sop=103, eop=104, eot=105, pad=106, vocab_size=110,
