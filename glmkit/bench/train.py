@@ -199,8 +199,8 @@ def attention_table(device, dtype, shapes=((16, 16, 1024), (4, 16, 4096)), parts
             row = {"shape": f"{B}x{H}x{T}", "part_a": part_a, "work_vs_causal": round((a * a + a * b + b * b / 2) / 0.5, 3)}
             for name in ("causal", "sdpa", "flex", "split", *(f"flex{v}" for v in flex_variants)):
                 backend = "flex" if name.startswith("flex") else name
-                attention.set_flex_options(name[4:] if name.startswith("flex{") else None)
                 try:
+                    attention.set_flex_options(name[4:] if name.startswith("flex{") else None)
                     mask = None if name == "causal" else make_attention_mask(batch, backend, dtype)
                 except GlmkitError as e:          # split unavailable here
                     print(f"{name}: {e}")
@@ -212,7 +212,7 @@ def attention_table(device, dtype, shapes=((16, 16, 1024), (4, 16, 4096)), parts
                 try:
                     for _ in range(3):
                         fn()
-                except (NotImplementedError, RuntimeError, GlmkitError) as e:    # e.g. Flex has no CPU backward
+                except Exception as e:   # e.g. Flex has no CPU backward; a kernel option this card refuses
                     print(f"{name}: {type(e).__name__}: {str(e)[:100]}")
                     row[name] = None
                     continue
