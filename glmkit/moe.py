@@ -16,13 +16,73 @@ Balancing. GLM-4.5 trains aux-loss-free: the correction bias is nudged towards u
 and resets the counts: call it after each optimizer step when you want the bias to move; never call it
 and the bias stays frozen (as loaded). `router_aux_loss_coef > 0` adds a switch-style balance loss
 (`MoE.aux_loss`, summed by `GLM.loss`).
+
+Expert compute paths (same routing, same arithmetic; picked on each call by a few host-side checks of the
+device, dtype and shapes, no device work):
+- `loop`     the REFERENCE: a Python loop over the experts that received tokens, one pair of matmuls
+             each. Reads the per-expert counts on the host (`.tolist()`), so it syncs the device and
+             cannot be captured by CUDA graphs or compiled without graph breaks.
+- `grouped`  the (token, slot) assignments sorted by expert; `offs` (int32, the end row of each expert's
+             run, computed on the device) drives two `torch._grouped_mm` calls over all experts. No
+             Python loop over experts and no host sync: `torch.compile(fullgraph=True)` traces it.
+             Needs `torch._grouped_mm`, fp32/bf16/fp16 on the CPU or bf16 on CUDA compute capability
+             >= 9.0 (H100/H200), and hidden / moe_intermediate sizes whose rows are multiples of 16 bytes.
+             Under torch.compile only bf16 (torch 2.13's meta kernel for grouped_mm accepts nothing else).
+- `auto`     grouped where it is supported, else loop (the default).
+Both paths scale each expert output by its routing weight (in fp32, rounded back to the activation
+dtype) and add it into the token's output with `index_add_` in the activation dtype, in expert order (on
+the CPU; CUDA's index_add_ adds atomically), so they agree to the rounding of the matmul kernels.
+Force a path with the environment variable `GLMKIT_MOE_IMPL=loop|grouped|auto` (read when each `Experts`
+is built) or per module, `experts.impl = "loop"` (`set_moe_impl(model, impl)` sets every layer's).
+Forcing `grouped` where it cannot run raises `GlmkitError` with the reason.
 """
 
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from glmkit.errors import GlmkitError
+
+IMPLS = ("auto", "loop", "grouped")
+
+
+def expert_counts(idx: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Assignments per expert (E,) int64, like `torch.bincount(idx.flatten(), minlength=E)` but with a
+    fixed output size, so it neither syncs nor breaks a compiled graph."""
+    flat = idx.flatten()
+    return torch.zeros(n_experts, dtype=torch.long, device=idx.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
+@functools.cache
+def _cuda_capability(index: int | None) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def grouped_unsupported(device: torch.device, dtype: torch.dtype, hidden: int, inter: int) -> str | None:
+    """Why the grouped path cannot run here, or None when it can."""
+    if not hasattr(torch, "_grouped_mm"):
+        return "this torch has no torch._grouped_mm"
+    if device.type == "cuda":
+        if dtype != torch.bfloat16:
+            return f"grouped_mm on CUDA needs bfloat16 (got {dtype})"
+        if _cuda_capability(device.index) < (9, 0):
+            return f"grouped_mm on CUDA needs compute capability >= 9.0 (got {_cuda_capability(device.index)})"
+    elif device.type != "cpu":
+        return f"grouped_mm is not known to work on {device.type}"
+    elif dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"grouped_mm on the CPU needs fp32/bf16/fp16 (got {dtype})"
+    if dtype != torch.bfloat16 and torch.compiler.is_compiling():
+        return f"torch.compile traces grouped_mm in bfloat16 only (torch's meta kernel; got {dtype})"
+    size = dtype.itemsize
+    for name, n in (("hidden_size", hidden), ("moe_intermediate_size", inter)):
+        if n * size % 16:
+            return f"{name} = {n} rows of {dtype} are not a multiple of 16 bytes (grouped_mm's stride rule)"
+    return None
 
 
 class Router(nn.Module):
@@ -69,10 +129,30 @@ class Experts(nn.Module):
         E, h, f = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * f, h))
         self.down_proj = nn.Parameter(torch.empty(E, h, f))
+        self.impl = os.environ.get("GLMKIT_MOE_IMPL", "auto")
 
     def forward(self, x, idx, weights):
-        """x (N, h), idx/weights (N, k) -> (N, h). Loops over the experts that received tokens; each
-        expert's output is scaled by its routing weight and added in expert order (as HF does)."""
+        """x (N, h), idx/weights (N, k) -> (N, h)."""
+        if self.use_grouped(x):
+            return self.forward_grouped(x, idx, weights)
+        return self.forward_loop(x, idx, weights)
+
+    def use_grouped(self, x: torch.Tensor) -> bool:
+        if self.impl not in IMPLS:
+            raise GlmkitError(f"unknown MoE impl {self.impl!r}; choose one of {', '.join(IMPLS)}")
+        if self.impl == "loop":
+            return False
+        _, h, f = self.down_proj.shape
+        why = grouped_unsupported(x.device, x.dtype, h, f)
+        if why is None and not (self.gate_up_proj.is_contiguous() and self.down_proj.is_contiguous()):
+            why = "expert weights are not contiguous"
+        if why is not None and self.impl == "grouped":
+            raise GlmkitError(f"MoE impl 'grouped' cannot run: {why}; use 'auto' or 'loop'")
+        return why is None
+
+    def forward_loop(self, x, idx, weights):
+        """The reference. Loops over the experts that received tokens; each expert's output is scaled by
+        its routing weight and added in expert order (as HF does)."""
         out = torch.zeros_like(x)
         flat = idx.flatten()
         order = flat.argsort(stable=True)
@@ -89,6 +169,31 @@ class Experts(nn.Module):
             y = F.linear(F.silu(gate) * up, self.down_proj[e]) * w[:, None]
             out.index_add_(0, tok, y.to(out.dtype))
         return out
+
+    def forward_grouped(self, x, idx, weights):
+        """The loop's arithmetic with every expert in one grouped matmul per projection, no host sync.
+        Rows are the N*k assignments sorted (stably) by expert; `offs[e]` is where expert e's run ends,
+        so an expert with no tokens is an empty run."""
+        E, k = self.gate_up_proj.shape[0], idx.shape[1]
+        expert_sorted, order = idx.flatten().sort(stable=True)                            # (N*k,)
+        ends = torch.arange(1, E + 1, device=idx.device, dtype=expert_sorted.dtype)
+        offs = torch.searchsorted(expert_sorted, ends, out_int32=True)                  # (E,) cumulative counts
+        token_of = order // k                                                             # (N*k,)
+        xs = x.index_select(0, token_of)                                                  # (N*k, h)
+        # weights are (E, out, in); grouped_mm wants (E, in, out): the transposed view, no copy
+        gate, up = torch._grouped_mm(xs, self.gate_up_proj.transpose(-2, -1), offs=offs).chunk(2, dim=-1)
+        y = torch._grouped_mm(F.silu(gate) * up, self.down_proj.transpose(-2, -1), offs=offs)  # (N*k, h)
+        y = y * weights.flatten()[order][:, None]
+        return torch.zeros_like(x).index_add_(0, token_of, y.to(x.dtype))
+
+
+def set_moe_impl(model: nn.Module, impl: str) -> None:
+    """Force the expert compute path of every MoE layer in `model`: auto | loop | grouped."""
+    if impl not in IMPLS:
+        raise GlmkitError(f"unknown MoE impl {impl!r}; choose one of {', '.join(IMPLS)}")
+    for m in model.modules():
+        if isinstance(m, Experts):
+            m.impl = impl
 
 
 class SharedExperts(nn.Module):
@@ -122,7 +227,7 @@ class MoE(nn.Module):
         out = self.experts(flat, idx, weights)
         if self.training:
             with torch.no_grad():
-                self.expert_load += torch.bincount(idx.flatten(), minlength=self.expert_load.numel())
+                self.expert_load += expert_counts(idx, self.expert_load.numel())
             self.aux_loss = self._balance_loss(scores, idx) if self.aux_coef > 0 else None
         out = out.view(shape)
         if self.shared_experts is not None:
@@ -132,7 +237,7 @@ class MoE(nn.Module):
     def _balance_loss(self, scores, idx):
         """Switch-style: E * sum_e (share of routed slots on e) * (mean normalised score of e)."""
         E, k = scores.shape[1], idx.shape[1]
-        frac = torch.bincount(idx.flatten(), minlength=E).float() / (idx.shape[0] * k)
+        frac = expert_counts(idx, E).float() / (idx.shape[0] * k)
         prob = (scores / scores.sum(-1, keepdim=True)).mean(0)
         return self.aux_coef * E * (frac * prob).sum()
 
