@@ -37,8 +37,9 @@ step env 30 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --f
 step bench_glm_vs_hf 200 "$PY" -m glmkit.bench.train --device cuda --dtype bfloat16 --preset bench-338m \
     --batch-size 16 --seq-len 1024 --steps 15 --compile --objective both || true
 
-# 2. correctness on the GPU: every backend fwd+bwd vs the dense reference, compiled blocks, bf16 KV cache
-step tests 140 "$PY" -m pytest tests/test_gpu.py -q -p no:cacheprovider || true
+# 2. correctness on the GPU: every backend fwd+bwd vs the dense reference, compiled blocks, bf16 KV cache,
+#    grouped MoE experts (grouped_mm on sm90) vs the loop
+step tests 160 "$PY" -m pytest tests/test_gpu.py tests/test_moe.py -p no:cacheprovider || true
 
 # 3. the attention kernels alone (DESIGN.md §4's table: fwd+bwd ms per backend vs flash causal), with
 #    one Flex kernel-option candidate beside torch's defaults (Hopper's TMA loads)
