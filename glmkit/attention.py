@@ -129,6 +129,8 @@ class AttentionMask:
     dense: torch.Tensor | None = None     # sdpa: (B, 1, Tq, Tk) bool, True = visible
     block_mask: Any = None                # flex: torch BlockMask
     plan: SplitPlan | None = None         # split
+    kv_len: int | None = None             # attend to the first kv_len keys only (a KV cache's filled
+                                          # slots, eager decoding); None = every key
 
 
 def resolve_backend(backend: str, device: torch.device | str, dtype: torch.dtype | None = None,
@@ -345,6 +347,8 @@ def attend(q, k, v, mask: AttentionMask | None = None, scale: float | None = Non
     """q (B, T, H, D), k/v (B, S, Hkv, D) -> (B, T, H, D)."""
     H, Hkv = q.shape[2], k.shape[2]
     gqa = H != Hkv
+    if mask is not None and mask.kv_len is not None:
+        k, v = k[:, :mask.kv_len], v[:, :mask.kv_len]
     if mask is not None and mask.backend == "split":
         return _split(q, k, v, mask.plan, scale)
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)      # (B, H, T, D)

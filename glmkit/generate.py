@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from glmkit.errors import GlmkitError
-from glmkit.kv_cache import KVCache, decode_one_token, prefill
+from glmkit.kv_cache import KVCache, decode_layout, decode_one_token, prefill
 
 # ================================================================================================
 # Sampling
@@ -192,7 +192,9 @@ def decode_blanks(model, prompts: list[Prompt], cfg: SamplingConfig, tok, causal
     All rows write the same cache slot each step (a static cache, one `input_pos` per step); row b
     sees its own Part A (slots < len_b) and every decode slot up to now. Yields `Event`s as produced.
     `tok`: anything with the special ids (`sop_id, eop_id, eot_id, gmask_id, pad_id`); `step`: the
-    decode step (e.g. a `torch.compile`d `decode_one_token`); `ignore_stop`: always `max_new_tokens`.
+    decode step (e.g. a `torch.compile`d `decode_one_token`: any step other than the eager
+    `decode_one_token` itself, which reads only the filled cache slots, is called with the static
+    whole-cache shapes); `ignore_stop`: always `max_new_tokens`.
     `cancel`: a set the consumer may add `(row, blank)` to while iterating (a multi-token stop string
     matched on the text): that blank ends before the next decode step, with no further events for it.
     """
@@ -202,39 +204,48 @@ def decode_blanks(model, prompts: list[Prompt], cfg: SamplingConfig, tok, causal
     ids, lens = _pad(prompts, tok.pad_id, device)
     P = ids.shape[1]
     _check_context(model, int(lens.max()), n_new, causal)
-    cache = KVCache.for_model(model, B, P + steps)
     gen = make_generator(cfg.seed, device)
     penalise = cfg.repetition_penalty != 1.0
-    seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool, device=device)
-    if penalise:
-        seen.scatter_(1, ids, True)
     end_span = {tok.eop_id} | set(stop_ids)
     end_gmask = end_span | {tok.eot_id}
     rows = [_Row(p) for p in prompts]
     for r in rows:   # causal: the first token comes from the prefill, at the last prompt position
         r.feed = (0, len(r.prompt.ids) - 1, 0) if causal else (tok.sop_id, r.prompt.blanks[0], 1)
     pos = torch.arange(P, device=device).expand(B, P)
-    with torch.no_grad():
+    eager = step is decode_one_token     # attends over the filled slots only; a compiled step keeps static shapes
+    # Inference mode (no autograd bookkeeping; eager steps measured ~10% faster on the CPU at batch 1) is
+    # entered around the computation only, never across a `yield`: the consumer runs in its own mode.
+    with torch.inference_mode():
+        cache = KVCache.for_model(model, B, P + steps)
+        seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool, device=device)
+        if penalise:
+            seen.scatter_(1, ids, True)
         logits = prefill(model, cache, ids, pos, torch.zeros_like(pos), lens, sep=torch.zeros_like(lens)
-                         if causal else None).float()
-        for t in range(steps + 1):
-            if not causal or t > 0:
-                if cancel:
-                    for b, r in enumerate(rows):
-                        if not r.done and (b, r.j) in cancel:
-                            _end_blank(r, causal, tok)
-                if all(r.done for r in rows) or t >= steps:
-                    break
+                         if causal else None)
+    for t in range(steps + 1):
+        decode = not causal or t > 0         # causal: the first token comes from the prefill's logits
+        if decode:
+            if cancel:
+                for b, r in enumerate(rows):
+                    if not r.done and (b, r.j) in cancel:
+                        _end_blank(r, causal, tok)
+            if all(r.done for r in rows) or t >= steps:
+                break
+        with torch.inference_mode():
+            if decode:
                 feed = torch.tensor([r.feed for r in rows], device=device)          # (B, 3)
-                slot = torch.tensor([P + t - (1 if causal else 0)], device=device)
-                logits = step(model, cache, feed[:, :1], feed[:, 1:2], feed[:, 2:], slot).float()
+                slot = P + t - (1 if causal else 0)
+                kw = {"used": slot + 1} if eager else {}
+                logits = step(model, cache, feed[:, :1], feed[:, 1:2], feed[:, 2:],
+                              torch.tensor([slot], device=device), **kw)
             nxt = sample_next(logits, cfg, gen, seen if penalise else None)
             if penalise:
                 seen[torch.arange(B, device=device), nxt] = True
-            for b, (r, x) in enumerate(zip(rows, nxt.tolist())):
-                if not r.done:
-                    stops = () if ignore_stop else (end_gmask if r.prompt.kinds[r.j] == tok.gmask_id else end_span)
-                    yield from _advance(r, b, x, n_new, causal, stops, tok)
+            nxt = nxt.tolist()
+        for b, (r, x) in enumerate(zip(rows, nxt)):
+            if not r.done:
+                stops = () if ignore_stop else (end_gmask if r.prompt.kinds[r.j] == tok.gmask_id else end_span)
+                yield from _advance(r, b, x, n_new, causal, stops, tok)
 
 
 def _advance(r: _Row, b: int, x: int, n_new: int, causal: bool, stops, tok) -> Iterator[Event]:
@@ -392,7 +403,8 @@ def load_for_inference(path: str, device: str = "cpu", dtype: torch.dtype | None
     """(model, tokenizer, objective) from a glmkit checkpoint / run directory or an HF GLM folder.
 
     objective: the one the checkpoint was pretrained with (glm | mlm | clm, from its manifest); an HF
-    checkpoint counts as `clm` (released GLM-4 models are decoders read causally after `[gMASK]<sop>`)."""
+    checkpoint counts as `clm` (released GLM-4 models are decoders read causally after `[gMASK]<sop>`).
+    The weights are laid out for decoding (`glmkit.kv_cache.decode_layout`)."""
     import json
     from pathlib import Path
 
@@ -404,11 +416,11 @@ def load_for_inference(path: str, device: str = "cpu", dtype: torch.dtype | None
     hf_config = p / "config.json"
     if hf_config.is_file() and "model_type" in json.loads(hf_config.read_text()):
         from glmkit.hf import from_hf
-        return from_hf(p, dtype=dtype, device=device), GLMTokenizer.load(p), "clm"
+        return decode_layout(from_hf(p, dtype=dtype, device=device)), GLMTokenizer.load(p), "clm"
     model, tok = ckpt_io.load_model(p, device=device)
     manifest = json.loads((ckpt_io.resolve(p) / "manifest.json").read_text())
     objective = manifest.get("fingerprint", {}).get("objective", {}).get("kind", "glm")
-    return (model.to(dtype) if dtype else model), tok, objective
+    return decode_layout(model.to(dtype) if dtype else model), tok, objective
 
 
 def add_arguments(parser) -> None:

@@ -8,6 +8,7 @@ from glmkit.batch import Batch, dense_mask
 from glmkit.config import GLMConfig
 from glmkit.errors import GlmkitError
 from glmkit.generate import (
+    Prompt,
     SamplingConfig,
     decode_blanks,
     generate,
@@ -82,6 +83,35 @@ def test_kv_cache_decoding_equals_full_recompute(model, tok):
     got = _cached_fill(model, prompts, tok, cfg)          # a batch of prompts of different lengths
     for p, g in zip(prompts, got):
         assert g == _reference_fill(model, p.ids, p.blanks, tok, 4)
+
+
+def _tokens(model, prompts, tok, cfg, causal, step):
+    return [(ev.row, ev.blank, ev.token) for ev in decode_blanks(model, prompts, cfg, tok, causal, step=step)]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_eager_decode_over_filled_slots_equals_whole_cache_decode(model, tok, causal):
+    """The eager engine attends over the filled cache slots only (no mask for one token of unpadded
+    rows); any other step callable (a compiled one) gets the whole static cache. Same tokens, both
+    for bidirectional GLM infilling (padded rows, several blanks) and causal generation."""
+    from functools import partial
+
+    from glmkit.kv_cache import decode_one_token
+    texts = (["The quick brown", "北京是中国的首都", "A small"] if causal else
+             ["The quick [MASK] fox [MASK] over the lazy [sMASK]", "北京是[MASK]的首都[gMASK]", "A small cat[MASK]"])
+    prompts = [Prompt(tok.encode(t), [len(tok.encode(t))], [tok.gmask_id]) if causal else
+               parse_prompt(tok.encode(t, allow_special=True), tok) for t in texts]
+    cfg = SamplingConfig(max_new_tokens=6)
+    for rows in (prompts, prompts[:1]):                                  # padded batch; one unpadded row
+        whole = _tokens(model, rows, tok, cfg, causal, partial(decode_one_token))
+        assert _tokens(model, rows, tok, cfg, causal, decode_one_token) == whole
+        assert sum(t is not None for _, _, t in whole) >= 6
+
+
+def test_consumer_runs_outside_the_engines_inference_mode(model, tok):
+    prompt = parse_prompt(tok.encode("The quick [MASK] fox", allow_special=True), tok)
+    for _ in decode_blanks(model, [prompt], SamplingConfig(max_new_tokens=3), tok):
+        assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
 
 
 def test_causal_generation_equals_full_recompute(tok):
@@ -172,13 +202,13 @@ def test_converted_hf_checkpoint_generates_what_hf_generates(tok, tmp_path):
     """An HF folder (written by glmkit.hf.to_hf) loads for inference as a causal model, and its
     greedy continuation equals transformers' own `generate` on the same folder."""
     transformers = pytest.importorskip("transformers")
-    from glmkit.generate import Prompt, load_for_inference
+    from glmkit.generate import load_for_inference
     from glmkit.hf import to_hf
     torch.manual_seed(2)
     to_hf(GLM(GLMConfig.from_name("tiny", vocab_size=tok.vocab_size)), tmp_path)
     tok.save(tmp_path)
     model, tok2, objective = load_for_inference(str(tmp_path))
-    assert objective == "clm"
+    assert objective == "clm" and model.lm_head.weight.t().is_contiguous()      # laid out for decoding
     ids = tok2.encode("The quick brown fox")
     ours = [ev.token for ev in decode_blanks(model, [Prompt(ids, [len(ids)], [tok.gmask_id])],
                                              SamplingConfig(max_new_tokens=6), tok2, causal=True, ignore_stop=True)

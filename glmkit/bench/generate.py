@@ -1,7 +1,8 @@
 """`glmkit bench generate`: decode speed of glmkit against HF transformers `generate`, same weights.
 
 One random-weight model of a preset is built, saved as an HF checkpoint with `glmkit.hf.to_hf`, and
-loaded back by transformers' `AutoModelForCausalLM`, so both sides run identical weights. Each side
+loaded back by transformers' `AutoModelForCausalLM`, so both sides run identical weights (glmkit's
+stored column-major by `glmkit.kv_cache.decode_layout`, as `load_for_inference` does). Each side
 continues the same random prompts (`--prompt-len` tokens, causally read: exactly what HF computes)
 for exactly `--new-tokens` tokens, greedy, at each `--batches` size; time = prefill + all decode
 steps, best of `--repeats` after one warm-up, the two sides alternated. tokens/s = batch x new tokens / time.
@@ -117,6 +118,7 @@ def build(preset: str, device: str, dtype: torch.dtype, seed: int):
 
     from glmkit.config import GLMConfig
     from glmkit.hf import to_hf
+    from glmkit.kv_cache import decode_layout
     from glmkit.model import GLM
     torch.manual_seed(seed)
     config = GLMConfig.from_name(preset)
@@ -125,7 +127,7 @@ def build(preset: str, device: str, dtype: torch.dtype, seed: int):
     with tempfile.TemporaryDirectory() as d:
         to_hf(model, d)
         hf = AutoModelForCausalLM.from_pretrained(d, dtype=dtype, attn_implementation="sdpa").to(device).eval()
-    return model, hf
+    return decode_layout(model), hf
 
 
 def run(args) -> int:
