@@ -19,7 +19,8 @@ Contract
   the final norm and the output projection run only there; + MoE balance terms if
   `router_aux_loss_coef > 0`.
 - KV cache (`glmkit.kv_cache`): `forward(..., cache=cache, input_pos=slots)` writes this call's keys
-  and values at `input_pos` and attends over the whole cache with `attn.dense` (B, 1, T, S).
+  and values at `input_pos` and attends over the whole cache with `attn.dense` (B, 1, T, S), or over
+  its first `attn.kv_len` slots when that is set (eager decoding reads only the filled slots).
 - `model.layers` is a ModuleList of `Block`s (wrap each with FSDP2 / compile outside the model);
   `model.checkpointing = True` recomputes each block in the backward (activation checkpointing).
 - Weight names follow HF transformers where the layouts agree (`embed_tokens`, `layers.i.self_attn.*`,
@@ -54,6 +55,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
+        if x.dtype == self.weight.dtype == torch.float32:   # the same fp32 arithmetic in one call (bit-equal)
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
@@ -101,17 +104,18 @@ class Attention(nn.Module):
 
     def forward(self, x, rotary, rope, attn, cache=None, input_pos=None):
         B, T, _ = x.shape
-        D = self.head_dim
-        q, k, v = self.qkv_proj(x).split([self.n_head * D, self.n_kv * D, self.n_kv * D], dim=-1)
-        q, k, v = q.view(B, T, self.n_head, D), k.view(B, T, self.n_kv, D), v.view(B, T, self.n_kv, D)
+        H, Hkv, D = self.n_head, self.n_kv, self.head_dim
+        qkv = self.qkv_proj(x).view(B, T, H + 2 * Hkv, D)                 # heads: H of q, Hkv of k, Hkv of v
+        qk, v = qkv[:, :, :H + Hkv], qkv[:, :, H + Hkv:]
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+            qk = torch.cat((self.q_norm(qk[:, :, :H]), self.k_norm(qk[:, :, H:])), dim=2)
         if rope is not None:
-            q, k = rotary.rotate(q, *rope), rotary.rotate(k, *rope)
+            qk = rotary.rotate(qk, *rope)              # q and k heads in one call (elementwise: same values)
+        q, k = qk.split([H, Hkv], dim=2)
         if cache is not None:
             k, v = cache.update(self.layer_idx, input_pos, k, v)          # (B, S, Hkv, D)
         y = attend(q, k, v, attn)                                         # (B, T, H, D)
-        return self.o_proj(y.reshape(B, T, self.n_head * D))
+        return self.o_proj(y.reshape(B, T, H * D))
 
 
 class Block(nn.Module):
