@@ -74,7 +74,12 @@ def init(device: str = "auto") -> DistInfo:
 
 
 def shutdown() -> None:
+    """Leave the process group after a run that finished on every rank: a barrier first, so that no
+    rank tears down its gloo/NCCL threads while another is still in a collective (seen as a rare
+    "terminate called without an active exception" in a child under load). Not for the error path:
+    there a rank may never reach the barrier, so let the process exit and torchrun stop the rest."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -388,10 +388,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
-    try:
-        res = train(cfg)
-    finally:
-        D.shutdown()
+    res = train(cfg)        # an error propagates without shutdown(): see its docstring
+    D.shutdown()
     if int(os.environ.get("RANK", "0")) == 0:
         loss = f": loss {res['loss']:.4f}" if res["loss"] is not None else " (nothing left to train)"
         val = f", val loss {res['val_loss']:.4f}" if res["val_loss"] is not None else ""
