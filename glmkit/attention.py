@@ -36,6 +36,8 @@ then skip the masked half instead of reading a mask.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import math
 import os
@@ -393,14 +395,10 @@ def _varlen(q, k, v, cu_q, cu_k, max_len: int, scale: float, causal: bool, gqa: 
     return vl.varlen_attn(q, k, v, cu_q, cu_k, max_len, max_len, **kw)
 
 
-_VARLEN_PARAMS: dict = {}
-
-
+@functools.cache
 def _varlen_params(fn) -> frozenset:
-    if fn not in _VARLEN_PARAMS:
-        import inspect
-        _VARLEN_PARAMS[fn] = frozenset(inspect.signature(fn).parameters)
-    return _VARLEN_PARAMS[fn]
+    """The parameter names of this torch's `varlen_attn` (read once per function object)."""
+    return frozenset(inspect.signature(fn).parameters)
 
 
 def _split(q, k, v, plan: SplitPlan, scale):
