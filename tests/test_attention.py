@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from glmkit.attention import (
+from glmkit.model.attention import (
     AttentionMask,
     Rotary,
     attend,
@@ -19,7 +19,7 @@ from glmkit.attention import (
     split_plan,
 )
 from glmkit.batch import Batch, dense_mask
-from glmkit.config import GLMConfig
+from glmkit.model.config import GLMConfig
 from glmkit.errors import GlmkitError
 
 
@@ -145,7 +145,7 @@ def test_auto_picks_split_only_for_long_rows(monkeypatch):
     """On CUDA in half precision `auto` takes the split for rows >= SPLIT_MIN_LEN, Flex below (the
     kernel table of DESIGN.md §4); fp32 and the span layout always get Flex. (Decided on the host: no
     GPU needed; the split's availability check is stubbed.)"""
-    import glmkit.attention as att
+    import glmkit.model.attention as att
     monkeypatch.setattr(att, "split_available", lambda: True)
     short = make_batch(ROWS["packed"], T=24)
     long = make_batch([[("glm", 2000, [20, 7])], [("clm", 2048)]], T=att.SPLIT_MIN_LEN)
@@ -156,7 +156,7 @@ def test_auto_picks_split_only_for_long_rows(monkeypatch):
 
 
 def test_flex_kernel_options_are_checked_and_leave_cpu_results_alone():
-    import glmkit.attention as att
+    import glmkit.model.attention as att
     with pytest.raises(GlmkitError, match="BLOK_M.*BLOCK_M"):
         att.set_flex_options('{"BLOK_M": 64}')
     with pytest.raises(GlmkitError, match="not JSON"):
@@ -210,7 +210,7 @@ def test_split_backend_through_each_varlen_signature(monkeypatch, fake, heads):
     whatever the torch version's varlen_attn takes."""
     import torch.nn.attention.varlen as vl
 
-    from glmkit.attention import _split
+    from glmkit.model.attention import _split
     monkeypatch.setattr(vl, "varlen_attn", fake)
     batch = make_batch(ROWS["packed"], T=24)
     q, k, v = _qkv(*batch.shape, H=heads[0], Hkv=heads[1])
@@ -335,7 +335,7 @@ def test_split_applies_to_batches_from_the_packing_code():
 def test_compiled_flex_inside_a_block_matches_sdpa():
     """Regression: compiled Flex (inductor CPU, torch 2.13) gave wrong outputs when v was a slice of the
     fused qkv projection and a row was shorter than the block size; `attend` and `_block_mask` avoid both."""
-    from glmkit.model import GLM
+    from glmkit.model.glm import GLM
 
     c = GLMConfig.from_name("tiny")
     model = GLM(c).eval()

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from glmkit import checkpoint as C
+from glmkit.checkpoint import store as C
 from glmkit.errors import GlmkitError
 
 

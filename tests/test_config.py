@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from glmkit.config import PRESETS, GLMConfig
+from glmkit.model.config import PRESETS, GLMConfig
 from glmkit.errors import GlmkitError
 
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from glmkit import cli
-from glmkit.corpus import Corpus, build_corpus, default_corpus, split_of, token_dtype
+from glmkit.data.corpus import Corpus, build_corpus, default_corpus, split_of, token_dtype
 from glmkit.errors import GlmkitError
-from glmkit.sources import (
+from glmkit.data.sources import (
     Document,
     Source,
     hf_dataset_source,
@@ -20,7 +20,7 @@ from glmkit.sources import (
     peoples_daily_source,
     shakespeare_source,
 )
-from glmkit.tokenizer import GLMTokenizer
+from glmkit.data.tokenizer import GLMTokenizer
 
 REAL = [d for d, _ in zip(kjv_source(), range(3))] + [d for d, _ in zip(peoples_daily_source(), range(5))]
 

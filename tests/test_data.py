@@ -6,9 +6,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from glmkit.batch import FIELDS
-from glmkit.data import BatchIterator
+from glmkit.data.batches import BatchIterator
 from glmkit.errors import GlmkitError
-from glmkit.objectives import ObjectiveConfig
+from glmkit.data.objectives import ObjectiveConfig
 from tests.test_objectives import MASK_IDS, SP, reconstruct
 
 
@@ -113,9 +113,9 @@ def test_skipped_and_padding_are_counted():
 
 @pytest.fixture(scope="module")
 def tiny_corpus(tmp_path_factory):
-    from glmkit.corpus import build_corpus
-    from glmkit.sources import Source, kjv_source, peoples_daily_source
-    from glmkit.tokenizer import GLMTokenizer
+    from glmkit.data.corpus import build_corpus
+    from glmkit.data.sources import Source, kjv_source, peoples_daily_source
+    from glmkit.data.tokenizer import GLMTokenizer
     real = [d for d, _ in zip(kjv_source(), range(6))] + [d for d, _ in zip(peoples_daily_source(), range(30))]
     tok = GLMTokenizer.train([d.text for d in real], vocab_size=1000)
     src = Source("mixed", "test", "kjv + people's daily", lambda s: iter(real))
@@ -123,7 +123,7 @@ def tiny_corpus(tmp_path_factory):
 
 
 def test_real_text_batches(tiny_corpus):
-    from glmkit.objectives import SMASK, SpecialIds
+    from glmkit.data.objectives import SMASK, SpecialIds
     sp = SpecialIds.from_tokenizer(tiny_corpus.tokenizer)
     assert len(sp.sentence_ends) > 0 and sp.pad not in sp.random_pool()
     docs = tiny_corpus.documents("train")
@@ -187,7 +187,7 @@ def test_every_sample_is_a_piece_of_its_document(lengths, seed, preset, batch_si
 
 
 def test_mixture_per_batch_gives_one_kind_per_batch():
-    from glmkit.objectives import MASK, SMASK
+    from glmkit.data.objectives import MASK, SMASK
     it = BatchIterator(corpus(30), ObjectiveConfig.from_name("glm-10b"), SP, 2, 128, seed=0)
     assert it.group == 1
     seen = set()

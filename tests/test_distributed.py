@@ -17,8 +17,8 @@ import pytest
 import torch
 from test_train import build_toy_corpus
 
-from glmkit import checkpoint as C
-from glmkit import train as T
+from glmkit.checkpoint import store as C
+from glmkit.train import loop as T
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = dict(model="tiny", seq_len=64, batch_size=2, lr=5e-3, warmup_steps=100, eval_every=3, eval_batches=2,

@@ -6,12 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from glmkit import tasks
-from glmkit.config import GLMConfig
-from glmkit.evaluate import bits_per_byte, choice_accuracy, infill_accuracy, pet_finetune
-from glmkit.model import GLM
-from glmkit.objectives import SpecialIds
-from glmkit.tokenizer import GLMTokenizer
+from glmkit.eval import tasks
+from glmkit.model.config import GLMConfig
+from glmkit.eval.evaluate import bits_per_byte, choice_accuracy, infill_accuracy, pet_finetune
+from glmkit.model.glm import GLM
+from glmkit.data.objectives import SpecialIds
+from glmkit.data.tokenizer import GLMTokenizer
 
 TEXTS = ["The quick brown fox jumps over the lazy dog. A small cat sat on the warm mat. " * 3,
          "北京是中国的首都。上海是一个大城市。我们今天去公园散步。天气很好。" * 3,
@@ -75,7 +75,7 @@ def test_bits_per_byte_glm_and_clm_match_a_direct_computation(model, tok):
                 ids = torch.tensor([x[:-1]])
                 h = model(ids, torch.arange(len(x) - 1)[None], torch.zeros_like(ids))
             else:     # x1 [gMASK] <sop> x2..x_{n-1}: Part A bidirectional (2 tokens), Part B causal
-                from glmkit.attention import AttentionMask
+                from glmkit.model.attention import AttentionMask
                 sp = SpecialIds.from_tokenizer(tok)
                 ids = torch.tensor([[x[0], sp.gmask, sp.sop] + x[1:-1]])
                 T = ids.shape[1]
@@ -109,7 +109,7 @@ def test_pet_finetuning_fits_the_verbalizers(model, tok):
 
 
 def test_cli_infill_and_generate_on_a_checkpoint(model, tok, tmp_path, capsys):
-    from glmkit.checkpoint import save_checkpoint
+    from glmkit.checkpoint.store import save_checkpoint
     from glmkit.cli import main
     save_checkpoint(tmp_path, 1, model_state=model.state_dict(), save_config=model.config.save,
                     save_tokenizer=lambda p: tok.save(p.parent), train_state={},

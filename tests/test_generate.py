@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from glmkit.batch import Batch, dense_mask
-from glmkit.config import GLMConfig
+from glmkit.model.config import GLMConfig
 from glmkit.errors import GlmkitError
-from glmkit.generate import (
+from glmkit.infer.generate import (
     Prompt,
     SamplingConfig,
     decode_blanks,
@@ -19,8 +19,8 @@ from glmkit.generate import (
     top_k_filter,
     top_p_filter,
 )
-from glmkit.model import GLM
-from glmkit.tokenizer import GLMTokenizer
+from glmkit.model.glm import GLM
+from glmkit.data.tokenizer import GLMTokenizer
 
 TEXTS = ["The quick brown fox jumps over the lazy dog. A small cat sat on the warm mat. " * 2,
          "北京是中国的首都。上海是一个大城市。我们今天去公园散步。" * 2]
@@ -43,7 +43,7 @@ def _forward_last(model, ids, pos, blk, sep):
     t = lambda x: torch.tensor([x])
     b = Batch(input_ids=t(ids), targets=t([0] * T), loss_mask=t([False] * T), position_ids=t(pos),
               block_position_ids=t(blk), segment_ids=t([0] * T), sep=t([sep] * T), span_ids=t([1] * T))
-    from glmkit.attention import AttentionMask
+    from glmkit.model.attention import AttentionMask
     h = model(b.input_ids, b.position_ids, b.block_position_ids, AttentionMask("sdpa", dense=dense_mask(b)[:, None]))
     return model.logits(h[0, -1])
 
@@ -96,7 +96,7 @@ def test_eager_decode_over_filled_slots_equals_whole_cache_decode(model, tok, ca
     for bidirectional GLM infilling (padded rows, several blanks) and causal generation."""
     from functools import partial
 
-    from glmkit.kv_cache import decode_one_token
+    from glmkit.model.kv_cache import decode_one_token
     texts = (["The quick brown", "北京是中国的首都", "A small"] if causal else
              ["The quick [MASK] fox [MASK] over the lazy [sMASK]", "北京是[MASK]的首都[gMASK]", "A small cat[MASK]"])
     prompts = [Prompt(tok.encode(t), [len(tok.encode(t))], [tok.gmask_id]) if causal else
@@ -162,7 +162,7 @@ def test_sampling_filters_keep_exactly_the_right_tokens():
         assert kept == keep, (p, probs)
     # a top-k'd, top-p'd sample only ever draws kept tokens
     g = torch.Generator().manual_seed(0)
-    from glmkit.generate import sample_next
+    from glmkit.infer.generate import sample_next
     draws = {int(sample_next(logits, SamplingConfig(temperature=1.0, top_k=3, top_p=0.85), g)) for _ in range(200)}
     assert draws <= {1, 2} and draws
 
@@ -199,11 +199,11 @@ def test_bench_generate_prints_one_json_line(capsys):
 
 
 def test_converted_hf_checkpoint_generates_what_hf_generates(tok, tmp_path):
-    """An HF folder (written by glmkit.hf.to_hf) loads for inference as a causal model, and its
+    """An HF folder (written by glmkit.checkpoint.hf.to_hf) loads for inference as a causal model, and its
     greedy continuation equals transformers' own `generate` on the same folder."""
     transformers = pytest.importorskip("transformers")
-    from glmkit.generate import load_for_inference
-    from glmkit.hf import to_hf
+    from glmkit.infer.generate import load_for_inference
+    from glmkit.checkpoint.hf import to_hf
     torch.manual_seed(2)
     to_hf(GLM(GLMConfig.from_name("tiny", vocab_size=tok.vocab_size)), tmp_path)
     tok.save(tmp_path)

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from glmkit.config import GLMConfig
+from glmkit.model.config import GLMConfig
 from glmkit.errors import GlmkitError
-from glmkit.hf import INDEX_FILE, config_from_hf, config_to_hf, from_hf, parse_size, plan_shards, to_hf
-from glmkit.model import GLM
+from glmkit.checkpoint.hf import INDEX_FILE, config_from_hf, config_to_hf, from_hf, parse_size, plan_shards, to_hf
+from glmkit.model.glm import GLM
 
 transformers = pytest.importorskip("transformers")
 
@@ -136,7 +136,7 @@ RELEASED = {
 def test_released_config_maps_to_preset(preset):
     """A released config.json gives the preset's shape, and the HF tensors the plan expects add up to
     the preset's parameter count (model built on the meta device: nothing allocated)."""
-    from glmkit.hf import meta_parameters, tensor_plan
+    from glmkit.checkpoint.hf import meta_parameters, tensor_plan
 
     config = config_from_hf(RELEASED[preset], name=preset)
     want = GLMConfig.from_name(preset)
@@ -227,7 +227,7 @@ def glmkit_greedy(model, ids: torch.Tensor, n: int) -> torch.Tensor:
 
 def glmkit_greedy_cached(model, ids: torch.Tensor, n: int) -> torch.Tensor:
     """Greedy decoding with glmkit's static KV cache: a causal prefill (sep = 0), then one token a step."""
-    from glmkit.kv_cache import KVCache, decode_one_token, prefill
+    from glmkit.model.kv_cache import KVCache, decode_one_token, prefill
 
     B, P = ids.shape
     cache = KVCache.for_model(model, batch_size=B, max_len=P + n)
@@ -293,7 +293,7 @@ def test_from_hf_matches_transformers(case, hf_dirs):
 def test_from_hf_prefix_lm_mask_matches_transformers_float_mask(case, hf_dirs):
     """A [gMASK]-style prefix-LM row (bidirectional prefix, causal rest) through glmkit's mask and
     through HF with the same rule as a 4D float 0/-inf mask."""
-    from glmkit.attention import make_attention_mask
+    from glmkit.model.attention import make_attention_mask
     from glmkit.batch import Batch
 
     path, hf = hf_dirs[case]
@@ -480,7 +480,7 @@ def test_checkpoint_folder_errors(hf_dirs, tmp_path):
 def _tokenizer_json(path: Path) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    from glmkit.tokenizer import GLM_SPECIALS
+    from glmkit.data.tokenizer import GLM_SPECIALS
 
     specials = list(GLM_SPECIALS.values())
     tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(VOCAB - len(specials))}, unk_token="w0"))
@@ -490,7 +490,7 @@ def _tokenizer_json(path: Path) -> None:
 
 
 def test_convert_cli_round_trip(hf_dirs, tmp_path):
-    from glmkit.checkpoint import load_model
+    from glmkit.checkpoint.store import load_model
     from glmkit.cli import main
 
     src_dir, hf = hf_dirs["moe-groups"]
@@ -514,7 +514,7 @@ def test_convert_cli_dtype_and_errors(hf_dirs, tmp_path, capsys):
 
     src = hf_dirs["glm4-gqa"][0]
     assert main(["convert", "--from-hf", str(src), "--out", str(tmp_path / "gk"), "--dtype", "bf16"]) == 0
-    from glmkit.checkpoint import load_weights
+    from glmkit.checkpoint.store import load_weights
 
     assert load_weights(tmp_path / "gk" / "model.safetensors")["embed_tokens.weight"].dtype == torch.bfloat16
     assert main(["convert", "--to-hf", str(tmp_path / "gk"), "--out", str(tmp_path / "hf"), "--dtype", "fp32"]) == 0
@@ -534,9 +534,9 @@ def test_convert_cli_dtype_and_errors(hf_dirs, tmp_path, capsys):
 
 _PEAK_SCRIPT = """
 import sys, threading, time, torch
-from glmkit.config import GLMConfig
-from glmkit.hf import from_hf, meta_parameters
-from glmkit.model import GLM
+from glmkit.model.config import GLMConfig
+from glmkit.checkpoint.hf import from_hf, meta_parameters
+from glmkit.model.glm import GLM
 
 def anon():  # resident anonymous memory (file pages of the memory-mapped checkpoint are not counted)
     for line in open("/proc/self/status"):

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from glmkit.batch import Batch
-from glmkit.config import GLMConfig
+from glmkit.model.config import GLMConfig
 from glmkit.errors import GlmkitError
-from glmkit.kv_cache import KVCache, decode_layout, decode_one_token, prefill
-from glmkit.model import GLM
+from glmkit.model.kv_cache import KVCache, decode_layout, decode_one_token, prefill
+from glmkit.model.glm import GLM
 
 FAMILIES = ["tiny", "tiny-0414", "tiny-moe", "tiny-glm", "tiny-glm130b", "tiny-chatglm"]
 
@@ -138,7 +138,7 @@ def test_decode_layout_keeps_values_and_parameters(name):
 
 def test_fp32_rms_norm_fast_path_is_bit_equal():
     """RMSNorm's fp32 path (one F.rms_norm call) computes exactly the HF formula it replaces."""
-    from glmkit.model import RMSNorm
+    from glmkit.model.glm import RMSNorm
     torch.manual_seed(0)
     for dim in (16, 64, 256, 1000):
         norm = RMSNorm(dim, 1e-5)

@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from glmkit.attention import make_attention_mask
-from glmkit.config import GLMConfig
-from glmkit.model import GLM, MLP
-from glmkit.moe import MoE
+from glmkit.model.attention import make_attention_mask
+from glmkit.model.config import GLMConfig
+from glmkit.model.glm import GLM, MLP
+from glmkit.model.moe import MoE
 from tests.test_attention import ROWS, make_batch
 
 FAMILIES = ["tiny", "tiny-0414", "tiny-moe", "tiny-glm", "tiny-glm130b", "tiny-chatglm"]

@@ -5,10 +5,10 @@ import pytest
 import torch
 import torch._dynamo
 
-from glmkit.config import GLMConfig
+from glmkit.model.config import GLMConfig
 from glmkit.errors import GlmkitError
-from glmkit.model import GLM
-from glmkit.moe import Experts, MoE, expert_counts, grouped_unsupported, set_moe_impl
+from glmkit.model.glm import GLM
+from glmkit.model.moe import Experts, MoE, expert_counts, grouped_unsupported, set_moe_impl
 
 
 def moe_config(experts=16, top_k=2, shared=1, hidden=64, inter=32, **kw):

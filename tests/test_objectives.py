@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from glmkit.batch import Batch, dense_mask
 from glmkit.errors import GlmkitError
-from glmkit.objectives import (
+from glmkit.data.objectives import (
     CLM,
     GMASK,
     MASK,
@@ -21,7 +21,7 @@ from glmkit.objectives import (
     mlm_samples,
     random_glm_samples,
 )
-from glmkit.spans import gmask_spans, mask_spans, offsets_of, span_length_moments, truncated_poisson
+from glmkit.data.spans import gmask_spans, mask_spans, offsets_of, span_length_moments, truncated_poisson
 
 # text ids 0..49 (7 and 9 end sentences), specials above them
 SP = SpecialIds(mask=100, smask=101, gmask=102, sop=103, eop=104, eot=105, pad=106, vocab_size=110,

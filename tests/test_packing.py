@@ -6,8 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from glmkit.batch import dense_mask
-from glmkit.objectives import GMASK, MLM, ObjectiveConfig, chunk_length
-from glmkit.packing import PackStats, chunk_documents, chunk_lengths, first_fit, pack, pack_documents
+from glmkit.data.objectives import GMASK, MLM, ObjectiveConfig, chunk_length
+from glmkit.data.packing import PackStats, chunk_documents, chunk_lengths, first_fit, pack, pack_documents
 from tests.test_objectives import MASK_IDS, SP, reconstruct
 
 PRESETS = ["glm-large", "glm-10b", "glm-130b", "bert", "gpt"]

@@ -1,4 +1,4 @@
-"""Cloze scoring against full-forward references built independently of glmkit.scoring."""
+"""Cloze scoring against full-forward references built independently of glmkit.eval.scoring."""
 
 import numpy as np
 import pytest
@@ -6,12 +6,12 @@ import torch
 import torch.nn.functional as F
 
 from glmkit.batch import Batch
-from glmkit.config import GLMConfig
+from glmkit.model.config import GLMConfig
 from glmkit.errors import GlmkitError
-from glmkit.model import GLM
-from glmkit.objectives import SpecialIds, glm_sample
-from glmkit.scoring import fill_token_accuracy, score_choices
-from glmkit.tasks import Choice
+from glmkit.model.glm import GLM
+from glmkit.data.objectives import SpecialIds, glm_sample
+from glmkit.eval.scoring import fill_token_accuracy, score_choices
+from glmkit.eval.tasks import Choice
 
 SP = SpecialIds(mask=120, smask=121, gmask=122, sop=123, eop=124, eot=125, pad=126, vocab_size=128)
 CHOICES = [Choice([1, 2, 3, 4], [5, 6], [[7], [8, 9], [10, 11, 12]], 1),
@@ -60,7 +60,7 @@ def test_clm_and_mlm_scores_equal_direct_forward(model):
                     else:
                         ids = torch.tensor([ch.left + [SP.mask] * len(c) + ch.right])
                         T = ids.shape[1]
-                        from glmkit.attention import AttentionMask
+                        from glmkit.model.attention import AttentionMask
                         full = AttentionMask("sdpa", dense=torch.ones(1, 1, T, T, dtype=torch.bool))
                         h = model(ids, torch.arange(T)[None], torch.zeros_like(ids), full)
                         lp = F.log_softmax(model.logits(h[0]), -1)

@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from glmkit.errors import GlmkitError
-from glmkit.sources import kjv_source, peoples_daily_source
-from glmkit.tokenizer import GLM_SPECIALS, PAD_TOKEN, GLMTokenizer
+from glmkit.data.sources import kjv_source, peoples_daily_source
+from glmkit.data.tokenizer import GLM_SPECIALS, PAD_TOKEN, GLMTokenizer
 
 ENGLISH = ("In the beginning God created the heaven and the earth. And the earth was without form, and void! "
            "Shall I compare thee to a summer's day? Thou art more lovely and more temperate.\n\n")

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from glmkit import checkpoint as C
-from glmkit import train as T
-from glmkit import train_setup as S
+from glmkit.checkpoint import store as C
+from glmkit.train import loop as T
+from glmkit.train import setup as S
 from glmkit.errors import GlmkitError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,9 +28,9 @@ WORDS = ("the cat dog bird sat ran flew on under over a mat tree house red blue 
 def build_toy_corpus(out: Path, seed: int = 0, n_docs: int = 160, vocab_size: int = 300):
     """A small corpus of sentences from a toy grammar (learnable in a few dozen steps), with its own
     byte-level BPE tokenizer. `seed` changes the text, hence the tokenizer."""
-    from glmkit.corpus import build_corpus
-    from glmkit.sources import Document, Source
-    from glmkit.tokenizer import GLMTokenizer
+    from glmkit.data.corpus import build_corpus
+    from glmkit.data.sources import Document, Source
+    from glmkit.data.tokenizer import GLMTokenizer
 
     rng = np.random.default_rng(seed)
     docs = []
@@ -182,7 +182,7 @@ def test_sigint_saves_a_checkpoint_and_exits_cleanly(corpus, tmp_path):
 
 
 def test_nonfinite_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(corpus, tmp_path, monkeypatch):
-    from glmkit.model import GLM
+    from glmkit.model.glm import GLM
     real, calls = GLM.loss, {"n": 0}
 
     def loss(self, batch, attn=None):
@@ -199,7 +199,7 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(cor
 
 
 def test_out_of_memory_gives_advice(corpus, tmp_path, monkeypatch):
-    from glmkit.model import GLM
+    from glmkit.model.glm import GLM
 
     def loss(self, batch, attn=None):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")

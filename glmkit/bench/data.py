@@ -1,6 +1,6 @@
 """`glmkit bench data`: corruption + packing speed of each objective, against pure Python.
 
-Times `glmkit.data.BatchIterator` (vectorised numpy: span sampling, Part A / Part B layout, first-fit
+Times `glmkit.data.batches.BatchIterator` (vectorised numpy: span sampling, Part A / Part B layout, first-fit
 packing into `Batch` rows) for each objective preset, and in the same run `python_glm_batches`, a
 plain pure-Python implementation of the same GLM [MASK] corruption and packing (lists and the
 `random` module, one token at a time), kept here as the baseline. One thread throughout (numpy's
@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def python_glm_batches(documents: list[list[int]], specials, batch_size: int, seq_len: int, chunk_len: int,
                        seed: int, ratio: float = 0.15, lam: float = 3.0, max_span: int = 39):
     """Yield (rows, text_tokens) batches, each row a dict of the eight Batch fields as lists: the
-    same [MASK] corruption as glmkit.objectives (Poisson(lam) lengths in 1..max_span until int(ratio*L)
+    same [MASK] corruption as glmkit.data.objectives (Poisson(lam) lengths in 1..max_span until int(ratio*L)
     is reached, non-touching placement, shuffled Part B) and the same first-fit packing, in plain Python."""
     rnd = random.Random(seed)
     weights = [lam ** k * math.exp(-lam) / math.factorial(k) for k in range(1, max_span + 1)]
@@ -146,10 +146,10 @@ def _place_row(row: dict, sample: dict, col: int, segment: int) -> None:
 
 def _documents(path: str, seed: int) -> tuple[list[np.ndarray], object, str]:
     """(documents, SpecialIds, description): the corpus's training split, or synthetic Zipfian text."""
-    from glmkit.objectives import SpecialIds
+    from glmkit.data.objectives import SpecialIds
     if os.path.isdir(path):
         try:
-            from glmkit.corpus import Corpus
+            from glmkit.data.corpus import Corpus
             corpus = Corpus.open(path)
             docs = corpus.documents("train")
             return docs, SpecialIds.from_tokenizer(corpus.tokenizer), f"corpus {path} (train split, {len(docs)} documents)"
@@ -168,7 +168,7 @@ def _documents(path: str, seed: int) -> tuple[list[np.ndarray], object, str]:
 
 def _iterator_rounds(docs, cfg, sp, args):
     """Yield (text tokens, CPU seconds) of successive rounds of about tokens/rounds text each."""
-    from glmkit.data import BatchIterator
+    from glmkit.data.batches import BatchIterator
     it = BatchIterator(docs, cfg, sp, args.batch_size, args.seq_len, seed=args.seed)
     next(it)                                     # warm up: first epoch's piece list, allocations
     while True:
@@ -181,7 +181,7 @@ def _iterator_rounds(docs, cfg, sp, args):
 def _baseline_rounds(docs, sp, args):
     """Yield (text tokens, CPU seconds) of the pure-Python pipeline over fresh documents each round,
     drawn in the same random order as the iterator's (the same mix of long and short documents)."""
-    from glmkit.objectives import ObjectiveConfig, chunk_length
+    from glmkit.data.objectives import ObjectiveConfig, chunk_length
     chunk = chunk_length(ObjectiveConfig(), args.seq_len)
     order = iter(np.random.default_rng(args.seed).permutation(len(docs)).tolist() * 100)
     while True:
@@ -197,7 +197,7 @@ def _baseline_rounds(docs, sp, args):
 
 
 def run(args: argparse.Namespace) -> int:
-    from glmkit.objectives import ObjectiveConfig
+    from glmkit.data.objectives import ObjectiveConfig
     if args.batch_size < 1 or args.seq_len < 64 or args.tokens < 1 or args.rounds < 1:
         raise GlmkitError("need --batch-size >= 1, --seq-len >= 64, --tokens >= 1 and --rounds >= 1")
     docs, sp, what = _documents(args.corpus, args.seed)

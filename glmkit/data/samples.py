@@ -13,7 +13,7 @@ import argparse
 import numpy as np
 
 from glmkit.errors import GlmkitError
-from glmkit.objectives import (
+from glmkit.data.objectives import (
     CLM,
     GMASK,
     KIND_NAMES,
@@ -27,7 +27,7 @@ from glmkit.objectives import (
     mlm_samples,
     random_glm_samples,
 )
-from glmkit.spans import offsets_of
+from glmkit.data.spans import offsets_of
 
 TITLES = {MASK: "[MASK] blank infilling (Poisson(3) spans, 15% of tokens)",
           SMASK: "[sMASK] whole sentences (~15% of tokens)",
@@ -121,7 +121,7 @@ def make(kind: int, pieces: list[np.ndarray], cfg: ObjectiveConfig, specials: Sp
 
 
 def run(args: argparse.Namespace) -> int:
-    from glmkit.corpus import Corpus, default_corpus
+    from glmkit.data.corpus import Corpus, default_corpus
     if args.length < 8:
         raise GlmkitError(f"--length {args.length} is too short to mask 15% of it; use at least 8")
     if args.corpus is None:

@@ -35,8 +35,8 @@ import numpy as np
 
 import glmkit
 from glmkit.errors import GlmkitError
-from glmkit.sources import Document, Skip, Source, default_sources
-from glmkit.tokenizer import DEFAULT_VOCAB_SIZE, GLMTokenizer
+from glmkit.data.sources import Document, Skip, Source, default_sources
+from glmkit.data.tokenizer import DEFAULT_VOCAB_SIZE, GLMTokenizer
 
 FORMAT = "glmkit-corpus"
 VERSION = 1
@@ -396,7 +396,7 @@ def train_tokenizer(sources: Iterable[Source], vocab_size: int = DEFAULT_VOCAB_S
 
 # ---------------------------------------------------------------------------- `glmkit corpus`
 def add_arguments(parser) -> None:
-    from glmkit.sources import add_source_arguments
+    from glmkit.data.sources import add_source_arguments
     sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     p = sub.add_parser("build", help="tokenize documents into a corpus (no inputs: the default bilingual one)")
     add_source_arguments(p)
@@ -416,7 +416,7 @@ def run(args) -> int:
     if args.action == "info":
         print(Corpus.open(args.directory).summary())
         return 0
-    from glmkit.sources import sources_from_args
+    from glmkit.data.sources import sources_from_args
     is_default = not (args.inputs or args.hf_dataset) and args.tokenizer is None
     out = Path(args.out or (DEFAULT_ROOT if is_default else "data/corpus"))
     if out.exists() and not args.force:

@@ -3,13 +3,13 @@
     glmkit convert --from-hf HF_DIR --out DIR [--dtype bf16]         # HF -> glmkit
     glmkit convert --to-hf CKPT --out HF_DIR [--max-shard-size 5GB]   # glmkit -> HF
 
-A glmkit checkpoint here is the inference part of `glmkit.checkpoint`'s layout: `config.json`
+A glmkit checkpoint here is the inference part of `glmkit.checkpoint.store`'s layout: `config.json`
 (`GLMConfig.save`), `model.safetensors`, `tokenizer.json` when the source has one, and a
-`manifest.json` with checksums (step 0), so `glmkit.checkpoint.load_model` and every command that
+`manifest.json` with checksums (step 0), so `glmkit.checkpoint.store.load_model` and every command that
 takes a checkpoint read it. `--to-hf` accepts such a folder, a training step directory or a run
 directory (its latest checkpoint). The tokenizer files found next to the source weights are copied.
 
-Both directions hold one copy of the weights in memory (see `glmkit.hf`).
+Both directions hold one copy of the weights in memory (see `glmkit.checkpoint.hf`).
 """
 
 from __future__ import annotations
@@ -50,21 +50,21 @@ def run(args: argparse.Namespace) -> int:
     if args.from_hf:
         src = Path(args.from_hf)
         _check_out(src, out)
-        from glmkit.hf import from_hf
+        from glmkit.checkpoint.hf import from_hf
         model = from_hf(src, dtype=dtype)
         save_glmkit(model, out, source=src)
         direction = "HF -> glmkit"
     else:
         src = _glmkit_dir(Path(args.to_hf))
         _check_out(src, out)
-        from glmkit.hf import to_hf
+        from glmkit.checkpoint.hf import to_hf
         model = load_glmkit(src)
         if dtype is not None:
             model = _cast(model, dtype)
         to_hf(model, out, max_shard_size=args.max_shard_size)
         _copy_side_files(src, out)
         direction = "glmkit -> HF"
-    from glmkit.config import human
+    from glmkit.model.config import human
 
     n = sum(p.numel() for p in model.parameters())
     print(f"{direction}: {model.config.name} ({human(n)} parameters, {model.embed_tokens.weight.dtype}) "
@@ -81,7 +81,7 @@ def _check_out(src: Path, out: Path) -> None:
 
 def _cast(model, dtype):
     """Cast weights to `dtype`, keeping the MoE router in fp32."""
-    from glmkit.hf import keep_fp32
+    from glmkit.checkpoint.hf import keep_fp32
 
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if t.is_floating_point() and not keep_fp32(name):
@@ -103,7 +103,7 @@ def _copy_side_files(src: Path, out: Path) -> list[str]:
 
 def save_glmkit(model, out: Path, source: Path | None = None) -> Path:
     """Write `model` as a glmkit inference checkpoint into `out` (see the module docstring)."""
-    from glmkit.checkpoint import FORMAT, save_weights, sha256
+    from glmkit.checkpoint.store import FORMAT, save_weights, sha256
 
     out.mkdir(parents=True, exist_ok=True)
     save_weights(model.state_dict(), out / "model.safetensors")
@@ -122,7 +122,7 @@ def _glmkit_dir(path: Path) -> Path:
     """A folder holding config.json + model.safetensors: given directly, or a checkpoint/run directory."""
     if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
         return path
-    from glmkit.checkpoint import resolve
+    from glmkit.checkpoint.store import resolve
 
     return resolve(path)
 
@@ -130,10 +130,10 @@ def _glmkit_dir(path: Path) -> Path:
 def load_glmkit(path: Path):
     """A GLM from a glmkit checkpoint folder, weights verified against the manifest when there is one;
     the tensors are read once and become the parameters (no second copy)."""
-    from glmkit.checkpoint import load_weights, verify
-    from glmkit.config import GLMConfig
-    from glmkit.hf import meta_parameters
-    from glmkit.model import GLM
+    from glmkit.checkpoint.store import load_weights, verify
+    from glmkit.model.config import GLMConfig
+    from glmkit.checkpoint.hf import meta_parameters
+    from glmkit.model.glm import GLM
 
     if (path / "manifest.json").is_file():
         verify(path)

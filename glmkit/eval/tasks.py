@@ -2,7 +2,7 @@
 
 Everything here is token ids and plain data: no model. A task example is a *blank* — the token ids
 left of it, the ids right of it — plus what belongs in it. The same example serves every objective:
-`glmkit.scoring` turns it into a GLM Part A/Part B, an MLM masked row or a CLM left-to-right row.
+`glmkit.eval.scoring` turns it into a GLM Part A/Part B, an MLM masked row or a CLM left-to-right row.
 
 - `infill_examples`: held-out spans (Poisson lengths, as in pretraining) to regenerate; scored by
   exact match and token accuracy.

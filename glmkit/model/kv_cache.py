@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from glmkit.attention import AttentionMask
+from glmkit.model.attention import AttentionMask
 from glmkit.errors import GlmkitError
 
 

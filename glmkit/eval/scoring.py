@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from glmkit.batch import Batch
 from glmkit.errors import GlmkitError
-from glmkit.tasks import Choice
+from glmkit.eval.tasks import Choice
 
 OBJECTIVES = ("glm", "mlm", "clm")
 
@@ -137,7 +137,7 @@ def _clm_row(ex: int, j: int, ch: Choice, max_len: int, b: RowBuilder):
 
 def build_rows(choices: list[Choice], objective: str, specials, max_len: int, offset: int = 0) -> Rows:
     """The scoring rows of `choices` for a model trained with `objective` (glm | mlm | clm).
-    `specials`: anything with `mask, sop, eop, pad` ids (`glmkit.objectives.SpecialIds`)."""
+    `specials`: anything with `mask, sop, eop, pad` ids (`glmkit.data.objectives.SpecialIds`)."""
     if objective not in OBJECTIVES:
         raise GlmkitError(f"unknown objective {objective!r}; use one of {', '.join(OBJECTIVES)}")
     b = RowBuilder()

@@ -8,7 +8,7 @@
 Contract
 - `forward` returns the final hidden states (after the last norm), NOT logits: training projects to
   the vocabulary only at loss positions (`loss`), inference only at the last position. `attn` is an
-  `AttentionMask` from `glmkit.attention.make_attention_mask(batch, backend)`, built once per batch;
+  `AttentionMask` from `glmkit.model.attention.make_attention_mask(batch, backend)`, built once per batch;
   `attn=None` is plain causal attention over the row.
 - Positions are always GLM's 2D pair. `learned_2d` adds two embedding tables; `rope_2d` rotates half
   of each head by each; the 1-D RoPE families (GLM-130B, GLM-4, GLM-4.5) use
@@ -18,7 +18,7 @@ Contract
   positions right after the last block's attention (`forward(..., select=idx)`), so that block's MLP,
   the final norm and the output projection run only there; + MoE balance terms if
   `router_aux_loss_coef > 0`.
-- KV cache (`glmkit.kv_cache`): `forward(..., cache=cache, input_pos=slots)` writes this call's keys
+- KV cache (`glmkit.model.kv_cache`): `forward(..., cache=cache, input_pos=slots)` writes this call's keys
   and values at `input_pos` and attends over the whole cache with `attn.dense` (B, 1, T, S), or over
   its first `attn.kv_len` slots when that is set (eager decoding reads only the filled slots).
 - `model.layers` is a ModuleList of `Block`s (wrap each with FSDP2 / compile outside the model);
@@ -39,11 +39,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from glmkit.attention import AttentionMask, Rotary, attend, make_attention_mask
+from glmkit.model.attention import AttentionMask, Rotary, attend, make_attention_mask
 from glmkit.batch import Batch
-from glmkit.config import GLMConfig
+from glmkit.model.config import GLMConfig
 from glmkit.errors import GlmkitError
-from glmkit.moe import MoE
+from glmkit.model.moe import MoE
 
 
 class RMSNorm(nn.Module):

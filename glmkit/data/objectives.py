@@ -3,12 +3,12 @@
 GLM autoregressive blank infilling (`[MASK]` Poisson spans, `[sMASK]` whole sentences, `[gMASK]` one
 long span: middle infill or prefix-LM), BERT-style MLM and GPT-style CLM all produce `Samples`: many
 samples written back to back into flat arrays, each sample laid out as its Part A then its Part B.
-`glmkit.packing` writes them straight into the rows of a `glmkit.batch.Batch`.
+`glmkit.data.packing` writes them straight into the rows of a `glmkit.batch.Batch`.
 
 This file holds what to train on (`ObjectiveConfig` and its presets, `SpecialIds`), how long a
 document piece may be (`chunk_length`), and the builders that write samples: `build_infill` (GLM Part
 A / Part B from given spans), `mlm_samples`, `clm_samples`, and the GLM pipeline (`draw_kinds`,
-`glm_spans`, `build_glm`). Which tokens the GLM spans cover is drawn in `glmkit.spans`.
+`glm_spans`, `build_glm`). Which tokens the GLM spans cover is drawn in `glmkit.data.spans`.
 
 Everything is vectorised over all samples of a batch at once: documents come in as one flat token
 array plus offsets (`tokens[offsets[i]:offsets[i+1]]` is sample i), spans as flat arrays sorted by
@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 
 from glmkit.errors import GlmkitError
-from glmkit.spans import (
+from glmkit.data.spans import (
     Spans,
     gmask_spans,
     mask_spans,
@@ -63,7 +63,7 @@ class SpecialIds:
     @classmethod
     def from_tokenizer(cls, tok) -> SpecialIds:
         """From any object with `mask_id, smask_id, gmask_id, sop_id, eop_id, eot_id, pad_id,
-        vocab_size, sentence_end_ids` (e.g. `glmkit.tokenizer.GLMTokenizer`)."""
+        vocab_size, sentence_end_ids` (e.g. `glmkit.data.tokenizer.GLMTokenizer`)."""
         other = getattr(tok, "special_ids", None) or getattr(tok, "all_special_ids", None) or ()
         return cls(mask=int(tok.mask_id), smask=int(tok.smask_id), gmask=int(tok.gmask_id),
                    sop=int(tok.sop_id), eop=int(tok.eop_id), eot=int(tok.eot_id), pad=int(tok.pad_id),

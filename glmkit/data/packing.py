@@ -19,7 +19,7 @@ import numpy as np
 
 from glmkit.batch import Batch
 from glmkit.errors import GlmkitError
-from glmkit.objectives import (
+from glmkit.data.objectives import (
     GMASK,
     INT,
     KIND_NAMES,
@@ -35,7 +35,7 @@ from glmkit.objectives import (
     mlm_samples,
     take_samples,
 )
-from glmkit.spans import offsets_of
+from glmkit.data.spans import offsets_of
 
 
 @dataclass
@@ -227,7 +227,7 @@ def split_rows(res: PackResult, batch_size: int) -> list[PackResult]:
 def pack_documents(documents: list[np.ndarray], cfg: ObjectiveConfig, specials: SpecialIds,
                    rng: np.random.Generator, batch_size: int, seq_len: int) -> PackResult:
     """Chunk documents and pack as many as fit into one batch (the rest is dropped): a convenience
-    for tests and examples; training uses `glmkit.data.BatchIterator`."""
+    for tests and examples; training uses `glmkit.data.batches.BatchIterator`."""
     cfg.check(specials)
     tokens, offsets = chunk_documents(documents, chunk_length(cfg, seq_len))
     return pack(tokens, offsets, cfg, specials, rng, batch_size, seq_len)

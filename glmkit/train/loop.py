@@ -24,7 +24,7 @@ for bit on the CPU). Ctrl-C / SIGTERM finish the current step, save, and exit.
 This file holds the loop: the data prefetcher, one optimizer step, validation, checkpoint save /
 restore, the run with its logging and throughput, and the command line. The options (`TrainConfig`,
 whose field comments are the `--help` text) and the building of a run (`setup`) are in
-`glmkit.train_setup`; `glmkit.train.TrainConfig` stays importable from here.
+`glmkit.train.setup`; `glmkit.train.loop.TrainConfig` stays importable from here.
 """
 
 from __future__ import annotations
@@ -48,12 +48,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from glmkit import checkpoint as ckpt_io
-from glmkit import distributed as D
+from glmkit.checkpoint import store as ckpt_io
+from glmkit.train import distributed as D
 from glmkit.errors import GlmkitError
-from glmkit.metrics import MetricsLogger, Progress, measured_matmul_peak, peak_flops
-from glmkit.train_setup import Run, TrainConfig, on_main, setup
-from glmkit.train_setup import build_model_config as build_model_config  # re-exported (public API)
+from glmkit.train.metrics import MetricsLogger, Progress, measured_matmul_peak, peak_flops
+from glmkit.train.setup import Run, TrainConfig, on_main, setup
+from glmkit.train.setup import build_model_config as build_model_config  # re-exported (public API)
 
 # ------------------------------------------------------------------------------------------ data
 

@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 
 from glmkit.errors import GlmkitError
-from glmkit.metrics import read_jsonl
+from glmkit.train.metrics import read_jsonl
 
 
 def smooth(values: list[float], window: int) -> list[float]:

@@ -278,7 +278,7 @@ def _ends_sentence(text: str) -> bool:
 def add_arguments(parser) -> None:
     sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     p = sub.add_parser("train", help="train a byte-level BPE on the default corpus or your files")
-    from glmkit.sources import add_source_arguments
+    from glmkit.data.sources import add_source_arguments
     add_source_arguments(p)
     p.add_argument("--out", default="data/tokenizer", help="directory to write tokenizer.json into")
     p.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE)
@@ -322,8 +322,8 @@ def run(args) -> int:
 def _run_train(args) -> int:
     import time
 
-    from glmkit.corpus import split_of, train_tokenizer
-    from glmkit.sources import sources_from_args
+    from glmkit.data.corpus import split_of, train_tokenizer
+    from glmkit.data.sources import sources_from_args
     sources = sources_from_args(args)
     start = time.perf_counter()
     tok = train_tokenizer(sources, args.vocab_size, args.val_fraction, args.seed)

@@ -3,7 +3,7 @@
 GLM (blank infilling), BERT-style MLM and GPT-style CLM models of the same shape are pretrained on the
 same corpus for the same number of processed positions (steps x batch x seq_len, with the same seed
 and optimizer), plus the span-shuffling ablation (GLM with Part B left to right). Each is then
-evaluated on every task of `glmkit.evaluate`, and the results go to `OUT/results.json`,
+evaluated on every task of `glmkit.eval.evaluate`, and the results go to `OUT/results.json`,
 `OUT/results.md` (a Markdown table) and `OUT/compare.png` (validation curves + task scores).
 
     glmkit experiment compare                 # the CPU default (~27 min on 2 cores)
@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from glmkit.errors import GlmkitError
-from glmkit.evaluate import EvalConfig, evaluate
+from glmkit.eval.evaluate import EvalConfig, evaluate
 
 VARIANTS = ("glm", "glm-noshuffle", "mlm", "clm")
 
@@ -54,7 +54,7 @@ DEFAULT_EVAL = EvalConfig(val_tokens=20000, infill_n=200, cloze_n=200, sentiment
 
 
 def train_variant(cfg: CompareConfig, variant: str) -> Path:
-    from glmkit.train import TrainConfig, train
+    from glmkit.train.loop import TrainConfig, train
     glm = variant.startswith("glm")
     tc = TrainConfig(out_dir=str(Path(cfg.out_dir) / variant), model=cfg.model, model_overrides=cfg.model_overrides,
                      corpus=cfg.corpus, objective={"glm": "glm", "glm-noshuffle": "glm-noshuffle"}.get(variant, variant),
@@ -87,7 +87,7 @@ def draw(results: dict, cfg: CompareConfig, out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from glmkit.plot import curves
+    from glmkit.train.plot import curves
     fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.8), dpi=110)
     for i, name in enumerate(results):
         c = curves(Path(cfg.out_dir) / name)
@@ -126,7 +126,7 @@ def compare(cfg: CompareConfig, eval_cfg: EvalConfig) -> dict:
         t = time.time()
         print(f"[{v}] pretraining {cfg.steps} steps ...", flush=True)
         ckpt = train_variant(cfg, v)
-        from glmkit.generate import load_for_inference
+        from glmkit.infer.generate import load_for_inference
         model, tok, objective = load_for_inference(str(ckpt), cfg.device)
         print(f"[{v}] evaluating ({time.time() - t:.0f}s so far)", flush=True)
         results[v] = evaluate(model, tok, objective, eval_cfg, log=lambda s: print(s, flush=True))

@@ -8,7 +8,7 @@ validation batches. It also checks the run directory against `--resume` / `--ove
 the setup's fingerprint (tokenizer, model, objective, `MUST_MATCH` options, data shards) with the
 one saved there, and returns the checkpoint to resume from, if any.
 
-The loop that trains a `Run`, checkpoints it and resumes it is `glmkit.train`.
+The loop that trains a `Run`, checkpoints it and resumes it is `glmkit.train.loop`.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from glmkit import checkpoint as ckpt_io
-from glmkit import distributed as D
+from glmkit.checkpoint import store as ckpt_io
+from glmkit.train import distributed as D
 from glmkit.errors import GlmkitError
 
 # ------------------------------------------------------------------------------------------ the options
@@ -34,7 +34,7 @@ class TrainConfig:
     out_dir: str = "runs/glm"
     """run directory: metrics.jsonl, train_config.json, checkpoints/"""
     model: str = "small"
-    """model preset name (see glmkit.config PRESETS) or a config.json path"""
+    """model preset name (see glmkit.model.config PRESETS) or a config.json path"""
     model_overrides: str = ""
     """comma-separated GLMConfig overrides, e.g. 'hidden_size=128,num_layers=2'"""
     corpus: str | None = None
@@ -141,7 +141,7 @@ def lr_factor(step: int, warmup: int, max_steps: int, min_ratio: float) -> float
 # ------------------------------------------------------------------------------------------ building
 
 def build_model_config(cfg: TrainConfig, tokenizer):
-    from glmkit.config import GLMConfig
+    from glmkit.model.config import GLMConfig
     is_file = cfg.model.endswith(".json") or os.path.isdir(cfg.model)
     config = GLMConfig.load(cfg.model) if is_file else GLMConfig.from_name(cfg.model)
     overrides = {}
@@ -163,7 +163,7 @@ def build_model_config(cfg: TrainConfig, tokenizer):
 
 
 def build_objective(cfg: TrainConfig):
-    from glmkit.objectives import PRESETS, ObjectiveConfig
+    from glmkit.data.objectives import PRESETS, ObjectiveConfig
     names = {"glm": "glm-large", "mlm": "bert", "clm": "gpt"}
     name = names.get(cfg.objective, cfg.objective)
     if name not in PRESETS:
@@ -249,7 +249,7 @@ def on_main(info: D.DistInfo, fn):
 
 
 def _open_corpus(cfg: TrainConfig):
-    from glmkit.corpus import Corpus, default_corpus
+    from glmkit.data.corpus import Corpus, default_corpus
     if cfg.corpus is None:
         return default_corpus(progress=cfg.progress)  # builds data/default on first use (file-locked)
     if not Path(cfg.corpus).is_dir():
@@ -308,7 +308,7 @@ def _fingerprint_diff(old: dict, new: dict) -> str:
 def _val_batches(cfg: TrainConfig, corpus, objective, specials, info: D.DistInfo) -> list:
     """A fixed validation set: `eval_batches` micro-batches from one stream (the same whatever the
     number of processes); process r evaluates batches r, r + world, ..."""
-    from glmkit.data import BatchIterator
+    from glmkit.data.batches import BatchIterator
     docs = corpus.documents("val")
     if cfg.eval_every <= 0 or not docs:
         return []
@@ -322,9 +322,9 @@ def _val_batches(cfg: TrainConfig, corpus, objective, specials, info: D.DistInfo
 
 def setup(cfg: TrainConfig) -> tuple[Run, Path | None]:
     """This process's `Run` of `cfg`, and the checkpoint to resume it from (None: start fresh)."""
-    from glmkit.data import BatchIterator
-    from glmkit.model import GLM
-    from glmkit.objectives import SpecialIds
+    from glmkit.data.batches import BatchIterator
+    from glmkit.model.glm import GLM
+    from glmkit.data.objectives import SpecialIds
 
     cfg.validate()
     info = D.init(cfg.device)

@@ -11,17 +11,17 @@ from glmkit.errors import GlmkitError
 
 # verb -> (module, one-line help). Keep in the order a new user meets them.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("glmkit.demo", "the main job: build the default corpus, show samples, pretrain a small GLM, fill blanks"),
-    "corpus": ("glmkit.corpus", "build or inspect a tokenized corpus (default: the bilingual one)"),
-    "tokenizer": ("glmkit.tokenizer", "train a bilingual byte-level BPE; encode/decode text"),
-    "samples": ("glmkit.samples", "print samples of each objective (GLM [MASK]/[sMASK]/[gMASK], MLM, CLM) on real text"),
-    "convert": ("glmkit.convert", "convert HF GLM-4 / GLM-4-0414 / GLM-4.5 checkpoints to and from glmkit"),
-    "train": ("glmkit.train", "pretrain a GLM (blank infilling, MLM or CLM); checkpoints, exact resume, torchrun"),
-    "plot": ("glmkit.plot", "draw training / validation loss curves of runs to a PNG"),
-    "infill": ("glmkit.generate", "fill [MASK] / [sMASK] / [gMASK] blanks in text with a model, streaming"),
-    "generate": ("glmkit.generate", "continue a prompt ([gMASK] at its end), streaming"),
-    "eval": ("glmkit.evaluate", "evaluate a checkpoint: bits/byte, infilling, cloze, Chinese sentiment"),
-    "experiment": ("glmkit.experiment", "GLM vs BERT (MLM) vs GPT (CLM) pretrained alike, on every eval task"),
+    "demo": ("glmkit.cli.demo", "the main job: build the default corpus, show samples, pretrain a small GLM, fill blanks"),
+    "corpus": ("glmkit.data.corpus", "build or inspect a tokenized corpus (default: the bilingual one)"),
+    "tokenizer": ("glmkit.data.tokenizer", "train a bilingual byte-level BPE; encode/decode text"),
+    "samples": ("glmkit.data.samples", "print samples of each objective (GLM [MASK]/[sMASK]/[gMASK], MLM, CLM) on real text"),
+    "convert": ("glmkit.checkpoint.convert", "convert HF GLM-4 / GLM-4-0414 / GLM-4.5 checkpoints to and from glmkit"),
+    "train": ("glmkit.train.loop", "pretrain a GLM (blank infilling, MLM or CLM); checkpoints, exact resume, torchrun"),
+    "plot": ("glmkit.train.plot", "draw training / validation loss curves of runs to a PNG"),
+    "infill": ("glmkit.infer.generate", "fill [MASK] / [sMASK] / [gMASK] blanks in text with a model, streaming"),
+    "generate": ("glmkit.infer.generate", "continue a prompt ([gMASK] at its end), streaming"),
+    "eval": ("glmkit.eval.evaluate", "evaluate a checkpoint: bits/byte, infilling, cloze, Chinese sentiment"),
+    "experiment": ("glmkit.eval.experiment", "GLM vs BERT (MLM) vs GPT (CLM) pretrained alike, on every eval task"),
     "bench": ("glmkit.bench", "measure speed against a named peer in the same run"),
 }
 

@@ -1,6 +1,6 @@
 """HF transformers checkpoints of GLM-4, GLM-4-0414 and GLM-4.5/4.6, loaded into and saved from glmkit.
 
-    model = from_hf("GLM-4-9B-0414", dtype=torch.bfloat16, device="cuda")   # -> glmkit.model.GLM
+    model = from_hf("GLM-4-9B-0414", dtype=torch.bfloat16, device="cuda")   # -> glmkit.model.glm.GLM
     to_hf(model, "out", max_shard_size="5GB")                              # from_pretrained reads it
     config = config_from_hf(json.load(open("config.json")));  hf_dict = config_to_hf(config)
 
@@ -234,7 +234,7 @@ def _rope(hf: dict) -> tuple[float, float]:
 
 def config_from_hf(hf: dict, name: str | None = None):
     """GLMConfig for an HF `config.json` dict of a supported architecture (else GlmkitError)."""
-    from glmkit.config import GLMConfig
+    from glmkit.model.config import GLMConfig
 
     model_type = hf_model_type(hf)
     if hf.get("quantization_config"):
@@ -456,7 +456,7 @@ def from_hf(path: str | os.PathLike, dtype: torch.dtype | None = None, device: s
 
     dtype: the weights' dtype (default: the checkpoint's `dtype`); the MoE router stays fp32.
     """
-    from glmkit.model import GLM
+    from glmkit.model.glm import GLM
 
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -487,7 +487,7 @@ def _plan_covers(plan, targets, model) -> None:
     missing = set(targets) - set(plan)
     extra = set(plan) - set(targets)
     if missing or extra:
-        raise RuntimeError(f"glmkit.hf tensor plan out of sync with {type(model).__name__}: "
+        raise RuntimeError(f"glmkit.checkpoint.hf tensor plan out of sync with {type(model).__name__}: "
                            f"unfilled {sorted(missing)[:5]}, unknown {sorted(extra)[:5]}")
 
 

@@ -10,7 +10,7 @@ Layers, bottom up:
 - sampling: pure functions on (B, V) logits (greedy, temperature, top-k, top-p, CTRL repetition
   penalty); filtered entries become -inf; draws come from a caller-owned `torch.Generator`, so a seed
   reproduces a run exactly on one device.
-- `decode_blanks`: token ids only. Prefills Part A into `glmkit.kv_cache`'s static cache and steps every
+- `decode_blanks`: token ids only. Prefills Part A into `glmkit.model.kv_cache`'s static cache and steps every
   row with `decode_one_token`, yielding an `Event` per produced token and per finished blank.
 - `stream` / `run_fill` / `infill` / `generate`: text in, text out; the non-streaming functions are the
   streamed pieces joined, so both always agree.
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from glmkit.errors import GlmkitError
-from glmkit.kv_cache import KVCache, decode_layout, decode_one_token, prefill
+from glmkit.model.kv_cache import KVCache, decode_layout, decode_one_token, prefill
 
 # ================================================================================================
 # Sampling
@@ -147,7 +147,7 @@ def generation_prompt(ids: list[int], tok) -> Prompt:
 
 
 # ================================================================================================
-# The decode engine (token ids only): glmkit.kv_cache's prefill / decode_one_token, driven here
+# The decode engine (token ids only): glmkit.model.kv_cache's prefill / decode_one_token, driven here
 # ================================================================================================
 
 @dataclass
@@ -404,18 +404,18 @@ def load_for_inference(path: str, device: str = "cpu", dtype: torch.dtype | None
 
     objective: the one the checkpoint was pretrained with (glm | mlm | clm, from its manifest); an HF
     checkpoint counts as `clm` (released GLM-4 models are decoders read causally after `[gMASK]<sop>`).
-    The weights are laid out for decoding (`glmkit.kv_cache.decode_layout`)."""
+    The weights are laid out for decoding (`glmkit.model.kv_cache.decode_layout`)."""
     import json
     from pathlib import Path
 
-    from glmkit import checkpoint as ckpt_io
-    from glmkit.tokenizer import GLMTokenizer
+    from glmkit.checkpoint import store as ckpt_io
+    from glmkit.data.tokenizer import GLMTokenizer
     p = Path(path)
     if not p.exists():
         raise GlmkitError(f"{path} does not exist; give a glmkit run/checkpoint directory or an HF GLM folder")
     hf_config = p / "config.json"
     if hf_config.is_file() and "model_type" in json.loads(hf_config.read_text()):
-        from glmkit.hf import from_hf
+        from glmkit.checkpoint.hf import from_hf
         return decode_layout(from_hf(p, dtype=dtype, device=device)), GLMTokenizer.load(p), "clm"
     model, tok = ckpt_io.load_model(p, device=device)
     manifest = json.loads((ckpt_io.resolve(p) / "manifest.json").read_text())

@@ -62,7 +62,7 @@ def _heading(text: str) -> None:
 
 def show_fills(model, tok, title: str) -> list[dict]:
     """Greedy fills of PROMPTS and continuations of GENERATION_PROMPTS, printed and returned."""
-    from glmkit.generate import SamplingConfig, generate, infill
+    from glmkit.infer.generate import SamplingConfig, generate, infill
     model.eval()
     cfg = SamplingConfig(max_new_tokens=12)
     _heading(title)
@@ -81,17 +81,17 @@ def show_fills(model, tok, title: str) -> list[dict]:
 
 def untrained_model(train_cfg, tokenizer):
     """The model exactly as training will initialise it (same config and seed)."""
-    from glmkit.model import GLM
-    from glmkit.train import build_model_config
+    from glmkit.model.glm import GLM
+    from glmkit.train.loop import build_model_config
     torch.manual_seed(train_cfg.seed)
     return GLM(build_model_config(train_cfg, tokenizer))
 
 
 def run(args: argparse.Namespace) -> int:
-    from glmkit.corpus import Corpus, default_corpus
-    from glmkit.generate import load_for_inference
-    from glmkit.plot import plot
-    from glmkit.train import TrainConfig, train
+    from glmkit.data.corpus import Corpus, default_corpus
+    from glmkit.infer.generate import load_for_inference
+    from glmkit.train.plot import plot
+    from glmkit.train.loop import TrainConfig, train
 
     t0 = time.time()
     _heading("1. the default bilingual corpus and tokenizer")
@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"  tokenizer: byte-level BPE, {corpus.tokenizer.vocab_size} tokens ({corpus.directory}/tokenizer.json)")
 
     if not args.no_samples:
-        from glmkit import samples
+        from glmkit.data import samples
         _heading("2. what each objective makes of English and Chinese text")
         samples.run(argparse.Namespace(corpus=str(corpus.directory), length=40, per_language=1, layout="glm",
                                        no_shuffle=False, table=False, seed=0))

@@ -23,9 +23,9 @@ import numpy as np
 
 from glmkit.batch import Batch
 from glmkit.errors import GlmkitError
-from glmkit.objectives import INT, ObjectiveConfig, SpecialIds, chunk_length
-from glmkit.packing import PackResult, PackStats, pack, split_rows
-from glmkit.spans import offsets_of, span_length_moments
+from glmkit.data.objectives import INT, ObjectiveConfig, SpecialIds, chunk_length
+from glmkit.data.packing import PackResult, PackStats, pack, split_rows
+from glmkit.data.spans import offsets_of, span_length_moments
 
 
 def expected_growth(cfg: ObjectiveConfig) -> float:
@@ -41,7 +41,7 @@ def expected_growth(cfg: ObjectiveConfig) -> float:
 class BatchIterator:
     """Yields `Batch` (numpy, batch_size x seq_len) forever.
 
-    documents: token arrays (one per document, e.g. `glmkit.corpus.Corpus.documents("train")`);
+    documents: token arrays (one per document, e.g. `glmkit.data.corpus.Corpus.documents("train")`);
     empty ones are skipped and counted. `stats` accumulates `PackStats` over the batches yielded;
     `last` is the `PackResult` of the latest batch (its samples, rows and columns)."""
 
