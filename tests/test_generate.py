@@ -202,13 +202,14 @@ def test_converted_hf_checkpoint_generates_what_hf_generates(tok, tmp_path):
     """An HF folder (written by glmkit.checkpoint.hf.to_hf) loads for inference as a causal model, and its
     greedy continuation equals transformers' own `generate` on the same folder."""
     transformers = pytest.importorskip("transformers")
-    from glmkit.infer.generate import load_for_inference
+    from glmkit.checkpoint.loader import load
     from glmkit.checkpoint.hf import to_hf
     torch.manual_seed(2)
     to_hf(GLM(GLMConfig.from_name("tiny", vocab_size=tok.vocab_size)), tmp_path)
     tok.save(tmp_path)
-    model, tok2, objective = load_for_inference(str(tmp_path))
-    assert objective == "clm" and model.lm_head.weight.t().is_contiguous()      # laid out for decoding
+    loaded = load(tmp_path)
+    model, tok2 = loaded.model, loaded.tokenizer
+    assert (loaded.objective, loaded.format) == ("clm", "hf") and model.lm_head.weight.t().is_contiguous()      # laid out for decoding
     ids = tok2.encode("The quick brown fox")
     ours = [ev.token for ev in decode_blanks(model, [Prompt(ids, [len(ids)], [tok.gmask_id])],
                                              SamplingConfig(max_new_tokens=6), tok2, causal=True, ignore_stop=True)

@@ -490,7 +490,7 @@ def _tokenizer_json(path: Path) -> None:
 
 
 def test_convert_cli_round_trip(hf_dirs, tmp_path):
-    from glmkit.checkpoint.store import load_model
+    from glmkit.checkpoint.loader import load
     from glmkit.cli import main
 
     src_dir, hf = hf_dirs["moe-groups"]
@@ -499,7 +499,9 @@ def test_convert_cli_round_trip(hf_dirs, tmp_path):
     assert main(["convert", "--from-hf", str(src), "--out", str(tmp_path / "gk")]) == 0
     assert {"config.json", "model.safetensors", "tokenizer.json", "manifest.json"} <= {
         p.name for p in (tmp_path / "gk").iterdir()}
-    model, tokenizer = load_model(tmp_path / "gk")                  # the glmkit checkpoint reader accepts it
+    loaded = load(tmp_path / "gk")                                   # the one loader reads it
+    model, tokenizer = loaded.model, loaded.tokenizer
+    assert (loaded.format, loaded.objective) == ("glmkit", "clm")    # converted HF weights are causal
     ids = torch.tensor([tokenizer.encode("w5 w7 w9 w11 w3 w2 w40 w41")])
     assert (glmkit_logits(model, ids) - hf_logits(hf, ids)).abs().max() <= 1e-4
     assert main(["convert", "--to-hf", str(tmp_path / "gk"), "--out", str(tmp_path / "back"),

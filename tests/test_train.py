@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from glmkit.checkpoint import store as C
+from glmkit.checkpoint.loader import load
 from glmkit.train import loop as T
 from glmkit.train import setup as S
 from glmkit.errors import GlmkitError
@@ -108,7 +109,9 @@ def test_train_writes_metrics_and_loadable_checkpoints(corpus, tmp_path):
     assert res["step"] == 12 and res["loss"] == train[-1]["loss"] and 0 <= res["data_share"] <= 1
     assert train[-1]["loss"] < train[0]["loss"]
     assert [s for s, _ in C.list_checkpoints(tmp_path / "checkpoints")] == [8, 12]  # keep=2
-    model, tok = C.load_model(tmp_path)
+    loaded = load(tmp_path)
+    model, tok = loaded.model, loaded.tokenizer
+    assert loaded.objective == "glm" and loaded.format == "glmkit" and loaded.path.name == "step-000012"
     assert tok.hash == corpus.tokenizer.hash
     ck = C.load_checkpoint(tmp_path)
     assert ck.step == 12 and set(ck.train_state["data"]) == {0}
@@ -249,5 +252,5 @@ def test_gpu_bf16_training_checkpoint_and_resume(corpus, tmp_path):
     assert res["step"] == 8 and math.isfinite(res["loss"]) and res["mfu_vs_measured_peak"] > 0
     T.train(replace(cfg, max_steps=10, resume=True))
     assert sorted(losses(tmp_path)) == list(range(1, 11))
-    model, _ = C.load_model(tmp_path, device="cuda")
+    model = load(tmp_path, device="cuda").model
     assert next(model.parameters()).dtype == torch.float32   # bf16 autocast, fp32 master weights

@@ -2,7 +2,7 @@
 
 One random-weight model of a preset is built, saved as an HF checkpoint with `glmkit.checkpoint.hf.to_hf`, and
 loaded back by transformers' `AutoModelForCausalLM`, so both sides run identical weights (glmkit's
-stored column-major by `glmkit.model.kv_cache.decode_layout`, as `load_for_inference` does). Each side
+stored column-major by `glmkit.model.kv_cache.decode_layout`, as `glmkit.checkpoint.loader.load` does). Each side
 continues the same random prompts (`--prompt-len` tokens, causally read: exactly what HF computes)
 for exactly `--new-tokens` tokens, greedy, at each `--batches` size; time = prefill + all decode
 steps, best of `--repeats` after one warm-up, the two sides alternated. tokens/s = batch x new tokens / time.

@@ -5,9 +5,10 @@
 
 A glmkit checkpoint here is the inference part of `glmkit.checkpoint.store`'s layout: `config.json`
 (`GLMConfig.save`), `model.safetensors`, `tokenizer.json` when the source has one, and a
-`manifest.json` with checksums (step 0), so `glmkit.checkpoint.store.load_model` and every command that
-takes a checkpoint read it. `--to-hf` accepts such a folder, a training step directory or a run
-directory (its latest checkpoint). The tokenizer files found next to the source weights are copied.
+`manifest.json` with checksums (step 0, written by `glmkit.checkpoint.store.write_manifest`), so
+`glmkit.checkpoint.loader.load` and every command that takes a checkpoint read it. `--to-hf` accepts
+such a folder, a training step directory or a run directory (its latest checkpoint). The tokenizer
+files found next to the source weights are copied.
 
 Both directions hold one copy of the weights in memory (see `glmkit.checkpoint.hf`).
 """
@@ -15,7 +16,6 @@ Both directions hold one copy of the weights in memory (see `glmkit.checkpoint.h
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import time
 from pathlib import Path
@@ -55,12 +55,14 @@ def run(args: argparse.Namespace) -> int:
         save_glmkit(model, out, source=src)
         direction = "HF -> glmkit"
     else:
-        src = _glmkit_dir(Path(args.to_hf))
-        _check_out(src, out)
         from glmkit.checkpoint.hf import to_hf
-        model = load_glmkit(src)
-        if dtype is not None:
-            model = _cast(model, dtype)
+        from glmkit.checkpoint.loader import load, locate
+        src, fmt = locate(args.to_hf)
+        if fmt == "hf":
+            raise GlmkitError(f"--to-hf {args.to_hf} is already an HF checkpoint folder; give a glmkit checkpoint "
+                              "or run folder")
+        _check_out(src, out)
+        model = load(src, dtype=dtype, for_inference=False, tokenizer=False).model
         to_hf(model, out, max_shard_size=args.max_shard_size)
         _copy_side_files(src, out)
         direction = "glmkit -> HF"
@@ -79,16 +81,6 @@ def _check_out(src: Path, out: Path) -> None:
         raise GlmkitError(f"--out {out} is a file; give a folder")
 
 
-def _cast(model, dtype):
-    """Cast weights to `dtype`, keeping the MoE router in fp32."""
-    from glmkit.checkpoint.hf import keep_fp32
-
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if t.is_floating_point() and not keep_fp32(name):
-            t.data = t.data.to(dtype)
-    return model
-
-
 def _copy_side_files(src: Path, out: Path) -> list[str]:
     copied = []
     for name in SIDE_FILES:
@@ -102,8 +94,9 @@ def _copy_side_files(src: Path, out: Path) -> list[str]:
 # The glmkit side: config.json + model.safetensors (+ tokenizer.json) + manifest.json.
 
 def save_glmkit(model, out: Path, source: Path | None = None) -> Path:
-    """Write `model` as a glmkit inference checkpoint into `out` (see the module docstring)."""
-    from glmkit.checkpoint.store import FORMAT, save_weights, sha256
+    """Write `model` as a glmkit folder into `out`: config.json, model.safetensors, the side files found
+    in `source` (tokenizer.json, ...) and the manifest (step 0, objective clm: HF models are causal)."""
+    from glmkit.checkpoint.store import save_weights, write_manifest
 
     out.mkdir(parents=True, exist_ok=True)
     save_weights(model.state_dict(), out / "model.safetensors")
@@ -111,42 +104,6 @@ def save_glmkit(model, out: Path, source: Path | None = None) -> Path:
     files = ["model.safetensors", "config.json"]
     if source is not None:
         files += _copy_side_files(source, out)
-    manifest = {"format": FORMAT, "step": 0, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "files": {f: {"sha256": sha256(out / f), "bytes": (out / f).stat().st_size} for f in files},
-                "fingerprint": {"converted_from": str(source) if source else None}}
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    write_manifest(out, files, step=0, fingerprint={"converted_from": str(source) if source else None,
+                                                    "objective": {"kind": "clm"}})
     return out
-
-
-def _glmkit_dir(path: Path) -> Path:
-    """A folder holding config.json + model.safetensors: given directly, or a checkpoint/run directory."""
-    if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
-        return path
-    from glmkit.checkpoint.store import resolve
-
-    return resolve(path)
-
-
-def load_glmkit(path: Path):
-    """A GLM from a glmkit checkpoint folder, weights verified against the manifest when there is one;
-    the tensors are read once and become the parameters (no second copy)."""
-    from glmkit.checkpoint.store import load_weights, verify
-    from glmkit.model.config import GLMConfig
-    from glmkit.checkpoint.hf import meta_parameters
-    from glmkit.model.glm import GLM
-
-    if (path / "manifest.json").is_file():
-        verify(path)
-    config = GLMConfig.load(path / "config.json")
-    with meta_parameters():
-        model = GLM(config)
-    state = load_weights(path / "model.safetensors")
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    problems = [f"missing tensor {k} (expected shape {list(s)})" for k, s in expected.items() if k not in state]
-    problems += [f"unexpected tensor {k} (shape {list(state[k].shape)})" for k in state if k not in expected]
-    problems += [f"tensor {k} has shape {list(state[k].shape)}, but the config implies {list(s)}"
-                 for k, s in expected.items() if k in state and tuple(state[k].shape) != s]
-    if problems:
-        raise GlmkitError(f"checkpoint {path} does not match its config.json:\n  " + "\n  ".join(problems[:12]))
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.eval()

@@ -21,8 +21,10 @@ the trainer additionally compares the manifest's fingerprint (model config, toke
 batch shape) with the run it is asked to continue.
 
 `train_state.pt` holds Python objects (RNG states, data-iterator states) and is read with
-`torch.load(weights_only=False)`: resume only from checkpoints you wrote. `load_model` (for inference)
-reads just the safetensors weights, the config and the tokenizer.
+`torch.load(weights_only=False)`: resume only from checkpoints you wrote. A model for inference is
+read by `glmkit.checkpoint.loader.load`, which reads just the weights, the config and the tokenizer.
+`write_manifest` is the one writer of `manifest.json` (checkpoints here, converted folders in
+`glmkit.checkpoint.convert`).
 """
 
 from __future__ import annotations
@@ -146,19 +148,33 @@ def save_checkpoint(root: str | Path, step: int, *, model_state: dict[str, torch
     save_config(tmp / "config.json")
     save_tokenizer(tmp / "tokenizer.json")
     torch.save(train_state, tmp / "train_state.pt")
-    files = {}
-    for f in FILES:
-        _fsync_file(tmp / f)
-        files[f] = {"sha256": sha256(tmp / f), "bytes": (tmp / f).stat().st_size}
-    manifest = {"format": FORMAT, "step": step, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "files": files, "fingerprint": fingerprint}
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    _fsync_file(tmp / "manifest.json")
+    write_manifest(tmp, FILES, step=step, fingerprint=fingerprint)
     _fsync_dir(tmp)
     _publish(tmp, root / name)
     _point_latest(root, name)
     prune(root, keep)
     return root / name
+
+
+def write_manifest(folder: str | Path, files, *, step: int, fingerprint: dict) -> dict:
+    """Write `folder/manifest.json` describing `files` (names inside `folder`) and return it.
+
+    The one place a manifest is made, for training checkpoints and converted folders alike:
+    `{"format", "step", "created" (UTC, ISO 8601), "files": {name: {"sha256", "bytes"}}, "fingerprint"}`.
+    Every listed file is fsync'ed before it is hashed and the manifest after it is written, so a
+    manifest never describes data that is not yet on disk.
+    """
+    folder = Path(folder)
+    entries = {}
+    for name in files:
+        _fsync_file(folder / name)
+        entries[name] = {"sha256": sha256(folder / name), "bytes": (folder / name).stat().st_size}
+    manifest = {"format": FORMAT, "step": step, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "files": entries, "fingerprint": fingerprint}
+    path = folder / "manifest.json"
+    path.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    _fsync_file(path)
+    return manifest
 
 
 def remove_partial(root: Path) -> None:
@@ -254,18 +270,3 @@ def load_checkpoint(path: str | Path, with_train_state: bool = True, verify_file
         if with_train_state else {}
     return Checkpoint(ckpt, int(manifest["step"]), manifest, model_state, train_state)
 
-
-def load_model(path: str | Path, device: str | torch.device = "cpu"):
-    """(model, tokenizer) from a checkpoint or run directory, weights verified, model in eval mode;
-    tokenizer is None when the checkpoint has no tokenizer.json (e.g. converted from bare HF weights)."""
-    from glmkit.model.config import GLMConfig
-    from glmkit.model.glm import GLM
-    from glmkit.data.tokenizer import GLMTokenizer
-
-    ckpt = load_checkpoint(path, with_train_state=False)
-    config = GLMConfig.load(ckpt.path / "config.json")
-    model = GLM(config)
-    model.load_state_dict(ckpt.model_state, strict=True)
-    tok_file = ckpt.path / "tokenizer.json"
-    tokenizer = GLMTokenizer.load(tok_file) if tok_file.is_file() else None  # converted weights may lack one
-    return model.to(device).eval(), tokenizer

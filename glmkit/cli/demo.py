@@ -89,7 +89,7 @@ def untrained_model(train_cfg, tokenizer):
 
 def run(args: argparse.Namespace) -> int:
     from glmkit.data.corpus import Corpus, default_corpus
-    from glmkit.infer.generate import load_for_inference
+    from glmkit.checkpoint.loader import load
     from glmkit.train.plot import plot
     from glmkit.train.loop import TrainConfig, train
 
@@ -119,7 +119,8 @@ def run(args: argparse.Namespace) -> int:
     metrics = train(cfg)
     print(f"  final: {json.dumps(metrics)}")
 
-    model, tok, _ = load_for_inference(args.out_dir)
+    loaded = load(args.out_dir)
+    model, tok = loaded.model, loaded.tokenizer
     after = show_fills(model, tok, "5. the same blanks after pretraining")
     png = plot([args.out_dir], Path(args.out_dir) / "loss.png", title="glmkit demo: GLM pretraining on 2 CPU cores")
     summary = {"before": before, "after": after, "metrics": metrics, "loss_png": str(png),

@@ -239,10 +239,11 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from glmkit.infer.generate import load_for_inference
+    from glmkit.checkpoint.loader import load
     cfg = EvalConfig(**{k: getattr(args, k) for k in asdict(EvalConfig())})
-    model, tok, objective = load_for_inference(args.checkpoint, cfg.device)
-    objective = args.objective or objective
+    loaded = load(args.checkpoint, cfg.device)
+    model, tok = loaded.model, loaded.tokenizer
+    objective = args.objective or loaded.objective
     print(f"evaluating {args.checkpoint} as a {objective} model")
     res = evaluate(model, tok, objective, cfg)
     out = Path(args.out) if args.out else Path(args.checkpoint) / "eval.json"

@@ -126,8 +126,9 @@ def compare(cfg: CompareConfig, eval_cfg: EvalConfig) -> dict:
         t = time.time()
         print(f"[{v}] pretraining {cfg.steps} steps ...", flush=True)
         ckpt = train_variant(cfg, v)
-        from glmkit.infer.generate import load_for_inference
-        model, tok, objective = load_for_inference(str(ckpt), cfg.device)
+        from glmkit.checkpoint.loader import load
+        loaded = load(ckpt, cfg.device)
+        model, tok, objective = loaded.model, loaded.tokenizer, loaded.objective
         print(f"[{v}] evaluating ({time.time() - t:.0f}s so far)", flush=True)
         results[v] = evaluate(model, tok, objective, eval_cfg, log=lambda s: print(s, flush=True))
         results[v]["seconds_total"] = round(time.time() - t, 1)

@@ -1,7 +1,7 @@
 """Blank infilling and generation (DESIGN.md §3): sampling, blank parsing, the decode engine, the
 text API with streaming, and the `glmkit infill` / `glmkit generate` verbs.
 
-    model, tok, objective = load_for_inference("runs/glm")
+    loaded = glmkit.checkpoint.loader.load("runs/glm");  model, tok = loaded.model, loaded.tokenizer
     infill(model, tok, "The quick [MASK] fox [MASK] the dog.")[0].text
     generate(model, tok, ["In the beginning", "北京是"], SamplingConfig(temperature=0.8, top_p=0.9, seed=0))
     for piece in stream(model, tok, "The [MASK] sat on the mat."): print(piece.text, end="")
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from glmkit.errors import GlmkitError
-from glmkit.model.kv_cache import KVCache, decode_layout, decode_one_token, prefill
+from glmkit.model.kv_cache import KVCache, decode_one_token, prefill
 
 # ================================================================================================
 # Sampling
@@ -396,32 +396,8 @@ def generate(model, tok, prompts: str | list[str], cfg: SamplingConfig | None = 
 
 
 # ================================================================================================
-# Loading a model for inference, and the `glmkit infill` / `glmkit generate` verbs
+# The `glmkit infill` / `glmkit generate` verbs
 # ================================================================================================
-
-def load_for_inference(path: str, device: str = "cpu", dtype: torch.dtype | None = None):
-    """(model, tokenizer, objective) from a glmkit checkpoint / run directory or an HF GLM folder.
-
-    objective: the one the checkpoint was pretrained with (glm | mlm | clm, from its manifest); an HF
-    checkpoint counts as `clm` (released GLM-4 models are decoders read causally after `[gMASK]<sop>`).
-    The weights are laid out for decoding (`glmkit.model.kv_cache.decode_layout`)."""
-    import json
-    from pathlib import Path
-
-    from glmkit.checkpoint import store as ckpt_io
-    from glmkit.data.tokenizer import GLMTokenizer
-    p = Path(path)
-    if not p.exists():
-        raise GlmkitError(f"{path} does not exist; give a glmkit run/checkpoint directory or an HF GLM folder")
-    hf_config = p / "config.json"
-    if hf_config.is_file() and "model_type" in json.loads(hf_config.read_text()):
-        from glmkit.checkpoint.hf import from_hf
-        return decode_layout(from_hf(p, dtype=dtype, device=device)), GLMTokenizer.load(p), "clm"
-    model, tok = ckpt_io.load_model(p, device=device)
-    manifest = json.loads((ckpt_io.resolve(p) / "manifest.json").read_text())
-    objective = manifest.get("fingerprint", {}).get("objective", {}).get("kind", "glm")
-    return decode_layout(model.to(dtype) if dtype else model), tok, objective
-
 
 def add_arguments(parser) -> None:
     generation = parser.prog.endswith("generate")
@@ -452,7 +428,9 @@ def run(args) -> int:
         raise GlmkitError("no prompt given: pass text after the checkpoint or --file PROMPTS.txt")
     cfg = SamplingConfig(args.temperature, args.top_k, args.top_p, args.repetition_penalty,
                          args.max_new_tokens, args.seed)
-    model, tok, objective = load_for_inference(args.checkpoint, args.device)
+    from glmkit.checkpoint.loader import load
+    loaded = load(args.checkpoint, args.device)
+    model, tok, objective = loaded.model, loaded.tokenizer, loaded.objective
     causal = objective == "clm" if args.causal is None else args.causal
     if causal and not args.generation:
         raise GlmkitError("a causal (CLM-trained or HF) model cannot fill blanks; use `glmkit generate`")

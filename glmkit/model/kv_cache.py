@@ -75,7 +75,7 @@ def decode_layout(model):
     (in, out) matrix. At decode's few rows per step MKL reads that layout much faster: the 17 weight
     matrices of one `small` decode step take ~0.9 ms against ~1.6 ms (fp32, one thread, x86). Results
     match the default layout to rounding (another summation order), not bit for bit. Only fp32 weights
-    on the CPU are changed (the only case measured); inference only (`load_for_inference` applies it).
+    on the CPU are changed (the only case measured); inference only (`glmkit.checkpoint.loader.load` applies it).
     """
     def relayout(w: nn.Parameter) -> None:
         if w.device.type == "cpu" and w.dtype == torch.float32 and w.dim() == 2 and w.is_contiguous():
