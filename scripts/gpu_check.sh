@@ -34,7 +34,7 @@ step env 30 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --f
 
 # 1. the headline: 338M GLM-4 shape, bf16, batch 16 x 1024, GLM objective, both compiled, same weights;
 #    `both` also times the same glmkit model on causal batches (GLM objective >= 0.95x causal)
-step bench_glm_vs_hf 200 "$PY" -m glmkit.bench.train --device cuda --dtype bfloat16 --preset bench-338m \
+step bench_glm_vs_hf 200 "$PY" -m glmkit bench train --device cuda --dtype bfloat16 --preset bench-338m \
     --batch-size 16 --seq-len 1024 --steps 15 --compile --objective both || true
 
 # 2. correctness on the GPU: every backend fwd+bwd vs the dense reference, compiled blocks, bf16 KV cache,
@@ -43,12 +43,12 @@ step tests 160 "$PY" -m pytest tests/test_gpu.py tests/test_moe.py -p no:cachepr
 
 # 3. the attention kernels alone (DESIGN.md §4's table: fwd+bwd ms per backend vs flash causal), with
 #    one Flex kernel-option candidate beside torch's defaults (Hopper's TMA loads)
-step bench_attention_table 120 "$PY" -m glmkit.bench.train --device cuda --dtype bfloat16 --attention-table \
+step bench_attention_table 120 "$PY" -m glmkit bench train --device cuda --dtype bfloat16 --attention-table \
     --flex-options '{"USE_TMA": true}' || true
 
 # 4. the split backend inside the glmkit model (auto picks flex below 2048 tokens, from DESIGN.md's
 #    kernel table): is the split faster on this card at 1024?
-step bench_backend_split 70 "$PY" -m glmkit.bench.train --device cuda --dtype bfloat16 --preset bench-338m \
+step bench_backend_split 70 "$PY" -m glmkit bench train --device cuda --dtype bfloat16 --preset bench-338m \
     --batch-size 16 --seq-len 1024 --steps 10 --compile --objective glm --backend split --no-hf || true
 
 echo; echo "=== summary (last JSON line of each bench)"

@@ -140,20 +140,16 @@ def test_real_text_batches(tiny_corpus):
 
 
 def test_samples_and_bench_verbs(tiny_corpus, capsys, tmp_path):
-    import argparse
     import json
 
     from glmkit import cli
-    from glmkit.bench import data as bench_data
     assert cli.main(["samples", "--corpus", str(tiny_corpus.directory), "--length", "24", "--table"]) == 0
     out = capsys.readouterr().out
     for title in ("[MASK] blank infilling", "[sMASK] whole sentences", "[gMASK] one long span", "BERT MLM", "GPT CLM"):
         assert title in out
     assert "--- English" in out and "--- Chinese" in out and "Part B 1: position" in out and "<sop>" in out
-    parser = argparse.ArgumentParser()
-    bench_data.add_arguments(parser)            # (the module directly: `glmkit bench` imports every bench)
-    assert bench_data.run(parser.parse_args(["--corpus", str(tmp_path / "none"), "--tokens", "20000",
-                                             "--baseline-tokens", "5000", "--batch-size", "2", "--seq-len", "128"])) == 0
+    assert cli.main(["bench", "data", "--corpus", str(tmp_path / "none"), "--tokens", "20000",
+                     "--baseline-tokens", "5000", "--batch-size", "2", "--seq-len", "128"]) == 0
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert last["glm_tokens_per_s_per_core"] > 0 and last["python_baseline_tokens_per_s_per_core"] > 0
     assert last["ratio"] > 0 and last["text"] == "synthetic"

@@ -184,17 +184,13 @@ def test_moe_aux_loss_only_when_configured():
 
 def test_bench_train_smoke(capsys):
     """`glmkit bench train` on a tiny preset: same weights and batch give the same first loss as HF."""
-    import argparse
     import json
 
     pytest.importorskip("transformers")
-    from glmkit.bench import train
+    from glmkit.cli import main
 
-    p = argparse.ArgumentParser()
-    train.add_arguments(p)
-    args = p.parse_args(["--device", "cpu", "--preset", "tiny", "--batch-size", "2", "--seq-len", "64",
-                         "--steps", "1", "--warmup", "0", "--objective", "both", "--loop-steps", "0"])
-    assert train.run(args) == 0
+    assert main(["bench", "train", "--device", "cpu", "--preset", "tiny", "--batch-size", "2", "--seq-len", "64",
+                 "--steps", "1", "--warmup", "0", "--objective", "both", "--loop-steps", "0"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     for key in ("glmkit_tokens_per_s", "hf_tokens_per_s", "ratio", "mfu", "device", "glm_vs_clm"):
         assert out[key] is not None

@@ -1,4 +1,4 @@
-"""`glmkit bench data`: corruption + packing speed of each objective, against pure Python.
+"""Corruption + packing speed of each objective, against pure Python (`glmkit bench data`).
 
 Times `glmkit.data.batches.BatchIterator` (vectorised numpy: span sampling, Part A / Part B layout, first-fit
 packing into `Batch` rows) for each objective preset, and in the same run `python_glm_batches`, a
@@ -8,19 +8,19 @@ element-wise kernels are single-threaded; BLAS is not used) and CPU time of this
 time, which other load on a shared machine inflates), so the rates are per core.
 
 Text: the default corpus's training documents when `data/default` exists, else synthetic Zipfian
-tokens (the output says which). The last line is one JSON object.
+tokens (the result says which). `bench_data` returns the numbers as a dict.
 """
 
 from __future__ import annotations
 
-import argparse
 import bisect
-import json
 import math
 import os
 import platform
 import random
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -29,17 +29,16 @@ from glmkit.errors import GlmkitError
 PRESETS = ("glm-large", "glm-10b", "glm-130b", "bert", "gpt")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--corpus", default="data/default", help="corpus folder (default: data/default); "
-                        "synthetic Zipfian tokens when it does not exist")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--seq-len", type=int, default=1024)
-    parser.add_argument("--tokens", type=int, default=6_000_000,
-                        help="text tokens to push through each objective, over all rounds (default 6M)")
-    parser.add_argument("--baseline-tokens", type=int, default=900_000,
-                        help="text tokens for the slower pure-Python baseline, over all rounds (default 900k)")
-    parser.add_argument("--rounds", type=int, default=3, help="timed rounds per objective; the best counts (default 3)")
-    parser.add_argument("--seed", type=int, default=0)
+@dataclass
+class DataBench:
+    """What `bench_data` measures (the options of `glmkit bench data`)."""
+    corpus: str = "data/default"      # corpus folder; synthetic Zipfian tokens when it does not exist
+    batch_size: int = 16
+    seq_len: int = 1024
+    tokens: int = 6_000_000           # text tokens pushed through each objective, over all rounds
+    baseline_tokens: int = 900_000    # text tokens for the slower pure-Python baseline, over all rounds
+    rounds: int = 3                   # timed rounds per objective; the best counts
+    seed: int = 0
 
 
 # ---------------------------------------------------------------- the pure-Python baseline
@@ -144,7 +143,7 @@ def _place_row(row: dict, sample: dict, col: int, segment: int) -> None:
 
 # ---------------------------------------------------------------- text
 
-def _documents(path: str, seed: int) -> tuple[list[np.ndarray], object, str]:
+def _documents(path: str, seed: int, log: Callable[[str], None]) -> tuple[list[np.ndarray], object, str]:
     """(documents, SpecialIds, description): the corpus's training split, or synthetic Zipfian text."""
     from glmkit.data.objectives import SpecialIds
     if os.path.isdir(path):
@@ -154,7 +153,7 @@ def _documents(path: str, seed: int) -> tuple[list[np.ndarray], object, str]:
             docs = corpus.documents("train")
             return docs, SpecialIds.from_tokenizer(corpus.tokenizer), f"corpus {path} (train split, {len(docs)} documents)"
         except (ImportError, AttributeError, GlmkitError) as e:
-            print(f"could not read {path} ({e}); using synthetic text")
+            log(f"could not read {path} ({e}); using synthetic text")
     rng = np.random.default_rng(seed)
     vocab = 32000
     lengths = rng.integers(20, 2000, size=4000)
@@ -166,69 +165,71 @@ def _documents(path: str, seed: int) -> tuple[list[np.ndarray], object, str]:
     return docs, sp, f"synthetic Zipfian tokens (a=1.2, vocab {vocab}, {len(docs)} documents of 20..2000)"
 
 
-def _iterator_rounds(docs, cfg, sp, args):
+def _iterator_rounds(docs, cfg, sp, bench):
     """Yield (text tokens, CPU seconds) of successive rounds of about tokens/rounds text each."""
     from glmkit.data.batches import BatchIterator
-    it = BatchIterator(docs, cfg, sp, args.batch_size, args.seq_len, seed=args.seed)
+    it = BatchIterator(docs, cfg, sp, bench.batch_size, bench.seq_len, seed=bench.seed)
     next(it)                                     # warm up: first epoch's piece list, allocations
     while True:
         start_tokens, t0 = it.stats.text_tokens, time.process_time()
-        while it.stats.text_tokens - start_tokens < args.tokens // args.rounds:
+        while it.stats.text_tokens - start_tokens < bench.tokens // bench.rounds:
             next(it)
         yield it.stats.text_tokens - start_tokens, time.process_time() - t0, it.stats.efficiency
 
 
-def _baseline_rounds(docs, sp, args):
+def _baseline_rounds(docs, sp, bench):
     """Yield (text tokens, CPU seconds) of the pure-Python pipeline over fresh documents each round,
     drawn in the same random order as the iterator's (the same mix of long and short documents)."""
     from glmkit.data.objectives import ObjectiveConfig, chunk_length
-    chunk = chunk_length(ObjectiveConfig(), args.seq_len)
-    order = iter(np.random.default_rng(args.seed).permutation(len(docs)).tolist() * 100)
+    chunk = chunk_length(ObjectiveConfig(), bench.seq_len)
+    order = iter(np.random.default_rng(bench.seed).permutation(len(docs)).tolist() * 100)
     while True:
         lists, total = [], 0
-        while total < args.baseline_tokens // args.rounds:
+        while total < bench.baseline_tokens // bench.rounds:
             d = docs[next(order)]
             lists.append(d.tolist())
             total += len(d)
         t0, n = time.process_time(), 0
-        for _, text in python_glm_batches(lists, sp, args.batch_size, args.seq_len, chunk, args.seed):
+        for _, text in python_glm_batches(lists, sp, bench.batch_size, bench.seq_len, chunk, bench.seed):
             n += text
         yield n, time.process_time() - t0
 
 
-def run(args: argparse.Namespace) -> int:
+def bench_data(bench: DataBench, log: Callable[[str], None] | None = None) -> dict:
+    """Text tokens per CPU-second of each objective preset and of the pure-Python baseline; returns the
+    result dict (`glmkit bench data` prints it as its last line). `log` gets the human-readable lines."""
     from glmkit.data.objectives import ObjectiveConfig
-    if args.batch_size < 1 or args.seq_len < 64 or args.tokens < 1 or args.rounds < 1:
+    log = log or (lambda line: None)
+    if bench.batch_size < 1 or bench.seq_len < 64 or bench.tokens < 1 or bench.rounds < 1:
         raise GlmkitError("need --batch-size >= 1, --seq-len >= 64, --tokens >= 1 and --rounds >= 1")
-    docs, sp, what = _documents(args.corpus, args.seed)
-    print(f"text: {what}")
-    print(f"rows {args.batch_size} x {args.seq_len}; one thread; text tokens per CPU-second of this process "
-          f"(other load on the machine does not count), best of {args.rounds} rounds, the GLM [MASK] rounds "
-          f"interleaved with the baseline's; {platform.machine()}, {os.cpu_count()} logical CPUs")
+    docs, sp, what = _documents(bench.corpus, bench.seed, log)
+    log(f"text: {what}")
+    log(f"rows {bench.batch_size} x {bench.seq_len}; one thread; text tokens per CPU-second of this process "
+        f"(other load on the machine does not count), best of {bench.rounds} rounds, the GLM [MASK] rounds "
+        f"interleaved with the baseline's; {platform.machine()}, {os.cpu_count()} logical CPUs")
     rates, effs, base_rates = {}, {}, []
-    baseline = _baseline_rounds(docs, sp, args)
+    baseline = _baseline_rounds(docs, sp, bench)
     for name in PRESETS:
-        rounds = _iterator_rounds(docs, ObjectiveConfig.from_name(name), sp, args)
+        rounds = _iterator_rounds(docs, ObjectiveConfig.from_name(name), sp, bench)
         best = 0.0
-        for _ in range(args.rounds):
+        for _ in range(bench.rounds):
             n, dt, effs[name] = next(rounds)
             best = max(best, n / dt)
             if name == "glm-large":
                 bn, bdt = next(baseline)
                 base_rates.append(bn / bdt)
         rates[name] = best
-        print(f"  {name:10s} {best / 1e6:6.2f} M text tokens/s   packing efficiency {100 * effs[name]:.1f}%")
+        log(f"  {name:10s} {best / 1e6:6.2f} M text tokens/s   packing efficiency {100 * effs[name]:.1f}%")
     base = max(base_rates)
-    print(f"  {'python':10s} {base / 1e6:6.2f} M text tokens/s   pure-Python [MASK] corruption + packing "
-          f"(rounds: {', '.join(f'{r / 1e6:.2f}' for r in base_rates)})")
+    log(f"  {'python':10s} {base / 1e6:6.2f} M text tokens/s   pure-Python [MASK] corruption + packing "
+        f"(rounds: {', '.join(f'{r / 1e6:.2f}' for r in base_rates)})")
     glm = rates["glm-large"]
-    print(f"glm-large ([MASK]) vs pure Python: {glm / base:.1f}x")
+    log(f"glm-large ([MASK]) vs pure Python: {glm / base:.1f}x")
     out = {"glm_tokens_per_s_per_core": round(glm), "python_baseline_tokens_per_s_per_core": round(base),
            "ratio": round(glm / base, 2), "text": "corpus" if what.startswith("corpus") else "synthetic",
-           "batch_size": args.batch_size, "seq_len": args.seq_len, "timer": "process_time",
-           "rounds": args.rounds}
+           "batch_size": bench.batch_size, "seq_len": bench.seq_len, "timer": "process_time",
+           "rounds": bench.rounds}
     for name in PRESETS:
         out[f"{name}_tokens_per_s_per_core"] = round(rates[name])
         out[f"{name}_packing_efficiency"] = round(effs[name], 4)
-    print(json.dumps(out))
-    return 0
+    return out

@@ -1,4 +1,4 @@
-"""`glmkit bench generate`: decode speed of glmkit against HF transformers `generate`, same weights.
+"""Decode speed of glmkit against HF transformers `generate`, same weights (`glmkit bench generate`).
 
 One random-weight model of a preset is built, saved as an HF checkpoint with `glmkit.checkpoint.hf.to_hf`, and
 loaded back by transformers' `AutoModelForCausalLM`, so both sides run identical weights (glmkit's
@@ -16,15 +16,16 @@ HF runs its default dynamic cache; with `--compile` the glmkit decode step is `t
 of HF's two paths. On CUDA the
 bench also reports the share of the memory-bandwidth limit: bytes read per decode step (weights
 except the embedding table, plus the whole static KV cache) / step time, against a measured
-device-to-device copy bandwidth. The last line is one JSON object; its top-level numbers are for the
-first batch size (default 1).
+device-to-device copy bandwidth. `bench_generate` returns the numbers as a dict; its top-level numbers
+are for the first batch size (default 1).
 """
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
@@ -34,16 +35,18 @@ from glmkit.errors import GlmkitError
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def add_arguments(parser) -> None:
-    parser.add_argument("--preset", default="small", help="model preset (glmkit.model.config PRESETS)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    parser.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
-    parser.add_argument("--prompt-len", type=int, default=32)
-    parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--compile", action="store_true", help="compile the decode step (static cache)")
-    parser.add_argument("--seed", type=int, default=0)
+@dataclass
+class GenerateBench:
+    """What `bench_generate` measures (the options of `glmkit bench generate`)."""
+    preset: str = "small"             # model preset (glmkit.model.config PRESETS)
+    device: str = "cpu"
+    dtype: str = "float32"            # float32 | bfloat16 | float16
+    batches: str = "1,8"              # comma-separated batch sizes
+    prompt_len: int = 32
+    new_tokens: int = 128
+    repeats: int = 5
+    compile: bool = False             # compile the decode step (static cache)
+    seed: int = 0
 
 
 def _sync(device):
@@ -116,10 +119,10 @@ def bytes_per_step(model, batch: int, max_len: int) -> int:
 def build(preset: str, device: str, dtype: torch.dtype, seed: int):
     from transformers import AutoModelForCausalLM
 
-    from glmkit.model.config import GLMConfig
     from glmkit.checkpoint.hf import to_hf
-    from glmkit.model.kv_cache import decode_layout
+    from glmkit.model.config import GLMConfig
     from glmkit.model.glm import GLM
+    from glmkit.model.kv_cache import decode_layout
     torch.manual_seed(seed)
     config = GLMConfig.from_name(preset)
     with torch.device(device):
@@ -130,48 +133,56 @@ def build(preset: str, device: str, dtype: torch.dtype, seed: int):
     return decode_layout(model), hf
 
 
-def run(args) -> int:
+def bench_generate(bench: GenerateBench, log: Callable[[str], None] | None = None) -> dict:
+    """Decode tokens/s of glmkit and HF at each batch size; returns the result dict (`glmkit bench
+    generate` prints it as its last line; its top-level numbers are for the first batch size). `log`
+    gets the human-readable lines."""
+    log = log or (lambda line: None)
     from glmkit.model.kv_cache import decode_one_token
-    batches = [int(b) for b in args.batches.split(",") if b.strip()]
-    if not batches or min(batches) < 1 or args.new_tokens < 1 or args.prompt_len < 1:
+    try:
+        batches = [int(b) for b in bench.batches.split(",") if b.strip()]
+    except ValueError:
+        raise GlmkitError(f"--batches {bench.batches!r} is not a comma-separated list of batch sizes, e.g. 1,8") from None
+    if bench.dtype not in DTYPES:
+        raise GlmkitError(f"--dtype {bench.dtype!r} is not one of {', '.join(DTYPES)}")
+    if not batches or min(batches) < 1 or bench.new_tokens < 1 or bench.prompt_len < 1:
         raise GlmkitError("--batches, --new-tokens and --prompt-len must be positive")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
+    if bench.device.startswith("cuda") and not torch.cuda.is_available():
         raise GlmkitError("--device cuda asked for but CUDA is not available; use --device cpu")
-    dtype = DTYPES[args.dtype]
-    model, hf = build(args.preset, args.device, dtype, args.seed)
-    step = torch.compile(decode_one_token, mode="reduce-overhead" if args.device.startswith("cuda") else "default",
-                         fullgraph=True) if args.compile else decode_one_token
-    dev_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
-    bw = copy_bandwidth(args.device) if args.device.startswith("cuda") else None
-    print(f"glmkit vs HF transformers generate: preset {args.preset} ({model.num_params() / 1e6:.1f}M params), "
-          f"{args.dtype}, {dev_name}, prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy, "
-          f"compile={args.compile}, threads={torch.get_num_threads()}")
+    dtype = DTYPES[bench.dtype]
+    model, hf = build(bench.preset, bench.device, dtype, bench.seed)
+    step = torch.compile(decode_one_token, mode="reduce-overhead" if bench.device.startswith("cuda") else "default",
+                         fullgraph=True) if bench.compile else decode_one_token
+    dev_name = torch.cuda.get_device_name() if bench.device.startswith("cuda") else "cpu"
+    bw = copy_bandwidth(bench.device) if bench.device.startswith("cuda") else None
+    log(f"glmkit vs HF transformers generate: preset {bench.preset} ({model.num_params() / 1e6:.1f}M params), "
+        f"{bench.dtype}, {dev_name}, prompt {bench.prompt_len}, {bench.new_tokens} new tokens, greedy, "
+        f"compile={bench.compile}, threads={torch.get_num_threads()}")
     by_batch = {}
-    g = torch.Generator().manual_seed(args.seed)
+    g = torch.Generator().manual_seed(bench.seed)
     with torch.no_grad():
         for b in batches:
-            prompts = torch.randint(0, model.config.vocab_size - 8, (b, args.prompt_len), generator=g).to(args.device)
-            assert glmkit_run(model, prompts, args.new_tokens, step) == b * args.new_tokens
-            t_ours, t_hf = _best_pair(lambda p=prompts: glmkit_run(model, p, args.new_tokens, step),
-                                      lambda p=prompts: hf_run(hf, p, args.new_tokens, False),
-                                      args.repeats, args.device)
-            r = {"glmkit_tokens_per_s": b * args.new_tokens / t_ours, "hf_dynamic_tokens_per_s": b * args.new_tokens / t_hf}
-            if args.compile:   # HF's static cache too; the peer is whichever HF path is faster
-                t_static = _best(lambda p=prompts: hf_run(hf, p, args.new_tokens, True), args.repeats, args.device)
-                r["hf_static_tokens_per_s"] = b * args.new_tokens / t_static
+            prompts = torch.randint(0, model.config.vocab_size - 8, (b, bench.prompt_len), generator=g).to(bench.device)
+            assert glmkit_run(model, prompts, bench.new_tokens, step) == b * bench.new_tokens
+            t_ours, t_hf = _best_pair(lambda p=prompts: glmkit_run(model, p, bench.new_tokens, step),
+                                      lambda p=prompts: hf_run(hf, p, bench.new_tokens, False),
+                                      bench.repeats, bench.device)
+            r = {"glmkit_tokens_per_s": b * bench.new_tokens / t_ours, "hf_dynamic_tokens_per_s": b * bench.new_tokens / t_hf}
+            if bench.compile:   # HF's static cache too; the peer is whichever HF path is faster
+                t_static = _best(lambda p=prompts: hf_run(hf, p, bench.new_tokens, True), bench.repeats, bench.device)
+                r["hf_static_tokens_per_s"] = b * bench.new_tokens / t_static
             r["hf_tokens_per_s"] = max(v for k, v in r.items() if k.startswith("hf_"))
             r["ratio"] = r["glmkit_tokens_per_s"] / r["hf_tokens_per_s"]
             if bw:
-                step_s = t_ours / args.new_tokens
-                r["bandwidth_share"] = bytes_per_step(model, b, args.prompt_len + args.new_tokens) / step_s / bw
+                step_s = t_ours / bench.new_tokens
+                r["bandwidth_share"] = bytes_per_step(model, b, bench.prompt_len + bench.new_tokens) / step_s / bw
             by_batch[b] = r
             extra = f", {r['bandwidth_share']:.0%} of the copy-bandwidth limit" if bw else ""
-            print(f"batch {b}: glmkit {r['glmkit_tokens_per_s']:,.1f} tokens/s, HF {r['hf_tokens_per_s']:,.1f} "
-                  f"tokens/s, ratio {r['ratio']:.2f}x{extra}")
+            log(f"batch {b}: glmkit {r['glmkit_tokens_per_s']:,.1f} tokens/s, HF {r['hf_tokens_per_s']:,.1f} "
+                f"tokens/s, ratio {r['ratio']:.2f}x{extra}")
     first = by_batch[batches[0]]
-    out = {**first, "batch": batches[0], "device": dev_name, "dtype": args.dtype, "preset": args.preset,
-           "compile": args.compile, "new_tokens": args.new_tokens, "prompt_len": args.prompt_len,
+    out = {**first, "batch": batches[0], "device": dev_name, "dtype": bench.dtype, "preset": bench.preset,
+           "compile": bench.compile, "new_tokens": bench.new_tokens, "prompt_len": bench.prompt_len,
            "copy_bandwidth_GBps": bw / 1e9 if bw else None,
            "by_batch": {str(k): v for k, v in by_batch.items()}}
-    print(json.dumps(out))
-    return 0
+    return out

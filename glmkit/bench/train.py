@@ -1,5 +1,6 @@
-"""`glmkit bench train`: training steps (forward + backward + AdamW) of a glmkit model against the
-equivalent HF transformers model, in the same run, on the same batch and the same weights.
+"""Training steps (forward + backward + AdamW) of a glmkit model against the
+equivalent HF transformers model, in the same run, on the same batch and the same weights
+(`glmkit bench train`).
 
 The peer is `Glm4ForCausalLM` (the glmkit model is built with sandwich norms to match it; `--hf-arch
 glm` uses `GlmForCausalLM` and pre-norm instead; MoE presets use `Glm4MoeForCausalLM`). It gets the
@@ -14,52 +15,46 @@ batches of the same shape: DESIGN.md §4's "GLM step vs causal step"). HF is tim
 Rates: positions/s (all B*T row positions; the headline `*_tokens_per_s`), and for GLM the text
 tokens/s (original document tokens) and loss tokens/s. MFU = flops_per_token(T) * positions/s over the
 bf16/fp32 matmul peak measured in this run (and, on known GPUs, over the data-sheet peak).
-The last line is one JSON object.
+`bench_train` returns the numbers as a dict.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from glmkit.model.attention import set_flex_options
 from glmkit.batch import Batch, float_mask
-from glmkit.model.config import GLMConfig, human
 from glmkit.errors import GlmkitError
+from glmkit.model.attention import set_flex_options
+from glmkit.model.config import GLMConfig, human
 from glmkit.train.metrics import datasheet_peak, measured_matmul_peak
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    cuda = torch.cuda.is_available()
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if cuda else "cpu")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="default: bfloat16 on cuda, float32 on cpu")
-    p.add_argument("--preset", default=None, help="model preset (default: bench-338m on cuda, small on cpu)")
-    p.add_argument("--batch-size", type=int, default=None, help="default: 16 on cuda, 4 on cpu")
-    p.add_argument("--seq-len", type=int, default=None, help="default: 1024 on cuda, 256 on cpu")
-    p.add_argument("--steps", type=int, default=None, help="timed steps per model (default: 20 cuda, 8 cpu)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 5 cuda/compile, 1 cpu)")
-    p.add_argument("--compile", action="store_true", help="torch.compile both models (glmkit: per block)")
-    p.add_argument("--objective", choices=["glm", "clm", "both"], default="glm")
-    p.add_argument("--backend", default=None, help="glmkit attention backend (default: the config's, auto)")
-    p.add_argument("--hf-arch", choices=["glm4", "glm"], default="glm4",
-                   help="peer architecture for dense presets: Glm4ForCausalLM (sandwich) or GlmForCausalLM")
-    p.add_argument("--no-hf", action="store_true", help="time glmkit only (ratio null)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--loop-steps", type=int, default=10,
-                   help="then time this many steps of the whole training loop (glmkit train on the default "
-                        "corpus, data loading included) and report the data pipeline's share of step time (0: skip)")
-    p.add_argument("--attention-table", action="store_true",
-                   help="instead: fwd+bwd ms of each attention backend on GLM rows vs flash causal (CUDA)")
-    p.add_argument("--flex-options", action="append", default=[], metavar="JSON",
-                   help="with --attention-table: also time Flex with these kernel options (repeatable), e.g. "
-                        "'{\"BLOCK_M\": 64, \"BLOCK_N\": 64}'; without it: the options every Flex call uses")
+@dataclass
+class TrainBench:
+    """What `bench_train` measures (the options of `glmkit bench train`); None: the device's default."""
+    device: str | None = None           # cpu | cuda (default: cuda when available)
+    dtype: str | None = None            # float32 | bfloat16 | float16 (default: bfloat16 on cuda, float32 on cpu)
+    preset: str | None = None           # model preset (default: bench-338m on cuda, small on cpu)
+    batch_size: int | None = None       # default: 16 on cuda, 4 on cpu
+    seq_len: int | None = None          # default: 1024 on cuda, 256 on cpu
+    steps: int | None = None            # timed steps per model (default: 20 cuda, 8 cpu)
+    warmup: int | None = None           # untimed steps first (default: 5 cuda/compile, 1 cpu)
+    compile: bool = False               # torch.compile both models (glmkit: per block)
+    objective: str = "glm"              # glm | clm | both
+    backend: str | None = None          # glmkit attention backend (default: the config's, auto)
+    hf_arch: str = "glm4"               # glm4 (Glm4ForCausalLM, sandwich) | glm (GlmForCausalLM)
+    no_hf: bool = False                 # time glmkit only (ratio null)
+    seed: int = 0
+    loop_steps: int = 10                # then time this many steps of the whole training loop (0: skip)
+    attention_table: bool = False       # instead: fwd+bwd ms of each attention backend vs flash causal
+    flex_options: list[str] = field(default_factory=list)   # Flex kernel options (JSON), see the cli help
 
 
 # ------------------------------------------------------------------------------------------------
@@ -160,17 +155,17 @@ def matmul_peak(device, dtype) -> float:
 # ------------------------------------------------------------------------------------------------
 # run
 # ------------------------------------------------------------------------------------------------
-def _defaults(args):
-    cuda = args.device == "cuda"
+def _defaults(args: TrainBench) -> TrainBench:
+    """`args` with every None replaced by the device's default."""
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = device == "cuda"
     if cuda and not torch.cuda.is_available():
         raise GlmkitError("--device cuda but no CUDA device is visible; use --device cpu")
-    args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
-    args.preset = args.preset or ("bench-338m" if cuda else "small")
-    args.batch_size = args.batch_size or (16 if cuda else 4)
-    args.seq_len = args.seq_len or (1024 if cuda else 256)
-    args.steps = args.steps or (20 if cuda else 8)
-    args.warmup = args.warmup if args.warmup is not None else (5 if cuda or args.compile else 1)
-    return args
+    return replace(args, device=device, dtype=args.dtype or ("bfloat16" if cuda else "float32"),
+                   preset=args.preset or ("bench-338m" if cuda else "small"),
+                   batch_size=args.batch_size or (16 if cuda else 4), seq_len=args.seq_len or (1024 if cuda else 256),
+                   steps=args.steps or (20 if cuda else 8),
+                   warmup=args.warmup if args.warmup is not None else (5 if cuda or args.compile else 1))
 
 
 def _glm_rows(B: int, T: int, part_a: float, device) -> Batch:
@@ -182,11 +177,12 @@ def _glm_rows(B: int, T: int, part_a: float, device) -> Batch:
 
 
 def attention_table(device, dtype, shapes=((16, 16, 1024), (4, 16, 4096)), parts=(0.9, 0.5),
-                    flex_variants: list[str] = ()) -> list[dict]:
+                    flex_variants: list[str] = (), log: Callable[[str], None] | None = None) -> list[dict]:
     """fwd+bwd milliseconds of `attend` per backend on GLM rows, against flash causal attention (the
     DESIGN.md §4 kernel table). head dim 64, GQA off. Each JSON text in `flex_variants` adds a column:
-    Flex with those kernel options."""
+    Flex with those kernel options. `log` gets each row as it is measured."""
     from glmkit.model import attention
+    log = log or (lambda line: None)
     from glmkit.model.attention import attend, make_attention_mask
 
     rows = []
@@ -203,7 +199,7 @@ def attention_table(device, dtype, shapes=((16, 16, 1024), (4, 16, 4096)), parts
                     attention.set_flex_options(name[4:] if name.startswith("flex{") else None)
                     mask = None if name == "causal" else make_attention_mask(batch, backend, dtype)
                 except GlmkitError as e:          # split unavailable here
-                    print(f"{name}: {e}")
+                    log(f"{name}: {e}")
                     row[name] = None
                     continue
 
@@ -213,32 +209,34 @@ def attention_table(device, dtype, shapes=((16, 16, 1024), (4, 16, 4096)), parts
                     for _ in range(3):
                         fn()
                 except Exception as e:   # e.g. Flex has no CPU backward; a kernel option this card refuses
-                    print(f"{name}: {type(e).__name__}: {str(e)[:100]}")
+                    log(f"{name}: {type(e).__name__}: {str(e)[:100]}")
                     row[name] = None
                     continue
                 ms = [1e3 * timed(fn, 1, device) for _ in range(10)]
                 row[name] = round(statistics.median(ms), 3)
             rows.append(row)
-            print("  ".join(f"{k} {v}" for k, v in row.items()))
+            log("  ".join(f"{k} {v}" for k, v in row.items()))
     attention.set_flex_options(None)
     return rows
 
 
-def run(args: argparse.Namespace) -> int:
+def bench_train(args: TrainBench, log: Callable[[str], None] | None = None) -> dict:
+    """Training steps of glmkit and HF on the same batch and weights; returns the result dict (`glmkit
+    bench train` prints it as its last line). `log` gets the human-readable lines."""
     from glmkit.model.glm import GLM
 
+    log = log or (lambda line: None)
     args = _defaults(args)
     if args.attention_table:
         device = torch.device(args.device)
         shapes = ((16, 16, 1024), (4, 16, 4096)) if device.type == "cuda" else ((2, 4, 256),)
         for v in args.flex_options:              # bad JSON or an unknown option: say so before timing anything
             set_flex_options(v)
-        rows = attention_table(device, getattr(torch, args.dtype), shapes, flex_variants=args.flex_options)
+        rows = attention_table(device, getattr(torch, args.dtype), shapes, flex_variants=args.flex_options, log=log)
         g = rows[0]
         best = min(x for name, x in g.items() if name in ("sdpa", "split") or name.startswith("flex") if x)
-        print(json.dumps({"device": args.device, "dtype": args.dtype, "rows": rows,
-                          "ratio": round(g["causal"] / best, 4)}))   # causal ms / best GLM-mask ms, first row
-        return 0
+        return {"device": args.device, "dtype": args.dtype, "rows": rows,
+                "ratio": round(g["causal"] / best, 4)}   # causal ms / best GLM-mask ms, first row
     if args.flex_options:
         if len(args.flex_options) > 1:
             raise GlmkitError("give one --flex-options for a training bench (several are for --attention-table)")
@@ -276,12 +274,12 @@ def run(args: argparse.Namespace) -> int:
     if hf is not None:
         contestants["hf"] = make_step(hf, lambda: hf_loss(hf, main_batch, kinds[0] == "clm"))
 
-    print(f"glmkit bench train: {config.name} ({human(model.num_params())} params, "
+    log(f"glmkit bench train: {config.name} ({human(model.num_params())} params, "
           f"{human(config.flops_per_token(args.seq_len))} FLOP/token) on {args.device} "
           f"({torch.cuda.get_device_name() if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
           f"{args.dtype}, batch {args.batch_size} x {args.seq_len}, objective {args.objective}, "
           f"attention {resolved}, compile {args.compile}")
-    print(f"batch: {counts['text_tokens']} text tokens -> {counts['processed']} processed positions "
+    log(f"batch: {counts['text_tokens']} text tokens -> {counts['processed']} processed positions "
           f"(+{counts['positions'] - counts['processed']} padding), {counts['loss_tokens']} loss tokens")
     for step, _ in contestants.values():
         timed(step, args.warmup, device)
@@ -290,21 +288,21 @@ def run(args: argparse.Namespace) -> int:
         for name, (step, _) in contestants.items():
             times[name].append(timed(step, 1, device))
     seconds = {name: statistics.median(t) for name, t in times.items()}       # per step
-    return _report(args, config, device, dtype, contestants, seconds, counts, resolved)
+    return _report(args, config, device, dtype, contestants, seconds, counts, resolved, log)
 
 
-def _report(args, config, device, dtype, contestants, seconds, counts, resolved) -> int:
+def _report(args, config, device, dtype, contestants, seconds, counts, resolved, log) -> dict:
     rate = {n: counts["positions"] / s for n, s in seconds.items()}
     peak = matmul_peak(device, dtype)
     sheet = datasheet_peak(device)
     fpt = config.flops_per_token(args.seq_len)
     for name, r in rate.items():
         first = contestants[name][1]
-        print(f"{name:>11}: {r:12,.0f} positions/s  {1e3 * seconds[name]:8.1f} ms/step (median)  "
+        log(f"{name:>11}: {r:12,.0f} positions/s  {1e3 * seconds[name]:8.1f} ms/step (median)  "
               f"MFU {100 * fpt * r / peak:5.1f}% of measured peak  first loss {first[0]:.4f}")
     g = rate["glmkit"]
     scale = lambda key: g * counts[key] / counts["positions"]
-    print(f"glmkit GLM rates: {scale('text_tokens'):,.0f} text tokens/s, {scale('processed'):,.0f} processed "
+    log(f"glmkit GLM rates: {scale('text_tokens'):,.0f} text tokens/s, {scale('processed'):,.0f} processed "
           f"positions/s, {scale('loss_tokens'):,.0f} loss tokens/s")
     ratio = g / rate["hf"] if "hf" in rate else None
     out = {"glmkit_tokens_per_s": round(g, 1), "hf_tokens_per_s": round(rate["hf"], 1) if "hf" in rate else None,
@@ -321,16 +319,15 @@ def _report(args, config, device, dtype, contestants, seconds, counts, resolved)
     if "glmkit_clm" in rate:
         out["glmkit_clm_tokens_per_s"] = round(rate["glmkit_clm"], 1)
         out["glm_vs_clm"] = round(g / rate["glmkit_clm"], 4)
-        print(f"GLM objective vs causal on the same glmkit model: {out['glm_vs_clm']:.3f}x")
+        log(f"GLM objective vs causal on the same glmkit model: {out['glm_vs_clm']:.3f}x")
     if ratio:
-        print(f"ratio glmkit / HF: {ratio:.3f}x")
+        log(f"ratio glmkit / HF: {ratio:.3f}x")
     if args.loop_steps > 0:
-        out.update(_loop_share(args, config))
-    print(json.dumps(out))
-    return 0
+        out.update(_loop_share(args, config, log))
+    return out
 
 
-def _loop_share(args, config) -> dict:
+def _loop_share(args, config, log) -> dict:
     """The whole `glmkit train` loop (default corpus, its tokenizer's vocabulary, data iterator and
     prefetch, AdamW, the GLM-Large objective) for `--loop-steps` steps: how much of a step waits for data."""
     from glmkit.train.loop import TrainConfig, measure_data_share
@@ -338,18 +335,6 @@ def _loop_share(args, config) -> dict:
     cfg = TrainConfig(model=config.name, seq_len=args.seq_len, batch_size=args.batch_size, device=args.device,
                       dtype=dtype, compile=args.compile, objective="glm", progress=False, tensorboard=False)
     r = measure_data_share(cfg, steps=args.loop_steps)
-    print(f"whole training loop ({args.loop_steps} steps, default corpus): {r['tok_per_s']:,.0f} positions/s, "
+    log(f"whole training loop ({args.loop_steps} steps, default corpus): {r['tok_per_s']:,.0f} positions/s, "
           f"data pipeline {100 * r['data_share']:.2f}% of step time")
     return {"loop_tokens_per_s": round(r["tok_per_s"], 1), "data_share": round(r["data_share"], 5)}
-
-
-if __name__ == "__main__":       # `python -m glmkit.bench.train ...`, independent of the other benches
-    import sys
-
-    parser = argparse.ArgumentParser(prog="glmkit bench train", description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    try:
-        sys.exit(run(parser.parse_args()))
-    except GlmkitError as e:
-        print(f"glmkit bench train: error: {e}", file=sys.stderr)
-        sys.exit(2)

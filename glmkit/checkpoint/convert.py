@@ -1,12 +1,12 @@
-"""`glmkit convert`: HF transformers checkpoints <-> glmkit checkpoints.
+"""HF transformers checkpoints <-> glmkit checkpoints (`glmkit convert`).
 
-    glmkit convert --from-hf HF_DIR --out DIR [--dtype bf16]         # HF -> glmkit
-    glmkit convert --to-hf CKPT --out HF_DIR [--max-shard-size 5GB]   # glmkit -> HF
+    from_hf_folder(HF_DIR, DIR, dtype=torch.bfloat16)     # HF -> glmkit
+    to_hf_folder(CKPT, HF_DIR, max_shard_size="5GB")       # glmkit -> HF
 
 A glmkit checkpoint here is the inference part of `glmkit.checkpoint.store`'s layout: `config.json`
 (`GLMConfig.save`), `model.safetensors`, `tokenizer.json` when the source has one, and a
 `manifest.json` with checksums (step 0, written by `glmkit.checkpoint.store.write_manifest`), so
-`glmkit.checkpoint.loader.load` and every command that takes a checkpoint read it. `--to-hf` accepts
+`glmkit.checkpoint.loader.load` and every command that takes a checkpoint read it. `to_hf_folder` accepts
 such a folder, a training step directory or a run directory (its latest checkpoint). The tokenizer
 files found next to the source weights are copied.
 
@@ -15,9 +15,7 @@ Both directions hold one copy of the weights in memory (see `glmkit.checkpoint.h
 
 from __future__ import annotations
 
-import argparse
 import shutil
-import time
 from pathlib import Path
 
 import torch
@@ -30,55 +28,42 @@ SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.jso
               "chat_template.jinja")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--from-hf", metavar="DIR", help="HF checkpoint folder (GlmForCausalLM, Glm4ForCausalLM "
-                     "or Glm4MoeForCausalLM: config.json + safetensors) to convert into a glmkit checkpoint")
-    src.add_argument("--to-hf", metavar="DIR", help="glmkit checkpoint (or run) directory to convert into an "
-                     "HF checkpoint folder")
-    parser.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                        help="weight dtype of the output (default: that of the source; the MoE router stays fp32)")
-    parser.add_argument("--max-shard-size", default="5GB",
-                        help="--to-hf: largest safetensors shard, e.g. 5GB, 500MB, 2GiB (default 5GB)")
+def from_hf_folder(src: str | Path, out: str | Path, dtype: torch.dtype | None = None, overwrite: bool = False):
+    """Convert the HF checkpoint folder `src` into a glmkit checkpoint at `out`; returns the model.
+    A non-empty `out` is refused unless `overwrite`."""
+    src, out = Path(src), Path(out)
+    _check_out(src, out, overwrite)
+    from glmkit.checkpoint.hf import from_hf
+    model = from_hf(src, dtype=dtype)
+    save_glmkit(model, out, source=src)
+    return model
 
 
-def run(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    dtype = DTYPES[args.dtype] if args.dtype else None
-    t0 = time.perf_counter()
-    if args.from_hf:
-        src = Path(args.from_hf)
-        _check_out(src, out)
-        from glmkit.checkpoint.hf import from_hf
-        model = from_hf(src, dtype=dtype)
-        save_glmkit(model, out, source=src)
-        direction = "HF -> glmkit"
-    else:
-        from glmkit.checkpoint.hf import to_hf
-        from glmkit.checkpoint.loader import load, locate
-        src, fmt = locate(args.to_hf)
-        if fmt == "hf":
-            raise GlmkitError(f"--to-hf {args.to_hf} is already an HF checkpoint folder; give a glmkit checkpoint "
-                              "or run folder")
-        _check_out(src, out)
-        model = load(src, dtype=dtype, for_inference=False, tokenizer=False).model
-        to_hf(model, out, max_shard_size=args.max_shard_size)
-        _copy_side_files(src, out)
-        direction = "glmkit -> HF"
-    from glmkit.model.config import human
-
-    n = sum(p.numel() for p in model.parameters())
-    print(f"{direction}: {model.config.name} ({human(n)} parameters, {model.embed_tokens.weight.dtype}) "
-          f"from {src} to {out} in {time.perf_counter() - t0:.1f}s")
-    return 0
+def to_hf_folder(src: str | Path, out: str | Path, dtype: torch.dtype | None = None, max_shard_size: str = "5GB",
+                 overwrite: bool = False):
+    """Convert a glmkit checkpoint (or run directory: its latest checkpoint) into an HF folder at `out`;
+    returns the model. A non-empty `out` is refused unless `overwrite`."""
+    from glmkit.checkpoint.hf import to_hf
+    from glmkit.checkpoint.loader import load, locate
+    folder, fmt = locate(src)
+    if fmt == "hf":
+        raise GlmkitError(f"--to-hf {src} is already an HF checkpoint folder; give a glmkit checkpoint or run folder")
+    out = Path(out)
+    _check_out(folder, out, overwrite)
+    model = load(folder, dtype=dtype, for_inference=False, tokenizer=False).model
+    to_hf(model, out, max_shard_size=max_shard_size)
+    _copy_side_files(folder, out)
+    return model
 
 
-def _check_out(src: Path, out: Path) -> None:
-    if out.resolve() == src.resolve():
+def _check_out(src: Path, out: Path, overwrite: bool) -> None:
+    if out.resolve() == Path(src).resolve():
         raise GlmkitError(f"--out {out} is the source folder; choose another folder")
     if out.is_file():
         raise GlmkitError(f"--out {out} is a file; give a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise GlmkitError(f"--out {out} already holds files; choose an empty or new folder, or pass --overwrite "
+                          "to write over them")
 
 
 def _copy_side_files(src: Path, out: Path) -> list[str]:

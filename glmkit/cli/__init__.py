@@ -1,5 +1,12 @@
-"""The `glmkit` command line: one verb per module, each module giving `add_arguments(parser)` and
-`run(args) -> int`. Modules are imported only when their verb runs, so `glmkit --help` is instant."""
+"""The `glmkit` command line: the command layer over the library.
+
+One module per verb, each giving `add_arguments(parser)` and `run(args) -> int`; argparse, printing and
+exit codes live only here (library modules take arguments and return values). Modules are imported
+only when their verb runs, so `glmkit --help` is instant. This package may import every other one.
+
+Exit status: 0 done; 2 bad input (an argparse error or a `GlmkitError`, printed as one line, no
+traceback); 130 interrupted. Anything else escaping a verb is a bug in glmkit and shows its traceback.
+"""
 
 from __future__ import annotations
 
@@ -12,44 +19,62 @@ from glmkit.errors import GlmkitError
 # verb -> (module, one-line help). Keep in the order a new user meets them.
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("glmkit.cli.demo", "the main job: build the default corpus, show samples, pretrain a small GLM, fill blanks"),
-    "corpus": ("glmkit.data.corpus", "build or inspect a tokenized corpus (default: the bilingual one)"),
-    "tokenizer": ("glmkit.data.tokenizer", "train a bilingual byte-level BPE; encode/decode text"),
-    "samples": ("glmkit.data.samples", "print samples of each objective (GLM [MASK]/[sMASK]/[gMASK], MLM, CLM) on real text"),
-    "convert": ("glmkit.checkpoint.convert", "convert HF GLM-4 / GLM-4-0414 / GLM-4.5 checkpoints to and from glmkit"),
-    "train": ("glmkit.train.loop", "pretrain a GLM (blank infilling, MLM or CLM); checkpoints, exact resume, torchrun"),
-    "plot": ("glmkit.train.plot", "draw training / validation loss curves of runs to a PNG"),
-    "infill": ("glmkit.infer.generate", "fill [MASK] / [sMASK] / [gMASK] blanks in text with a model, streaming"),
-    "generate": ("glmkit.infer.generate", "continue a prompt ([gMASK] at its end), streaming"),
-    "eval": ("glmkit.eval.evaluate", "evaluate a checkpoint: bits/byte, infilling, cloze, Chinese sentiment"),
-    "experiment": ("glmkit.eval.experiment", "GLM vs BERT (MLM) vs GPT (CLM) pretrained alike, on every eval task"),
-    "bench": ("glmkit.bench", "measure speed against a named peer in the same run"),
+    "corpus": ("glmkit.cli.corpus", "build or inspect a tokenized corpus (default: the bilingual one)"),
+    "tokenizer": ("glmkit.cli.tokenizer", "train a bilingual byte-level BPE; encode/decode text"),
+    "samples": ("glmkit.cli.samples", "print samples of each objective (GLM [MASK]/[sMASK]/[gMASK], MLM, CLM) on real text"),
+    "convert": ("glmkit.cli.convert", "convert HF GLM-4 / GLM-4-0414 / GLM-4.5 checkpoints to and from glmkit"),
+    "train": ("glmkit.cli.train", "pretrain a GLM (blank infilling, MLM or CLM); checkpoints, exact resume, torchrun"),
+    "plot": ("glmkit.cli.plot", "draw training / validation loss curves of runs to a PNG"),
+    "infill": ("glmkit.cli.infer", "fill [MASK] / [sMASK] / [gMASK] blanks in text with a model, streaming"),
+    "generate": ("glmkit.cli.infer", "continue a prompt ([gMASK] at its end), streaming"),
+    "eval": ("glmkit.cli.eval", "evaluate a checkpoint: bits/byte, infilling, cloze, Chinese sentiment"),
+    "experiment": ("glmkit.cli.experiment", "GLM vs BERT (MLM) vs GPT (CLM) pretrained alike, on every eval task"),
+    "bench": ("glmkit.cli.bench", "measure speed against a named peer in the same run"),
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line naming the option, with where to read more."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="glmkit", description="GLM language models: pretraining, checkpoints, inference, evaluation.")
+    import glmkit
+
+    parser = Parser(prog="glmkit",
+                    description="GLM language models: pretraining, checkpoints, inference, evaluation.")
+    parser.add_argument("--version", action="version", version=f"glmkit {glmkit.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_text) in COMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
     return parser
 
 
+def verb_parser(name: str) -> argparse.ArgumentParser:
+    """The parser of one verb, with its module's arguments."""
+    module_name, help_text = COMMANDS[name]
+    parser = Parser(prog=f"glmkit {name}", description=help_text)
+    importlib.import_module(module_name).add_arguments(parser)
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in COMMANDS:
-        parser = build_parser()
-        if not argv:
-            parser.print_help()
-            return 0
-        parser.parse_args(argv)  # prints the usage error for an unknown verb
-        return 2
-    name, rest = argv[0], argv[1:]
-    module_name, help_text = COMMANDS[name]
-    module = importlib.import_module(module_name)
-    parser = argparse.ArgumentParser(prog=f"glmkit {name}", description=help_text)
-    module.add_arguments(parser)
-    args = parser.parse_args(rest)
+    try:
+        if not argv or argv[0] not in COMMANDS:
+            parser = build_parser()
+            if not argv:
+                parser.print_help()
+                return 0
+            parser.parse_args(argv)  # --help / --version exit 0; an unknown verb is a usage error
+            return 2
+        name = argv[0]
+        args = verb_parser(name).parse_args(argv[1:])
+    except SystemExit as e:      # argparse's --help (0) or usage error (2): a status, not an exception
+        return e.code if isinstance(e.code, int) else 2
+    module = importlib.import_module(COMMANDS[name][0])
     try:
         return int(module.run(args) or 0)
     except GlmkitError as e:

@@ -88,10 +88,10 @@ def untrained_model(train_cfg, tokenizer):
 
 
 def run(args: argparse.Namespace) -> int:
-    from glmkit.data.corpus import Corpus, default_corpus
     from glmkit.checkpoint.loader import load
-    from glmkit.train.plot import plot
+    from glmkit.data.corpus import Corpus, default_corpus
     from glmkit.train.loop import TrainConfig, train
+    from glmkit.train.plot import plot
 
     t0 = time.time()
     _heading("1. the default bilingual corpus and tokenizer")
@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"  tokenizer: byte-level BPE, {corpus.tokenizer.vocab_size} tokens ({corpus.directory}/tokenizer.json)")
 
     if not args.no_samples:
-        from glmkit.data import samples
+        from glmkit.cli import samples
         _heading("2. what each objective makes of English and Chinese text")
         samples.run(argparse.Namespace(corpus=str(corpus.directory), length=40, per_language=1, layout="glm",
                                        no_shuffle=False, table=False, seed=0))

@@ -22,10 +22,10 @@ from dataclasses import asdict
 import numpy as np
 
 from glmkit.batch import Batch
-from glmkit.errors import GlmkitError
 from glmkit.data.objectives import INT, ObjectiveConfig, SpecialIds, chunk_length
 from glmkit.data.packing import PackResult, PackStats, pack, split_rows
 from glmkit.data.spans import offsets_of, span_length_moments
+from glmkit.errors import GlmkitError
 
 
 def expected_growth(cfg: ObjectiveConfig) -> float:

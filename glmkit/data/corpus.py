@@ -23,10 +23,9 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -34,9 +33,9 @@ from pathlib import Path
 import numpy as np
 
 import glmkit
-from glmkit.errors import GlmkitError
 from glmkit.data.sources import Document, Skip, Source, default_sources
 from glmkit.data.tokenizer import DEFAULT_VOCAB_SIZE, GLMTokenizer
+from glmkit.errors import GlmkitError
 
 FORMAT = "glmkit-corpus"
 VERSION = 1
@@ -109,12 +108,13 @@ class _SplitWriter:
 
 def build_corpus(sources: Iterable[Source], tokenizer: GLMTokenizer, out_dir: str | os.PathLike,
                  val_fraction: float = DEFAULT_VAL_FRACTION, seed: int = 0, overwrite: bool = False,
-                 shard_tokens: int = SHARD_TOKENS, progress: bool = False) -> Corpus:
-    """Tokenize every document of `sources` into a corpus at `out_dir` and open it.
+                 shard_tokens: int = SHARD_TOKENS, log: Callable[[str], None] | None = None) -> Corpus:
+    """Tokenize every document of `sources` into a corpus at `out_dir` and open it; `log` gets a
+    line per batch of documents read.
 
     Empty or whitespace-only documents are skipped and counted; what the sources skip is counted
     too. Raises if `out_dir` exists, unless `overwrite` (the old corpus is replaced only once the
-    new one is complete)."""
+    new one is complete), and when the sources hold no document at all (nothing is written)."""
     if not 0.0 <= val_fraction < 1.0:
         raise GlmkitError(f"val_fraction={val_fraction} is out of range; use a fraction in [0, 1), e.g. 0.05")
     sources = list(sources)
@@ -132,7 +132,7 @@ def build_corpus(sources: Iterable[Source], tokenizer: GLMTokenizer, out_dir: st
     tmp = out.parent / f".{out.name}.building-{os.getpid()}-{time.time_ns()}"
     tmp.mkdir()
     try:
-        _write_corpus(sources, tokenizer, tmp, val_fraction, seed, shard_tokens, progress)
+        _write_corpus(sources, tokenizer, tmp, val_fraction, seed, shard_tokens, log)
         _install(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -141,7 +141,7 @@ def build_corpus(sources: Iterable[Source], tokenizer: GLMTokenizer, out_dir: st
 
 
 def _write_corpus(sources: list[Source], tokenizer: GLMTokenizer, tmp: Path, val_fraction: float, seed: int,
-                  shard_tokens: int, progress: bool) -> dict:
+                  shard_tokens: int, log: Callable[[str], None] | None) -> dict:
     start = time.perf_counter()
     dtype = token_dtype(tokenizer.vocab_size)
     tokenizer.save(tmp)
@@ -155,11 +155,15 @@ def _write_corpus(sources: list[Source], tokenizer: GLMTokenizer, tmp: Path, val
                 split = split_of(doc, val_fraction, seed)
                 writers[split].add(doc_ids, si)
                 stats[src.name][split].update(documents=1, tokens=len(doc_ids), characters=len(doc.text))
-            if progress:
-                n = sum(c["documents"] for c in stats[src.name].values())
-                print(f"  {src.name}: {n} documents", file=sys.stderr, flush=True)
+            if log is not None:
+                log(f"  {src.name}: {sum(c['documents'] for c in stats[src.name].values())} documents")
     shards = {s: w.close() for s, w in writers.items()}
     skipped = empty + [k for src in sources for k in src.skipped]
+    if not sum(c["documents"] for by_split in stats.values() for c in by_split.values()):
+        reasons = "".join(f"; {n} x {r}" for r, n in _count_reasons(skipped).items())
+        raise GlmkitError(f"no document to build a corpus from in {', '.join(s.origin for s in sources)} "
+                          f"({len(skipped)} skipped{reasons}); give text files, .jsonl files or folders "
+                          "holding non-empty text")
     manifest = {
         "format": FORMAT, "version": VERSION, "glmkit_version": glmkit.__version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -362,10 +366,12 @@ def _read_manifest(directory: Path) -> dict:
 
 # ---------------------------------------------------------------------------- the default corpus
 def default_corpus(root: str | os.PathLike = DEFAULT_ROOT, rebuild: bool = False,
-                   vocab_size: int = DEFAULT_VOCAB_SIZE, progress: bool = False) -> Corpus:
+                   vocab_size: int = DEFAULT_VOCAB_SIZE, progress: bool = False,
+                   log: Callable[[str], None] | None = None) -> Corpus:
     """The default bilingual corpus at `root`: trains the tokenizer on its train split and builds the
     corpus when absent (or when `rebuild`), else opens what is there. Safe to call from several
-    processes at once (the first builds, the others wait for it)."""
+    processes at once (the first builds, the others wait for it). `progress` shows the tokenizer
+    trainer's progress bar, `log` gets the builder's lines."""
     root = Path(root)
     root.parent.mkdir(parents=True, exist_ok=True)
     with open(root.parent / f".{root.name}.lock", "w") as lock:
@@ -375,61 +381,33 @@ def default_corpus(root: str | os.PathLike = DEFAULT_ROOT, rebuild: bool = False
         if root.exists() and any(root.iterdir()) and not (root / "manifest.json").exists():
             raise GlmkitError(f"{root} exists but is not a glmkit corpus; move it away (or pass another root) so "
                               "the default corpus can be built there")
-        return build_default_corpus(root, vocab_size=vocab_size, progress=progress)
+        return build_default_corpus(root, vocab_size=vocab_size, progress=progress, log=log)
 
 
 def build_default_corpus(root: str | os.PathLike = DEFAULT_ROOT, vocab_size: int = DEFAULT_VOCAB_SIZE,
                          val_fraction: float = DEFAULT_VAL_FRACTION, seed: int = 0,
-                         progress: bool = False) -> Corpus:
+                         progress: bool = False, log: Callable[[str], None] | None = None) -> Corpus:
     sources = default_sources()
     tokenizer = train_tokenizer(sources, vocab_size, val_fraction, seed, progress)
-    return build_corpus(sources, tokenizer, root, val_fraction, seed, overwrite=True, progress=progress)
+    return build_corpus(sources, tokenizer, root, val_fraction, seed, overwrite=True, log=log)
 
 
 def train_tokenizer(sources: Iterable[Source], vocab_size: int = DEFAULT_VOCAB_SIZE,
                     val_fraction: float = DEFAULT_VAL_FRACTION, seed: int = 0, progress: bool = False) -> GLMTokenizer:
-    """Train the tokenizer on the train split of `sources` only (the validation text stays unseen)."""
-    texts = (d.text for src in sources for d in src
-             if d.text.strip() and split_of(d, val_fraction, seed) == "train")
-    return GLMTokenizer.train(texts, vocab_size=vocab_size, show_progress=progress)
+    """Train the tokenizer on the train split of `sources` only (the validation text stays unseen).
+    The result may hold fewer than `vocab_size` tokens when the text has fewer distinct merges."""
+    sources = list(sources)
+    seen = Counter()
 
+    def texts():
+        for src in sources:
+            for d in src:
+                if d.text.strip() and split_of(d, val_fraction, seed) == "train":
+                    seen["documents"] += 1
+                    yield d.text
 
-# ---------------------------------------------------------------------------- `glmkit corpus`
-def add_arguments(parser) -> None:
-    from glmkit.data.sources import add_source_arguments
-    sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
-    p = sub.add_parser("build", help="tokenize documents into a corpus (no inputs: the default bilingual one)")
-    add_source_arguments(p)
-    p.add_argument("--out", default=None, help=f"corpus directory (default: {DEFAULT_ROOT} for the default "
-                                               "corpus, data/corpus otherwise)")
-    p.add_argument("--tokenizer", default=None,
-                   help="tokenizer.json or a directory holding one; default: train one on the inputs' train split")
-    p.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE, help="when training the tokenizer")
-    p.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION)
-    p.add_argument("--seed", type=int, default=0, help="seed of the train/validation split")
-    p.add_argument("--force", action="store_true", help="rebuild even if the corpus exists")
-    q = sub.add_parser("info", help="summarise a corpus's manifest")
-    q.add_argument("directory", nargs="?", default=DEFAULT_ROOT)
-
-
-def run(args) -> int:
-    if args.action == "info":
-        print(Corpus.open(args.directory).summary())
-        return 0
-    from glmkit.data.sources import sources_from_args
-    is_default = not (args.inputs or args.hf_dataset) and args.tokenizer is None
-    out = Path(args.out or (DEFAULT_ROOT if is_default else "data/corpus"))
-    if out.exists() and not args.force:
-        corpus = Corpus.open(out)
-        print(f"{out} exists (pass --force to rebuild it):")
-    else:
-        sources = sources_from_args(args)
-        if args.tokenizer is not None:
-            tokenizer = GLMTokenizer.load(args.tokenizer)
-        else:
-            print(f"training a {args.vocab_size}-token tokenizer on {[s.name for s in sources]} ...", file=sys.stderr)
-            tokenizer = train_tokenizer(sources, args.vocab_size, args.val_fraction, args.seed)
-        corpus = build_corpus(sources, tokenizer, out, args.val_fraction, args.seed, overwrite=args.force,
-                              progress=True)
-    print(corpus.summary())
-    return 0
+    tokenizer = GLMTokenizer.train(texts(), vocab_size=vocab_size, show_progress=progress)
+    if not seen["documents"]:
+        raise GlmkitError(f"no text to train a tokenizer on: {', '.join(s.origin for s in sources)} hold(s) no "
+                          "non-empty document in the train split; give more text (or a folder of text files)")
+    return tokenizer

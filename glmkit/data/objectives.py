@@ -30,7 +30,6 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
-from glmkit.errors import GlmkitError
 from glmkit.data.spans import (
     Spans,
     gmask_spans,
@@ -40,6 +39,7 @@ from glmkit.data.spans import (
     span_length_moments,
     span_ranks,
 )
+from glmkit.errors import GlmkitError
 
 # Which objective built a sample (`Samples.kind`).
 MASK, SMASK, GMASK, MLM, CLM = range(5)

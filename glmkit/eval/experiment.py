@@ -1,4 +1,4 @@
-"""`glmkit experiment compare`: the GLM paper's central comparison at a size a CPU can run.
+"""The GLM paper's central comparison at a size a CPU can run (`glmkit experiment compare`).
 
 GLM (blank infilling), BERT-style MLM and GPT-style CLM models of the same shape are pretrained on the
 same corpus for the same number of processed positions (steps x batch x seq_len, with the same seed
@@ -113,7 +113,10 @@ def draw(results: dict, cfg: CompareConfig, out: Path) -> Path:
     return out
 
 
-def compare(cfg: CompareConfig, eval_cfg: EvalConfig) -> dict:
+def compare(cfg: CompareConfig, eval_cfg: EvalConfig, log=None) -> dict:
+    """Pretrain and evaluate every variant of `cfg.variants`; writes results.json, results.md and
+    compare.png into `cfg.out_dir` and returns the results. `log` gets progress lines and the table."""
+    log = log or (lambda line: None)
     variants = [v.strip() for v in cfg.variants.split(",") if v.strip()]
     bad = [v for v in variants if v not in VARIANTS]
     if bad or not variants:
@@ -124,38 +127,19 @@ def compare(cfg: CompareConfig, eval_cfg: EvalConfig) -> dict:
     results, t0 = {}, time.time()
     for v in variants:
         t = time.time()
-        print(f"[{v}] pretraining {cfg.steps} steps ...", flush=True)
+        log(f"[{v}] pretraining {cfg.steps} steps ...")
         ckpt = train_variant(cfg, v)
         from glmkit.checkpoint.loader import load
         loaded = load(ckpt, cfg.device)
         model, tok, objective = loaded.model, loaded.tokenizer, loaded.objective
-        print(f"[{v}] evaluating ({time.time() - t:.0f}s so far)", flush=True)
-        results[v] = evaluate(model, tok, objective, eval_cfg, log=lambda s: print(s, flush=True))
+        log(f"[{v}] evaluating ({time.time() - t:.0f}s so far)")
+        results[v] = evaluate(model, tok, objective, eval_cfg, log=log)
         results[v]["seconds_total"] = round(time.time() - t, 1)
     (out / "results.json").write_text(json.dumps({"config": asdict(cfg), "eval": asdict(eval_cfg),
                                                   "results": results}, indent=1) + "\n")
     md = table(results, cfg)
     (out / "results.md").write_text(md)
     draw(results, cfg, out / "compare.png")
-    print(md)
-    print(f"wrote {out / 'results.md'}, {out / 'results.json'}, {out / 'compare.png'} in {time.time() - t0:.0f}s")
+    log(md)
+    log(f"wrote {out / 'results.md'}, {out / 'results.json'}, {out / 'compare.png'} in {time.time() - t0:.0f}s")
     return results
-
-
-def add_arguments(parser) -> None:
-    sub = parser.add_subparsers(dest="what", metavar="WHAT", required=True)
-    p = sub.add_parser("compare", help="GLM vs MLM vs CLM (+ GLM without span shuffling), pretrained alike")
-    for name, default in asdict(CompareConfig()).items():
-        flag = f"--{name.replace('_', '-')}"
-        p.add_argument(flag, type=type(default) if default is not None else str, default=default)
-    p.add_argument("--quick", action="store_true", help="a ~3-minute smoke version (tiny model, 30 steps)")
-
-
-def run(args) -> int:
-    cfg = CompareConfig(**{k: getattr(args, k) for k in asdict(CompareConfig())})
-    eval_cfg = DEFAULT_EVAL
-    if args.quick:
-        cfg = replace(cfg, **QUICK, out_dir=cfg.out_dir if cfg.out_dir != CompareConfig.out_dir else "runs/compare-quick")
-        eval_cfg = QUICK_EVAL
-    compare(cfg, eval_cfg)
-    return 0

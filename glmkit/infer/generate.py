@@ -1,5 +1,5 @@
 """Blank infilling and generation (DESIGN.md §3): sampling, blank parsing, the decode engine, the
-text API with streaming, and the `glmkit infill` / `glmkit generate` verbs.
+text API with streaming (the `glmkit infill` / `glmkit generate` verbs are `glmkit.cli.infer`).
 
     loaded = glmkit.checkpoint.loader.load("runs/glm");  model, tok = loaded.model, loaded.tokenizer
     infill(model, tok, "The quick [MASK] fox [MASK] the dog.")[0].text
@@ -308,7 +308,7 @@ class Piece:
     text: str
 
 
-def _encode_prompts(texts: str | list[str], tok, as_generation: bool, causal: bool) -> list[Prompt]:
+def encode_prompts(texts: str | list[str], tok, as_generation: bool, causal: bool) -> list[Prompt]:
     texts = [texts] if isinstance(texts, str) else list(texts)
     if not texts:
         raise GlmkitError("no prompt given; pass at least one text")
@@ -339,7 +339,7 @@ def stream(model, tok, texts: str | list[str], cfg: SamplingConfig | None = None
     until the character is complete; a multi-token stop string ends the blank at the match (the text is
     cut there and decoding of that blank stops at once)."""
     cfg = cfg or SamplingConfig()
-    prompts = _encode_prompts(texts, tok, generation, causal)
+    prompts = encode_prompts(texts, tok, generation, causal)
     stop_ids, stop_strings = _stop_ids(stop or [], tok)
     spans: dict[tuple[int, int], list[int]] = {}
     shown: dict[tuple[int, int], int] = {}
@@ -364,7 +364,7 @@ def stream(model, tok, texts: str | list[str], cfg: SamplingConfig | None = None
             yield Piece(ev.row, ev.blank, new)
 
 
-def _assemble(prompt: Prompt, fills: list[str], tok) -> str:
+def assemble(prompt: Prompt, fills: list[str], tok) -> str:
     """The prompt's text with each blank token replaced by its fill."""
     out, start = [], 0
     for i, f in zip(prompt.blanks, fills):
@@ -378,11 +378,11 @@ def run_fill(model, tok, texts: str | list[str], cfg: SamplingConfig | None = No
              causal: bool = False, stop: list[str] | None = None) -> list[Filled]:
     """Fill every blank of every text (non-streaming: the pieces of `stream`, joined)."""
     cfg = cfg or SamplingConfig()
-    prompts = _encode_prompts(texts, tok, generation, causal)
+    prompts = encode_prompts(texts, tok, generation, causal)
     fills = [[""] * len(p.blanks) for p in prompts]
     for piece in stream(model, tok, texts, cfg, generation=generation, causal=causal, stop=stop):
         fills[piece.row][piece.blank] += piece.text
-    return [Filled(_assemble(p, f, tok), f, [tok.encode(x) for x in f]) for p, f in zip(prompts, fills)]
+    return [Filled(assemble(p, f, tok), f, [tok.encode(x) for x in f]) for p, f in zip(prompts, fills)]
 
 
 def infill(model, tok, texts: str | list[str], cfg: SamplingConfig | None = None, **kw) -> list[Filled]:
@@ -393,64 +393,3 @@ def infill(model, tok, texts: str | list[str], cfg: SamplingConfig | None = None
 def generate(model, tok, prompts: str | list[str], cfg: SamplingConfig | None = None, **kw) -> list[str]:
     """Continue each prompt ([gMASK] at its end; causal=True for CLM / HF chat models): the new text."""
     return [f.fills[-1] for f in run_fill(model, tok, prompts, cfg, generation=True, **kw)]
-
-
-# ================================================================================================
-# The `glmkit infill` / `glmkit generate` verbs
-# ================================================================================================
-
-def add_arguments(parser) -> None:
-    generation = parser.prog.endswith("generate")
-    parser.set_defaults(generation=generation)
-    parser.add_argument("checkpoint", help="a glmkit run / checkpoint directory, or an HF GLM-4 folder")
-    parser.add_argument("text", nargs="*", help="prompts (one row each; several are decoded as one batch)"
-                        + ("" if generation else ": put [MASK] / [sMASK] / [gMASK] where the blanks go"))
-    parser.add_argument("--file", help="read prompts from this file, one per line")
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="per blank")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=0, help="0 = off")
-    parser.add_argument("--top-p", type=float, default=1.0, help="1 = off")
-    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    parser.add_argument("--causal", action="store_true", default=None,
-                        help="read the prompt causally and continue it (default: on for CLM-trained and HF models)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--no-stream", action="store_true", help="print each result when complete")
-
-
-def run(args) -> int:
-    texts = list(args.text)
-    if args.file:
-        with open(args.file, encoding="utf-8") as f:
-            texts += [ln.rstrip("\n") for ln in f if ln.strip()]
-    if not texts:
-        raise GlmkitError("no prompt given: pass text after the checkpoint or --file PROMPTS.txt")
-    cfg = SamplingConfig(args.temperature, args.top_k, args.top_p, args.repetition_penalty,
-                         args.max_new_tokens, args.seed)
-    from glmkit.checkpoint.loader import load
-    loaded = load(args.checkpoint, args.device)
-    model, tok, objective = loaded.model, loaded.tokenizer, loaded.objective
-    causal = objective == "clm" if args.causal is None else args.causal
-    if causal and not args.generation:
-        raise GlmkitError("a causal (CLM-trained or HF) model cannot fill blanks; use `glmkit generate`")
-    kw = dict(generation=args.generation, causal=causal, stop=args.stop)
-    if args.no_stream or len(texts) > 1:
-        for f in run_fill(model, tok, texts, cfg, **kw):
-            print(f.fills[-1] if args.generation else f.text)
-        return 0
-    if args.generation:
-        for piece in stream(model, tok, texts, cfg, **kw):
-            print(piece.text, end="", flush=True)
-        print()
-        return 0
-    prompt = _encode_prompts(texts, tok, False, causal)[0]
-    fills, last = [""] * len(prompt.blanks), None
-    for piece in stream(model, tok, texts, cfg, **kw):     # each fill as it is produced, then the whole text
-        if piece.blank != last:
-            print(("\n" if last is not None else "") + f"[blank {piece.blank + 1}] ", end="", flush=True)
-            last = piece.blank
-        print(piece.text, end="", flush=True)
-        fills[piece.blank] += piece.text
-    print(("\n" if last is not None else "") + _assemble(prompt, fills, tok))
-    return 0

@@ -22,35 +22,32 @@ each data shard's iterator state, so a resumed run logs the same losses as an un
 for bit on the CPU). Ctrl-C / SIGTERM finish the current step, save, and exit.
 
 This file holds the loop: the data prefetcher, one optimizer step, validation, checkpoint save /
-restore, the run with its logging and throughput, and the command line. The options (`TrainConfig`,
-whose field comments are the `--help` text) and the building of a run (`setup`) are in
+restore, the run with its logging and throughput. The options (`TrainConfig`, whose field docstrings
+are the `--help` text of `glmkit.cli.train`) and the building of a run (`setup`) are in
 `glmkit.train.setup`; `glmkit.train.loop.TrainConfig` stays importable from here.
 """
 
 from __future__ import annotations
 
-import argparse
-import ast
 import contextlib
 import copy
-import inspect
 import math
-import os
 import queue
 import random
 import signal
 import tempfile
 import threading
 import time
-from dataclasses import asdict, fields
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from glmkit.checkpoint import store as ckpt_io
-from glmkit.train import distributed as D
 from glmkit.errors import GlmkitError
+from glmkit.train import distributed as D
 from glmkit.train.metrics import MetricsLogger, Progress, measured_matmul_peak, peak_flops
 from glmkit.train.setup import Run, TrainConfig, on_main, setup
 from glmkit.train.setup import build_model_config as build_model_config  # re-exported (public API)
@@ -249,16 +246,18 @@ class _StopSignal:
             signal.signal(sig, handler)
 
 
-def train(cfg: TrainConfig) -> dict:
+def train(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> dict:
     """Train as `cfg` says; returns the final metrics (step, loss, val_loss, tokens, tok_per_s, mfu,
-    data_share, checkpoint, interrupted, ...). Raises GlmkitError on bad input."""
+    data_share, checkpoint, interrupted, ...). Raises GlmkitError on bad input. `log` gets the run's
+    lines (model size, validation losses, interruption) when the progress bar is off; with the bar
+    they are written above it."""
     run, resume_from = setup(cfg)
     if resume_from is not None:
         restore(run, resume_from)
-    return _loop(run, resumed=resume_from is not None)
+    return _loop(run, resumed=resume_from is not None, log=log)
 
 
-def _loop(run: Run, resumed: bool) -> dict:
+def _loop(run: Run, resumed: bool, log: Callable[[str], None] | None = None) -> dict:
     cfg, info = run.cfg, run.info
     logger = MetricsLogger(run.run_dir, enabled=info.is_main, resume_step=run.step if resumed else None,
                            tensorboard=cfg.tensorboard)
@@ -271,7 +270,7 @@ def _loop(run: Run, resumed: bool) -> dict:
     positions = cfg.batch_size * cfg.seq_len * cfg.grad_accum * info.world_size   # per optimizer step
     run.data_states = run.data_states or {s: copy.deepcopy(it.state_dict()) for s, it in run.iterators.items()}
     prefetch = Prefetcher(run.iterators, cfg.grad_accum, run.step * cfg.grad_accum, cfg.prefetch)
-    progress = Progress(cfg.max_steps, run.step, enabled=cfg.progress and info.is_main)
+    progress = Progress(cfg.max_steps, run.step, enabled=cfg.progress and info.is_main, log=log)
     if not resumed:
         logger.log({"kind": "event", "step": 0, "event": "start", "num_params": model.num_params(),
                     "flops_per_token": flops_per_token, "peak_flops": peak, "peak_basis": peak_basis,
@@ -359,41 +358,3 @@ def measure_data_share(cfg: TrainConfig, steps: int = 20) -> dict:
         res = train(probe)
     keys = ("data_share", "data_s", "step_s", "tok_per_s", "mfu", "mfu_basis", "mfu_vs_measured_peak")
     return {"steps": steps, **{k: res.get(k) for k in keys}}
-
-
-# ------------------------------------------------------------------------------------------ command line
-
-def field_help(cls=TrainConfig) -> dict[str, str]:
-    """The string literal under each dataclass field: the `--help` text of its option."""
-    tree = ast.parse(inspect.getsource(cls))
-    body, out = tree.body[0].body, {}
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-            out[node.target.id] = " ".join(str(nxt.value.value).split())
-    return out
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    helps = field_help()
-    for f in fields(TrainConfig):
-        flag, kind = "--" + f.name.replace("_", "-"), str(f.type).split("|")[0].strip()
-        text = helps.get(f.name, "").replace("%", "%%")  # argparse formats help with %
-        if kind == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=text)
-        else:
-            shown = "" if "default" in text else f" (default: {f.default})"
-            parser.add_argument(flag, type={"int": int, "float": float}.get(kind, str), default=f.default,
-                                help=text + shown)
-
-
-def run(args: argparse.Namespace) -> int:
-    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
-    res = train(cfg)        # an error propagates without shutdown(): see its docstring
-    D.shutdown()
-    if int(os.environ.get("RANK", "0")) == 0:
-        loss = f": loss {res['loss']:.4f}" if res["loss"] is not None else " (nothing left to train)"
-        val = f", val loss {res['val_loss']:.4f}" if res["val_loss"] is not None else ""
-        rate = f", {res['tok_per_s']:,.0f} tokens/s" if res.get("tok_per_s") else ""
-        print(f"step {res['step']}{loss}{val}{rate}; run in {res['run_dir']}"
-              + (f", checkpoint {res['checkpoint']}" if res["checkpoint"] else ""))
-    return 130 if res["interrupted"] else 0

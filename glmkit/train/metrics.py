@@ -77,10 +77,11 @@ class MetricsLogger:
 
 
 class Progress:
-    """A tqdm bar over optimizer steps with loss, tokens/s and MFU; silent when disabled."""
+    """A tqdm bar over optimizer steps with loss, tokens/s and MFU; when disabled, `write` hands its
+    lines to `log` (if given)."""
 
-    def __init__(self, total: int, initial: int = 0, enabled: bool = True, desc: str = "train"):
-        self.bar = None
+    def __init__(self, total: int, initial: int = 0, enabled: bool = True, desc: str = "train", log=None):
+        self.bar, self.log = None, log
         if enabled:
             from tqdm import tqdm
             self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True)
@@ -94,8 +95,8 @@ class Progress:
     def write(self, text: str) -> None:
         if self.bar is not None:
             self.bar.write(text)
-        else:
-            print(text, flush=True)
+        elif self.log is not None:
+            self.log(text)
 
     def close(self) -> None:
         if self.bar is not None:

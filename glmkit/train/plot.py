@@ -1,4 +1,4 @@
-"""`glmkit plot RUN_DIR... --out loss.png`: training and validation loss curves from `metrics.jsonl`.
+"""Training and validation loss curves from `metrics.jsonl` (`glmkit plot RUN_DIR...`).
 
 Each run is one colour: the training loss as a thin line (smoothed with a running mean), the
 validation loss as a thick line with markers. Drawn with matplotlib's Agg backend (no display needed).
@@ -6,7 +6,6 @@ validation loss as a thick line with markers. Drawn with matplotlib's Agg backen
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from glmkit.errors import GlmkitError
@@ -45,6 +44,8 @@ def curves(run_dir: str | Path, x: str = "step") -> dict[str, tuple[list[float],
 
 def plot(run_dirs: list[str | Path], out: str | Path, x: str = "step", window: int = 20,
          title: str | None = None, log_y: bool = False) -> Path:
+    """Draw the curves of `run_dirs` into the image `out` (its folder must exist; the format follows
+    its suffix: .png, .pdf or .svg); returns `out`."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -67,22 +68,6 @@ def plot(run_dirs: list[str | Path], out: str | Path, x: str = "step", window: i
     ax.set_title(title or "glmkit training loss")
     fig.tight_layout()
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
     plt.close(fig)
     return out
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (or metrics.jsonl files)")
-    parser.add_argument("--out", default="loss.png", help="PNG to write (default: loss.png)")
-    parser.add_argument("--x", choices=("step", "tokens"), default="step", help="x axis")
-    parser.add_argument("--smooth", type=int, default=20, help="running-mean window for the train loss")
-    parser.add_argument("--title", default=None)
-    parser.add_argument("--log-y", action="store_true", help="logarithmic loss axis")
-
-
-def run(args: argparse.Namespace) -> int:
-    out = plot(args.runs, args.out, x=args.x, window=args.smooth, title=args.title, log_y=args.log_y)
-    print(f"wrote {out}")
-    return 0

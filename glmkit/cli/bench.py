@@ -1,0 +1,99 @@
+"""`glmkit bench WHAT`: speed measured against a named peer in the same run.
+
+    glmkit bench data                      # objective corruption + packing vs pure Python
+    glmkit bench train --device cuda       # training steps vs HF transformers
+    glmkit bench generate                  # decode tokens/s vs HF generate
+
+Each prints its numbers as it measures them and, as its last line, one JSON object: the result dict
+of `glmkit.bench.{data,train,generate}`. The bench modules are imported only when their bench runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+
+from glmkit.cli.options import nonnegative_int, positive_int
+
+# benchmark -> (module, function, options dataclass, one-line help)
+BENCHES: dict[str, tuple[str, str, str, str]] = {
+    "data": ("glmkit.bench.data", "bench_data", "DataBench",
+             "objective corruption + packing tokens/s per core vs a pure-Python GLM pipeline"),
+    "train": ("glmkit.bench.train", "bench_train", "TrainBench",
+              "training steps of a glmkit model vs the same HF transformers model"),
+    "generate": ("glmkit.bench.generate", "bench_generate", "GenerateBench",
+                 "decode tokens/s of glmkit vs HF transformers generate, same weights"),
+}
+
+
+def _data_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--corpus", default="data/default", help="corpus folder (default: data/default); "
+                   "synthetic Zipfian tokens when it does not exist")
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--seq-len", type=positive_int, default=1024)
+    p.add_argument("--tokens", type=positive_int, default=6_000_000,
+                   help="text tokens to push through each objective, over all rounds (default 6M)")
+    p.add_argument("--baseline-tokens", type=positive_int, default=900_000,
+                   help="text tokens for the slower pure-Python baseline, over all rounds (default 900k)")
+    p.add_argument("--rounds", type=positive_int, default=3, help="timed rounds per objective; the best counts (default 3)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="default: bfloat16 on cuda, float32 on cpu")
+    p.add_argument("--preset", default=None, help="model preset (default: bench-338m on cuda, small on cpu)")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="default: 16 on cuda, 4 on cpu")
+    p.add_argument("--seq-len", type=positive_int, default=None, help="default: 1024 on cuda, 256 on cpu")
+    p.add_argument("--steps", type=positive_int, default=None, help="timed steps per model (default: 20 cuda, 8 cpu)")
+    p.add_argument("--warmup", type=nonnegative_int, default=None,
+                   help="untimed steps first (default: 5 cuda/compile, 1 cpu)")
+    p.add_argument("--compile", action="store_true", help="torch.compile both models (glmkit: per block)")
+    p.add_argument("--objective", choices=["glm", "clm", "both"], default="glm")
+    p.add_argument("--backend", default=None, help="glmkit attention backend (default: the config's, auto)")
+    p.add_argument("--hf-arch", choices=["glm4", "glm"], default="glm4",
+                   help="peer architecture for dense presets: Glm4ForCausalLM (sandwich) or GlmForCausalLM")
+    p.add_argument("--no-hf", action="store_true", help="time glmkit only (ratio null)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--loop-steps", type=nonnegative_int, default=10,
+                   help="then time this many steps of the whole training loop (glmkit train on the default "
+                        "corpus, data loading included) and report the data pipeline's share of step time (0: skip)")
+    p.add_argument("--attention-table", action="store_true",
+                   help="instead: fwd+bwd ms of each attention backend on GLM rows vs flash causal (CUDA)")
+    p.add_argument("--flex-options", action="append", default=[], metavar="JSON",
+                   help="with --attention-table: also time Flex with these kernel options (repeatable), e.g. "
+                        "'{\"BLOCK_M\": 64, \"BLOCK_N\": 64}'; without it: the options every Flex call uses")
+
+
+def _generate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="small", help="model preset (glmkit.model.config PRESETS)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
+    p.add_argument("--prompt-len", type=positive_int, default=32)
+    p.add_argument("--new-tokens", type=positive_int, default=128)
+    p.add_argument("--repeats", type=positive_int, default=5)
+    p.add_argument("--compile", action="store_true", help="compile the decode step (static cache)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+ARGUMENTS = {"data": _data_arguments, "train": _train_arguments, "generate": _generate_arguments}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="bench", metavar="WHAT", required=True)
+    for name, (*_, help_text) in BENCHES.items():
+        ARGUMENTS[name](sub.add_parser(name, help=help_text, description=help_text))
+
+
+def run(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+    module_name, function, options, _ = BENCHES[args.bench]
+    module = importlib.import_module(module_name)
+    cls = getattr(module, options)
+    opts = cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+    result = getattr(module, function)(opts, log=lambda line: print(line, flush=True))
+    print(json.dumps(result))
+    return 0

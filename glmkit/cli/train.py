@@ -1,0 +1,59 @@
+"""`glmkit train`: pretrain a GLM with blank infilling (or MLM / CLM) on a corpus; exact resume.
+
+    glmkit train --model small --objective glm --max-steps 2000 --out-dir runs/small
+    torchrun --nproc_per_node 2 -m glmkit train --parallel fsdp ...      # DDP by default under torchrun
+
+Every option is a field of `glmkit.train.setup.TrainConfig`: the string under each field is its
+`--help` text, its type the option's type. What the options mean and how a run resumes:
+`glmkit.train.loop`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import inspect
+import os
+from dataclasses import fields
+
+from glmkit.train.setup import TrainConfig
+
+
+def field_help(cls=TrainConfig) -> dict[str, str]:
+    """The string literal under each dataclass field: the `--help` text of its option."""
+    tree = ast.parse(inspect.getsource(cls))
+    body, out = tree.body[0].body, {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            out[node.target.id] = " ".join(str(nxt.value.value).split())
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    helps = field_help()
+    for f in fields(TrainConfig):
+        flag, kind = "--" + f.name.replace("_", "-"), str(f.type).split("|")[0].strip()
+        text = helps.get(f.name, "").replace("%", "%%")  # argparse formats help with %
+        if kind == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=text)
+        else:
+            shown = "" if "default" in text else f" (default: {f.default})"
+            parser.add_argument(flag, type={"int": int, "float": float}.get(kind, str), default=f.default,
+                                help=text + shown)
+
+
+def run(args: argparse.Namespace) -> int:
+    from glmkit.train import distributed as D
+    from glmkit.train.loop import train
+
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    res = train(cfg, log=(lambda line: print(line, flush=True)) if main_rank else None)
+    D.shutdown()        # only after a run that finished on every rank: see its docstring
+    if main_rank:
+        loss = f": loss {res['loss']:.4f}" if res["loss"] is not None else " (nothing left to train)"
+        val = f", val loss {res['val_loss']:.4f}" if res["val_loss"] is not None else ""
+        rate = f", {res['tok_per_s']:,.0f} tokens/s" if res.get("tok_per_s") else ""
+        print(f"step {res['step']}{loss}{val}{rate}; run in {res['run_dir']}"
+              + (f", checkpoint {res['checkpoint']}" if res["checkpoint"] else ""))
+    return 130 if res["interrupted"] else 0
