@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from glmkit.model.config import PRESETS, GLMConfig
 from glmkit.errors import GlmkitError
+from glmkit.model.config import PRESETS, GLMConfig
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
@@ -58,6 +58,24 @@ def test_flops_formula():
     c = GLMConfig.from_name("bench-338m")
     T = 1024
     assert c.flops_per_token(T) == 6 * c.matmul_params() + 12 * 24 * 16 * 64 * T
+
+
+def test_training_flops_exact_on_tiny():
+    # tiny: hidden 64, 2 layers, 4 heads of 16, 2 KV heads, SwiGLU 128, vocab 128
+    c = GLMConfig.from_name("tiny")
+    attn, mlp, head = 64 * (64 + 2 * 32) + 64 * 64, 3 * 64 * 128, 128 * 64       # 12288, 24576, 8192
+    assert c.matmul_params() == 2 * (attn + mlp) + head == 81920
+    assert c.loss_position_matmul_params() == head + mlp == 32768               # projection + last MLP
+    # 2 rows of 32 positions, 10 loss positions: 6 x (49152 x 64 + 32768 x 10) + 12·2·4·16·32 x 64
+    assert c.training_flops(positions=64, loss_positions=10, seq_len=32) == 20840448 + 3145728 == 23986176
+    # every position a loss position: the textbook 6N + 12·L·H·Q·T per token
+    assert c.training_flops(64, 64, 32) == 64 * c.flops_per_token(32)
+
+
+def test_training_flops_moe_last_layer_runs_everywhere():
+    c = GLMConfig.from_name("tiny-moe")
+    assert c.is_moe_layer(c.num_layers - 1)
+    assert c.loss_position_matmul_params() == c.vocab_size * c.hidden_size
 
 
 @pytest.mark.parametrize("overrides,field", [

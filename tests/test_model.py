@@ -46,6 +46,22 @@ def test_num_params_agrees_with_config(name):
     assert model.flops_per_token(64) == c.flops_per_token(64)
 
 
+@pytest.mark.parametrize("name", ["tiny", "tiny-glm", "tiny-chatglm"])
+def test_training_flops_count_the_matmuls_the_loss_runs(name):
+    """GLMConfig.training_flops against torch's FLOP counter over a real loss forward + backward (the
+    counter sees the matmuls, not the CPU attention kernel: that term is added as the config counts it)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    c = GLMConfig.from_name(name)
+    model = GLM(c)
+    batch = make_batch(ROWS["packed"], T=24, vocab=c.vocab_size)
+    B, T = batch.input_ids.shape
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model.loss(batch, model.attention_mask(batch, "sdpa")).backward()
+    attention = 12 * c.num_layers * c.num_heads * c.head_dim * T * B * T
+    assert counter.get_total_flops() + attention == c.training_flops(B * T, int(batch.loss_mask.sum()), T)
+
+
 @pytest.mark.parametrize("name", ["tiny", "tiny-moe", "tiny-chatglm"])
 def test_flex_matches_sdpa_inside_the_model(name):
     c = GLMConfig.from_name(name)

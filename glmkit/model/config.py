@@ -203,25 +203,49 @@ class GLMConfig:
             n += self.embedding_params() + self.head_params()
         return n
 
+    def _mlp_matmul_params(self, i: int) -> int:
+        """Matmul weights one token runs through in layer i's MLP (MoE: the router, its top-k routed
+        experts and the shared experts)."""
+        h = self.hidden_size
+        if self.is_moe_layer(i):
+            experts = self.num_experts_per_tok + self.n_shared_experts
+            return 3 * h * self.moe_intermediate_size * experts + self.n_routed_experts * h
+        return ((1 if self.mlp == "gelu" else 2) + 1) * h * self.intermediate_size
+
     def matmul_params(self) -> int:
         """N of DESIGN.md §4's `6N`: active weights used in matrix multiplies per token, including the
         output projection (tied or not) and excluding embedding lookups, norms and biases."""
         h, q, kv = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         attn = h * (q + 2 * kv) + q * h
-        branches = 1 if self.mlp == "gelu" else 2
-        dense = (branches + 1) * h * self.intermediate_size
-        n = 0
-        for i in range(self.num_layers):
-            if self.is_moe_layer(i):
-                experts = self.num_experts_per_tok + self.n_shared_experts
-                n += attn + 3 * h * self.moe_intermediate_size * experts + self.n_routed_experts * h
-            else:
-                n += attn + dense
-        return n + self.vocab_size * h
+        return sum(attn + self._mlp_matmul_params(i) for i in range(self.num_layers)) + self.vocab_size * h
+
+    def loss_position_matmul_params(self) -> int:
+        """The part of `matmul_params` that `GLM.loss` runs only at loss positions: the output
+        projection and, when the last layer is dense, its MLP (hidden states are gathered at the loss
+        positions right after the last attention; an MoE last layer runs everywhere)."""
+        last = self.num_layers - 1
+        mlp = 0 if self.is_moe_layer(last) else self._mlp_matmul_params(last)
+        return self.vocab_size * self.hidden_size + mlp
 
     def flops_per_token(self, seq_len: int) -> int:
-        """Training FLOPs per token, `6N + 12·L·H·Q·T` (DESIGN.md §4)."""
+        """Training FLOPs per token, `6N + 12·L·H·Q·T` (DESIGN.md §4): the textbook count, which
+        projects every position to the vocabulary (what a causal LM does; see `training_flops` for
+        what `GLM.loss` actually computes)."""
         return 6 * self.matmul_params() + 12 * self.num_layers * self.num_heads * self.head_dim * seq_len
+
+    def training_flops(self, positions: int, loss_positions: int, seq_len: int) -> int:
+        """FLOPs of one forward + backward of `GLM.loss` over `positions` positions in rows of `seq_len`
+        (padding included: it is computed) of which `loss_positions` carry a loss: 6 FLOPs per matmul
+        weight per position that runs it (2 forward, 4 backward), the output projection and the last
+        dense MLP only at loss positions, and `12·L·H·Q·T` per position for the attention scores and
+        their weighted sum (every query against every key of its row, as the dense-mask kernel
+        computes it). For a CLM batch every position but the last of a row is a loss position, so
+        this is close to `positions · flops_per_token(seq_len)`; for GLM (~15-50% loss positions) it
+        is what keeps MFU honest."""
+        at_loss = self.loss_position_matmul_params()
+        everywhere = self.matmul_params() - at_loss
+        attention = 12 * self.num_layers * self.num_heads * self.head_dim * seq_len
+        return 6 * (everywhere * positions + at_loss * loss_positions) + attention * positions
 
     # -- serialisation ---------------------------------------------------------------------------
     def to_dict(self) -> dict:

@@ -111,7 +111,8 @@ def _is_oom(e: BaseException) -> bool:
 def train_step(run: Run, batches: list, stop_requested: bool = False) -> dict:
     """Forward/backward over this process's micro-batches, then one optimizer step.
 
-    Returns {"loss", "lr", "grad_norm", "stop"}: `loss` is the global token-weighted mean; `stop` is
+    Returns {"loss", "lr", "grad_norm", "loss_tokens", "stop"}: `loss` is the global token-weighted mean
+    over `loss_tokens` loss positions (all processes); `stop` is
     True when any process was asked to stop (all ranks see the same value). Raises GlmkitError on a
     non-finite loss or gradient norm, without touching the weights.
     """
@@ -147,7 +148,8 @@ def train_step(run: Run, batches: list, stop_requested: bool = False) -> dict:
         for m in moe:  # every rank applies the same update: from the load counted on all ranks
             D.all_reduce_sum(m.expert_load)
         run.model.update_router_bias(run.cfg.router_bias_rate)
-    return {"loss": loss_value, "lr": lr, "grad_norm": grad_norm, "stop": totals[1].item() > 0}
+    return {"loss": loss_value, "lr": lr, "grad_norm": grad_norm, "loss_tokens": int(n_global),
+            "stop": totals[1].item() > 0}
 
 
 def evaluate(run: Run) -> float | None:
@@ -262,7 +264,9 @@ def _loop(run: Run, resumed: bool, log: Callable[[str], None] | None = None) -> 
     logger = MetricsLogger(run.run_dir, enabled=info.is_main, resume_step=run.step if resumed else None,
                            tensorboard=cfg.tensorboard)
     model = run.model
-    flops_per_token = (getattr(model, "flops_per_token", None) or run.model_config.flops_per_token)(cfg.seq_len)
+    # MFU counts the FLOPs the model performs: the vocabulary projection only at loss positions
+    # (GLMConfig.training_flops), so a GLM step is not credited with work it skips
+    flops_per_token = run.model_config.flops_per_token(cfg.seq_len)
     peak, peak_basis = peak_flops(info.device, run.compute_dtype)
     # on a GPU, MFU against the data sheet and against a measured matmul peak (DESIGN.md section 4)
     measured = measured_matmul_peak(info.device, run.compute_dtype, n=8192, iters=10) \
@@ -279,7 +283,7 @@ def _loop(run: Run, resumed: bool, log: Callable[[str], None] | None = None) -> 
     if info.is_main:
         progress.write(f"{run.model_config.name}: {model.num_params():,} parameters, {positions:,} positions "
                        f"per step on {info.world_size} x {info.device.type} ({D.mode_of(run.module)}); "
-                       f"MFU against the {peak_basis} ({peak / 1e12:.3g} TFLOP/s)")
+                       f"MFU against the {peak_basis}: {peak / 1e12:.3g} TFLOP/s")
     stop = _StopSignal()
     out = {"run_dir": str(run.run_dir), "step": run.step, "loss": None, "val_loss": None, "interrupted": False,
            "checkpoint": None, "mfu_basis": peak_basis, "num_params": model.num_params()}
@@ -301,9 +305,10 @@ def _loop(run: Run, resumed: bool, log: Callable[[str], None] | None = None) -> 
                 raise
             t_step = time.perf_counter() - t0
             run.step, run.tokens, run.data_states = run.step + 1, run.tokens + positions, states
-            timings.append((t_data, t_step))
+            flops = run.model_config.training_flops(positions, res["loss_tokens"], cfg.seq_len)
+            timings.append((t_data, t_step, flops))
             tok_s = positions / t_step
-            mfu = flops_per_token * tok_s / (peak * info.world_size)
+            mfu = flops / t_step / (peak * info.world_size)
             logger.log({"kind": "train", "step": run.step, "loss": res["loss"], "lr": res["lr"],
                         "grad_norm": res["grad_norm"], "tokens": run.tokens, "tok_per_s": tok_s, "mfu": mfu,
                         "data_s": t_data, "step_s": t_step})
@@ -330,20 +335,21 @@ def _loop(run: Run, resumed: bool, log: Callable[[str], None] | None = None) -> 
         progress.close()
         logger.close()
         stop.restore()
-    rates = _throughput(timings, positions, flops_per_token, peak * info.world_size)
+    rates = _throughput(timings, positions, peak * info.world_size)
     if rates["tok_per_s"]:
-        rates["mfu_vs_measured_peak"] = flops_per_token * rates["tok_per_s"] / (measured * info.world_size)
+        rates["mfu_vs_measured_peak"] = rates["mfu"] * peak / measured
     return {**out, **rates, "tokens": run.tokens}
 
 
-def _throughput(timings: list[tuple[float, float]], positions: int, flops_per_token: float, peak: float) -> dict:
-    """Rates over the steps after the first (which pays for start-up, compilation, allocator growth)."""
+def _throughput(timings: list[tuple[float, float, int]], positions: int, peak: float) -> dict:
+    """Rates over the steps after the first (which pays for start-up, compilation, allocator growth);
+    `timings`: (data wait s, step s, FLOPs) per step."""
     steady = timings[1:] or timings
     if not steady:
         return {"tok_per_s": None, "mfu": None, "data_share": None, "data_s": None, "step_s": None}
-    data_s, step_s = sum(t[0] for t in steady), sum(t[1] for t in steady)
+    data_s, step_s, flops = (sum(t[i] for t in steady) for i in range(3))
     tok_s = positions * len(steady) / step_s
-    return {"tok_per_s": tok_s, "mfu": flops_per_token * tok_s / peak, "data_share": data_s / step_s,
+    return {"tok_per_s": tok_s, "mfu": flops / step_s / peak, "data_share": data_s / step_s,
             "data_s": data_s / len(steady), "step_s": step_s / len(steady)}
 
 

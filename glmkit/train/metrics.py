@@ -10,7 +10,9 @@ a resumed run's log reads exactly like an uninterrupted one.
 
 from __future__ import annotations
 
+import functools
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -93,10 +95,16 @@ class Progress:
                 self.bar.set_postfix(postfix, refresh=False)
 
     def write(self, text: str) -> None:
-        if self.bar is not None:
-            self.bar.write(text)
-        elif self.log is not None:
-            self.log(text)
+        """A line above the bar: the bar is cleared, the line written and flushed (so it lands before
+        the bar's next redraw even when stdout is a pipe and the bar is on stderr), the bar redrawn.
+        Without a bar the line goes to `log`, if given."""
+        if self.bar is None:
+            if self.log is not None:
+                self.log(text)
+            return
+        with self.bar.external_write_mode():
+            sys.stdout.write(text + "\n")
+            sys.stdout.flush()
 
     def close(self) -> None:
         if self.bar is not None:
@@ -110,17 +118,21 @@ def datasheet_peak(device: torch.device) -> float | None:
     return next((v for k, v in DATASHEET_BF16.items() if k in name), None)
 
 
-def measured_matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 1024, iters: int = 8) -> float:
-    """FLOP/s of a square matmul on this device and dtype: the honest peak on a CPU, where no data
-    sheet applies. Measured once at start-up, in well under a second."""
+# Square matmul sizes timed for a measured peak: the best of several, because which size runs fastest
+# depends on the BLAS library, the cache sizes and the thread count.
+CPU_PEAK_SIZES = (256, 512, 1024, 1536)
+GPU_PEAK_SIZES = (4096, 8192)
+
+
+def _time_matmul(device: torch.device, dtype: torch.dtype, n: int, iters: int, trials: int = 3) -> float:
+    """FLOP/s of the best of `trials` timings of `iters` (n x n) @ (n x n) products."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(2):
-        a @ b
+    a @ b
     sync()
     best = float("inf")
-    for _ in range(3):  # best of three: a peak, not a moment when another process held the cores
+    for _ in range(trials):  # best of several: a peak, not a moment when another process held the cores
         t = time.perf_counter()
         for _ in range(iters):
             a @ b
@@ -129,11 +141,29 @@ def measured_matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 1024
     return 2 * n**3 * iters / best
 
 
+def measured_matmul_peak(device: torch.device, dtype: torch.dtype, n: int | None = None,
+                         iters: int | None = None) -> float:
+    """FLOP/s of square matmuls on this device and dtype: the honest peak on a CPU, where no data sheet
+    applies. With `n`, that size only; otherwise the best over CPU_PEAK_SIZES / GPU_PEAK_SIZES, each
+    the best of three timings of about a GFLOP (CPU) or more (GPU): about a second in all on a CPU."""
+    sizes = (n,) if n else (GPU_PEAK_SIZES if device.type == "cuda" else CPU_PEAK_SIZES)
+    target = 5e11 if device.type == "cuda" else 1e9            # FLOPs per timing
+    return max(_time_matmul(device, dtype, s, iters or max(1, round(target / (2 * s**3)))) for s in sizes)
+
+
+@functools.cache
+def _cached_peak(device: torch.device, dtype: torch.dtype) -> float:
+    return measured_matmul_peak(device, dtype)
+
+
 def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
-    """(peak FLOP/s, what it is): the data-sheet bf16 peak of a known GPU, otherwise measured."""
+    """(peak FLOP/s, what it is): the data-sheet bf16 peak of a known GPU, otherwise the best measured
+    square matmul (measured once per process, device and dtype)."""
     sheet = datasheet_peak(device) if dtype == torch.bfloat16 else None
     if sheet is not None:
         return sheet, f"{torch.cuda.get_device_name(device)} data-sheet bf16 peak"
-    n = 4096 if device.type == "cuda" else 1024
+    sizes = GPU_PEAK_SIZES if device.type == "cuda" else CPU_PEAK_SIZES
     dname = str(dtype).replace("torch.", "")
-    return measured_matmul_peak(device, dtype, n=n), f"measured {n}x{n} {dname} matmul on {device.type}"
+    peak = _cached_peak(device, dtype)
+    return peak, (f"best measured {dname} matmul on {device.type} "
+                  f"(square sizes {', '.join(map(str, sizes))}, best of 3 each)")
