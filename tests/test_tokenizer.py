@@ -9,9 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from glmkit.errors import GlmkitError
 from glmkit.data.sources import kjv_source, peoples_daily_source
-from glmkit.data.tokenizer import GLM_SPECIALS, PAD_TOKEN, GLMTokenizer
+from glmkit.data.tokenizer import GLM45_TOKENS, GLM_SPECIALS, PAD_TOKEN, GLMTokenizer
+from glmkit.errors import GlmkitError
 
 ENGLISH = ("In the beginning God created the heaven and the earth. And the earth was without form, and void! "
            "Shall I compare thee to a summer's day? Thou art more lovely and more temperate.\n\n")
@@ -74,14 +74,26 @@ def test_special_attributes(tok):
         i = getattr(tok, f"{name}_id")
         assert tok.id_to_token(i) == text and tok.token_to_id(text) == i and i in tok.special_ids
     assert tok.id_to_token(tok.pad_id) == PAD_TOKEN and tok.pad_id in tok.special_ids
-    ids = [getattr(tok, f"{n}_id") for n in GLM_SPECIALS] + [tok.pad_id]
+    structural = [tok.special_id(t) for t in GLM45_TOKENS]
+    assert [tok.id_to_token(i) for i in structural] == list(GLM45_TOKENS)
+    ids = [getattr(tok, f"{n}_id") for n in GLM_SPECIALS] + [tok.pad_id] + structural
+    assert ids == list(range(len(ids)))  # specials first, in this order, then the learned vocabulary
     assert len(set(ids)) == len(ids) == len(tok.special_ids)
     assert tok.vocab_size == len(tok) == 2000
-    assert all(0 <= i < tok.vocab_size for i in ids)
+    assert tok.special_id("[gMASK]") == tok.gmask_id and tok.special_id("hello") is None
+
+
+def test_token_bytes(tok):
+    ids = tok.encode("a😀b 中文")
+    assert b"".join(tok.token_bytes(i) for i in ids) == "a😀b 中文".encode()
+    assert tok.token_bytes(tok.user_id) == b"<|user|>" and tok.token_bytes(tok.special_id("<think>")) == b"<think>"
+    with pytest.raises(GlmkitError, match="outside the vocabulary"):
+        tok.token_bytes(tok.vocab_size + 5)
 
 
 def test_user_text_never_becomes_special(tok):
-    text = "The literal [MASK] and [gMASK]<sop> <|user|> text<|endoftext|>[sMASK]<eop><|pad|>"
+    text = ("The literal [MASK] and [gMASK]<sop> <|user|> text<|endoftext|>[sMASK]<eop><|pad|>"
+            + "".join(GLM45_TOKENS))
     ids = tok.encode(text)
     assert not set(ids) & tok.special_ids
     assert tok.decode(ids) == text
@@ -167,6 +179,21 @@ def test_load_hf_tokenizer_with_glm4_specials(tmp_path):
     assert not set(tok.encode(text)) & tok.special_ids
     assert tok.encode("[gMASK]<sop><|user|>", allow_special=True) == [tok.gmask_id, tok.sop_id, tok.user_id]
     assert tok.decode(tok.encode(text)) == text
+
+
+def test_glm45_tokens_are_optional_and_never_made_from_text(tmp_path):
+    file, backend = _hf_tokenizer_file(tmp_path, GLM4_SPECIALS)
+    assert GLMTokenizer.load(file).special_id("<tool_call>") is None  # GLM-4-9B's tokenizer lacks them
+    # a tokenizer.json may list them as added tokens not flagged special: still kept from user text
+    from tokenizers import AddedToken
+    backend.add_tokens([AddedToken(t, special=False) for t in GLM45_TOKENS])
+    backend.save(str(file))
+    tok = GLMTokenizer.load(file)
+    call = tok.special_id("<tool_call>")
+    assert call == backend.token_to_id("<tool_call>") and call in tok.special_ids
+    text = "<tool_call>f\n<arg_key>k</arg_key></tool_call><think>"
+    assert not set(tok.encode(text)) & tok.special_ids and tok.decode(tok.encode(text)) == text
+    assert tok.encode("<tool_call>", allow_special=True) == [call]
 
 
 def test_missing_special_is_named(tmp_path):

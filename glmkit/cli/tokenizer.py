@@ -14,7 +14,7 @@ import time
 
 from glmkit.cli.corpus import add_source_arguments, load_tokenizer, sources_from_args, warn_small_vocab
 from glmkit.cli.options import fraction, positive_int
-from glmkit.data.tokenizer import DEFAULT_VOCAB_SIZE, GLM_SPECIALS
+from glmkit.data.tokenizer import DEFAULT_VOCAB_SIZE, GLM45_TOKENS, GLM_SPECIALS
 from glmkit.errors import GlmkitError
 
 
@@ -61,6 +61,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"{args.tokenizer}: {tok!r}\nhash {tok.hash}\npad_id {tok.pad_id}")
         for name, text in GLM_SPECIALS.items():
             print(f"{name + '_id':<16}{getattr(tok, name + '_id'):>8}  {text}")
+        glm45 = {t: tok.special_id(t) for t in GLM45_TOKENS}
+        if all(i is not None for i in glm45.values()):
+            print("GLM-4.5 chat tokens: " + " ".join(f"{t}={i}" for t, i in glm45.items()))
+        else:
+            print("GLM-4.5 chat tokens: absent (the glm45 chat format cannot be used with this tokenizer)")
         print(f"sentence-ending tokens: {len(tok.sentence_end_ids)}")
     return 0
 

@@ -11,8 +11,14 @@ Special tokens (GLM-4 spelling) and the attribute holding each id:
     <|observation|> observation_id   and pad_id: <|pad|> (or <pad>) when the vocabulary has one,
     else <|endoftext|>, as GLM-4 does.
 
+GLM-4.5's structural tokens (`GLM45_TOKENS`: <think> </think> <tool_call> </tool_call> <arg_key>
+</arg_key> <arg_value> </arg_value> <tool_response> </tool_response>) are added by `train` after the
+ones above, so tokenizers glmkit trains can speak the `glm45` chat format. They are optional:
+GLM-4-9B's tokenizer.json lacks them and loads as before; `special_id(text)` returns None for a
+token the vocabulary lacks, and the chat renderers say so.
+
 A user's text never becomes a special token: `encode` runs a second copy of the tokenizer from
-which every special token is removed, so the text "[MASK]" encodes as the ordinary tokens
+which every special token (and every GLM-4.5 structural token, whatever its flag) is removed, so the text "[MASK]" encodes as the ordinary tokens
 "[", "MASK", "]". Only `allow_special=True` matches special tokens in text.
 """
 
@@ -45,6 +51,9 @@ GLM_SPECIALS: dict[str, str] = {
     "observation": "<|observation|>",
 }
 PAD_TOKEN = "<|pad|>"  # added by `train`; loaded tokenizers without one pad with <|endoftext|>
+# GLM-4.5's chat structure; added by `train`, optional when loading (see the module docstring)
+GLM45_TOKENS = ("<think>", "</think>", "<tool_call>", "</tool_call>", "<arg_key>", "</arg_key>", "<arg_value>",
+                "</arg_value>", "<tool_response>", "</tool_response>")
 PAD_FALLBACKS = (PAD_TOKEN, "<pad>", "[PAD]")
 
 # 16k: most Chinese characters of the default corpus become single tokens and common English
@@ -81,9 +90,13 @@ class GLMTokenizer:
         self.pad_id = next((vocab[t] for t in PAD_FALLBACKS if t in vocab), self.eot_id)
         self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
         self.json = backend.to_str()
-        # every added token flagged special, plus the GLM ones whatever their flag
+        # every added token flagged special, plus the GLM ones whatever their flag (a tokenizer.json may
+        # list <think> or <tool_call> as non-special added tokens; user text must never produce them)
         glm = set(GLM_SPECIALS.values()) | {self.backend.id_to_token(self.pad_id)}
+        glm |= {t for t in GLM45_TOKENS if t in vocab}
         added = backend.get_added_tokens_decoder()
+        self._added = {t.content: i for i, t in added.items()}
+        self._bytes: dict[int, bytes] = {}  # token_bytes cache
         self.special_ids = {i for i, t in added.items() if t.special or t.content in glm} | {vocab[t] for t in glm}
         self._plain = _without_specials(self.json, {self.backend.id_to_token(i) for i in self.special_ids})
 
@@ -92,7 +105,7 @@ class GLMTokenizer:
     def train(cls, texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE, min_frequency: int = 2,
               show_progress: bool = False) -> GLMTokenizer:
         """Learn a byte-level BPE of `vocab_size` tokens (specials included) from `texts`."""
-        specials = list(GLM_SPECIALS.values()) + [PAD_TOKEN]
+        specials = list(GLM_SPECIALS.values()) + [PAD_TOKEN, *GLM45_TOKENS]
         if vocab_size <= 256 + len(specials):
             raise GlmkitError(f"vocab_size={vocab_size} is too small: a byte-level BPE needs the 256 bytes plus "
                               f"{len(specials)} special tokens and some merges; use at least 512 "
@@ -171,6 +184,30 @@ class GLMTokenizer:
 
     def token_to_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
+
+    def special_id(self, text: str) -> int | None:
+        """The id of the special (added) token spelled `text`, or None when the vocabulary lacks it
+        (e.g. `special_id("<tool_call>")` on GLM-4-9B's tokenizer)."""
+        i = self.backend.token_to_id(text)
+        return i if i is not None and i in self.special_ids else None
+
+    def token_bytes(self, id: int) -> bytes:
+        """The bytes a token stands for (special tokens: their text in UTF-8). Decoding a stream token
+        by token through an incremental UTF-8 decoder over these never splits a character."""
+        id = int(id)
+        raw = self._bytes.get(id)
+        if raw is None:
+            token = self.backend.id_to_token(id)
+            if token is None:
+                raise GlmkitError(f"token id {id} is outside the vocabulary (size {self.vocab_size})")
+            if id in self.special_ids or token in self._added:
+                raw = token.encode("utf-8")
+            else:  # byte-level tokens map back to bytes; any other vocabulary decodes one token alone
+                raw = _token_bytes(token)
+                if raw is None:
+                    raw = self.backend.decode([id], skip_special_tokens=False).encode("utf-8")
+            self._bytes[id] = raw
+        return raw
 
     def id_to_token(self, id: int) -> str | None:
         return self.backend.id_to_token(int(id))
