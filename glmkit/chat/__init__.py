@@ -12,6 +12,9 @@ tool calling, the tools themselves and the agent loop.
   deltas out: content, reasoning, tool calls, finish reason); `pieces`: a rendering before
   tokenization; `stream`: deltas, UTF-8-safe incremental decoding, the parser base.
 - `functions`: typed Python functions as callable tools, called safely.
+- `browser`: the GLM-4-style browser (search / open / find, citations checked), one per
+  conversation; `docstore`: its SQLite FTS5 document store (Chinese as character bigrams; the
+  default corpus or a user's folder); `webpage`: allowlisted URL fetching and HTML to text.
 
 Imports `glmkit.errors`, `glmkit.data`, `glmkit.model`, `glmkit.checkpoint`, `glmkit.infer`; never
 `train`, `eval`, `serve`, `bench` or `cli`.
