@@ -5,7 +5,9 @@ from text, glmkit's Jinja templates through HF transformers, message validation.
 import json
 
 import pytest
-from helpers import CONVERSATIONS, SEARCH, WEATHER, call, openai_with_parsed_arguments
+from helpers import CONVERSATIONS, SEARCH, TOOL, WEATHER, call, conversations, openai_with_parsed_arguments
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from glmkit.chat import (
     MessageError,
@@ -246,6 +248,22 @@ def test_jinja_templates_render_the_same_bytes_through_transformers(case, chat_t
         ours = render(messages, tools, fmt, tokenizer=chat_tok, add_generation_prompt=gen, enable_thinking=thinking)
         # HF's tokenizer makes a structural token of message text spelling one; glmkit never does
         assert (list(ids) == ours.ids) == (case not in SPELLS_SPECIAL)
+
+
+@pytest.mark.parametrize("fmt", ["glm4", "glm45"])
+def test_jinja_templates_match_on_random_conversations(fmt, chat_tok):
+    hf = _hf(chat_tok)
+    tools = [TOOL, {"type": "python"}] if fmt == "glm4" else [TOOL]
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(conversations(fmt, think_close=True), st.booleans(), st.booleans())
+    def run(messages, gen, thinking):
+        text = hf.apply_chat_template(openai_with_parsed_arguments(messages), tools=tools, tokenize=False,
+                                      chat_template=chat_template(fmt), add_generation_prompt=gen,
+                                      enable_thinking=thinking)
+        assert text == render_text(messages, tools, fmt, add_generation_prompt=gen, enable_thinking=thinking)
+
+    run()
 
 
 def test_jinja_glm4_template_takes_string_arguments_as_given():

@@ -5,13 +5,11 @@ message (OpenAI streaming semantics); render -> parse round trips of arbitrary c
 import json
 
 import pytest
-from helpers import CONVERSATIONS, WEATHER
+from helpers import CONVERSATIONS, TOOL, WEATHER, conversations
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from glmkit.chat import AssistantMessage, make_parser, messages_from_dicts, parse, render
 from glmkit.chat.glm45 import split_reasoning
-from glmkit.data.tokenizer import GLM45_TOKENS
 
 
 def assemble(deltas) -> tuple:
@@ -79,52 +77,6 @@ def test_every_rendered_turn_streams_back(name, chat_tok):
 
 
 # ---------------------------------------------------------------------------- round trip (hypothesis)
-SPELLINGS = ["<|assistant|>", "<|user|>", "<|observation|>", "<|system|>", "[gMASK]", "<sop>", "<|endoftext|>",
-             *GLM45_TOKENS]
-PIECES = ["a", "b", "Z", " ", "  ", "\n", "\t", "北", "京", "天气", "😀", "é", "{", "}", '"', "\\", ":", ",", "<", "/"]
-TEXT = st.lists(st.sampled_from(PIECES + SPELLINGS), max_size=10).map("".join)
-TOOL = {"type": "function", "function": {"name": "f", "description": "A test tool.", "parameters": {
-    "type": "object", "properties": {"s": {"type": "string"}, "n": {"type": "integer"}, "o": {"type": "object"},
-                                     "b": {"type": "boolean"}, "a": {"type": "array"}}}}}
-VALUES = {"s": TEXT, "n": st.integers(-10**6, 10**6), "b": st.booleans(),
-          "o": st.dictionaries(st.sampled_from(["x", "键", "y z"]), st.one_of(TEXT, st.integers(), st.none()), max_size=3),
-          "a": st.lists(st.one_of(st.integers(), TEXT, st.floats(allow_nan=False, allow_infinity=False)), max_size=3)}
-
-
-@st.composite
-def arguments(draw):
-    keys = draw(st.permutations(list(VALUES)))[:draw(st.integers(0, len(VALUES)))]
-    return {k: draw(VALUES[k]) for k in keys}
-
-
-@st.composite
-def conversations(draw, fmt: str):
-    messages = [{"role": "system", "content": draw(TEXT)}] if draw(st.booleans()) else []
-    n_calls = 0
-    for _ in range(draw(st.integers(1, 3))):
-        messages.append({"role": "user", "content": draw(TEXT)})
-        for _ in range(draw(st.integers(0, 2))):
-            content = draw(TEXT)
-            if fmt == "glm45":
-                content = content.replace("</think>", "")  # the template reads it as the end of reasoning
-            msg = {"role": "assistant", "content": draw(st.sampled_from([content, None]))}
-            if draw(st.booleans()):
-                msg["reasoning_content"] = draw(TEXT)
-            calls = []
-            for _ in range(draw(st.integers(0, 2))):
-                if fmt == "glm4" and draw(st.booleans()):
-                    calls.append(("python", {"code": draw(TEXT)}))
-                else:
-                    calls.append(("f", draw(arguments())))
-            msg["tool_calls"] = [{"id": f"c{n_calls + k}", "type": "function", "function": {
-                "name": name, "arguments": json.dumps(args, ensure_ascii=False)}} for k, (name, args) in enumerate(calls)]
-            messages.append(msg)
-            for k in range(len(calls)):
-                messages.append({"role": "tool", "tool_call_id": f"c{n_calls + k}", "content": draw(TEXT)})
-            n_calls += len(calls)
-    return messages
-
-
 @pytest.mark.parametrize("fmt", ["glm4", "glm45"])
 def test_render_parse_round_trip(fmt, chat_tok):
     tools = [TOOL, {"type": "python"}] if fmt == "glm4" else [TOOL]
