@@ -178,9 +178,9 @@ def test_browser_as_function_tools_and_glm4_calls(store):
     assert reg.call("browser_search", '{"query": "北京"}').content.startswith(" # 【0†北京新闻†peoples_daily/199801-00002】")
     assert reg.call("browser_open", '{"id": 0}').content.startswith("TITLE: 北京新闻")
     assert reg.call("browser_open", '{"id": 5}').content == (
-        "error: browser_open raised BrowserError: no result has id 5 (ids shown in this conversation: 0 to 0)")
+        "error: browser_open: no result has id 5 (ids shown in this conversation: 0 to 0)")
     # GLM-4's code-style calls
-    assert b.run('search("light")').startswith(" # 【1†Genesis 1†kjv/genesis-1】")
+    assert b.run('search("light", recency_days=7)').startswith(" # 【1†Genesis 1†kjv/genesis-1】")
     assert b.run("open(1)").startswith("TITLE: Genesis 1 【1†kjv/genesis-1】")
     assert b.run("mclick([0, 1])").count("TITLE: ") == 2
     assert b.run('find(pattern="God")').startswith("TITLE: Find results for `God` in Genesis 1")
@@ -332,12 +332,12 @@ def test_open_url_refusals(server):
         b.open(f"{server}/image")
     with pytest.raises(BrowserError, match="HTTP 404"):
         b.open(f"{server}/missing")
-    t0 = time.monotonic()
     with pytest.raises(BrowserError, match=r"within 0.5 s \(timed out\)"):
         b.open(f"{server}/slow")
+    t0 = time.monotonic()
     with pytest.raises(BrowserError, match=r"did not arrive within 0.5 s \(timed out\)"):
         b.open(f"{server}/drip")  # sends steadily, but too slowly: the total time is bounded
-    assert time.monotonic() - t0 < 3
+    assert time.monotonic() - t0 < 2.5  # the whole page would take 4 s
     with pytest.raises(BrowserError, match="no document store to search"):
         b.search("x")
 

@@ -140,7 +140,11 @@ def test_exceptions_and_timeouts_come_back_as_observations():
         """Calls sys.exit."""
         raise SystemExit(3)
 
-    reg = FunctionRegistry([divide, leave], timeout=5)
+    def refuse(city: str) -> str:
+        """Raises a user-facing error."""
+        raise GlmkitError(f"no station in {city}; give a provincial capital")
+
+    reg = FunctionRegistry([divide, leave, refuse], timeout=5)
     reg.add(stuck, timeout=0.2)
     assert reg.call("divide", {"a": 1, "b": 4}).content == "0.25"
     r = reg.call("divide", '{"a": 1, "b": 0}')
@@ -151,6 +155,8 @@ def test_exceptions_and_timeouts_come_back_as_observations():
     assert time.monotonic() - t0 < 5
     release.set()
     assert reg.call("leave", None).content == "error: leave raised SystemExit: 3"
+    assert reg.call("refuse", '{"city": "Atlantis"}').content == (
+        "error: refuse: no station in Atlantis; give a provincial capital")
     assert reg.call("divide", '{"a": 6, "b": 3}').content == "2.0"  # the registry still works
 
 

@@ -226,6 +226,8 @@ class Browser:
         except (SyntaxError, ValueError):
             raise BrowserError(f"cannot read the browser call {command.strip()[:200]!r}; write one call such as "
                                'search("query"), open(0), find("text") or open_url("https://...")') from None
+        if name == "search":  # GLM-4's search(query, recency_days): a local store has no dates
+            args, kwargs = args[:1], {k: v for k, v in kwargs.items() if k != "recency_days"}
         actions = {"search": self.search, "open": self.open, "find": self.find, "open_url": self.open}
         if name == "mclick":  # GLM-4's "open several results": show each
             ids = args[0] if args else kwargs.get("ids", [])

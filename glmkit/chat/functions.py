@@ -12,7 +12,8 @@ and calls them safely with the arguments a model wrote.
 - `FunctionRegistry.call(name, arguments)` never raises for anything the model or the tool did: an
   unknown name, arguments that are not JSON or not an object, a validation error, an exception in
   the tool and a timeout all come back as a `ToolResult` whose `content` is the observation text
-  that names the problem (starting `error: `), so the conversation goes on. `call_many` runs the
+  that names the problem (starting `error: `; a `GlmkitError` raised by a tool is shown as its
+  message, other exceptions with their type), so the conversation goes on. `call_many` runs the
   calls of one turn in parallel (a thread pool) and returns the results in call order.
 - `load_functions(path)`: the tools of a user's Python file (`--functions my_tools.py`): the
   functions and `Tool`s of its `TOOLS` list when it has one, otherwise every public function defined
@@ -360,6 +361,8 @@ class FunctionRegistry:
             value = _run(tool, kwargs, timeout)
         except _TimedOut:
             return _failure(name, f"{name} did not finish within {timeout:g} s and was abandoned (timed out)")
+        except GlmkitError as e:  # a message written for the user (e.g. the browser's): shown as it is
+            return _failure(name, f"{name}: {e}")
         except BaseException as e:  # the tool's own failure is the model's observation, not ours
             detail = f": {e}" if str(e) else ""
             return _failure(name, f"{name} raised {type(e).__name__}{detail}")
