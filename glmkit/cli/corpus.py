@@ -60,7 +60,10 @@ def load_tokenizer(path: str, option: str = "--tokenizer") -> GLMTokenizer:
         raise GlmkitError(f"{option} {path} does not exist; give a tokenizer.json, a corpus folder or a "
                           "checkpoint / run directory")
     if p.is_file() or (p / "tokenizer.json").is_file():
-        return GLMTokenizer.load(p)
+        try:
+            return GLMTokenizer.load(p)
+        except GlmkitError as e:
+            raise GlmkitError(f"{option}: {e}") from None
     from glmkit.checkpoint.store import latest_checkpoint
     for root in (p, p / "checkpoints"):
         found = latest_checkpoint(root) if root.is_dir() else None

@@ -18,19 +18,22 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from glmkit.cli.options import check_device, check_output_file, existing_path
+from glmkit.cli.options import check_device, check_output_file, existing_dir
 from glmkit.eval.baselines import baseline_rows, format_baseline_table
 from glmkit.eval.evaluate import EvalConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", type=existing_path, help="a glmkit run / checkpoint directory")
+    parser.add_argument("checkpoint", type=existing_dir, help="a glmkit run / checkpoint directory")
     parser.add_argument("--out", help="write the results JSON here (default: CHECKPOINT/eval.json)")
     parser.add_argument("--objective", choices=("glm", "mlm", "clm"),
                         help="how to read the model (default: the objective it was trained with)")
     for name, default in asdict(EvalConfig()).items():
-        if name in ("corpus", "device"):
-            parser.add_argument(f"--{name}", default=default)
+        if name == "corpus":
+            parser.add_argument("--corpus", type=existing_dir, default=None,
+                                help="the corpus the model was trained on (default: the default corpus)")
+        elif name == "device":
+            parser.add_argument("--device", default=default, help="cpu | cuda | cuda:N (default cpu)")
         else:
             parser.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default)
 

@@ -11,12 +11,13 @@ from __future__ import annotations
 import argparse
 from dataclasses import asdict, replace
 
-from glmkit.cli.options import check_device, positive_float, positive_int
-from glmkit.eval.experiment import DEFAULT_EVAL, QUICK, QUICK_EVAL, CompareConfig
+from glmkit.cli.options import check_device, existing_dir, positive_float, positive_int
+from glmkit.errors import GlmkitError
+from glmkit.eval.experiment import DEFAULT_EVAL, QUICK, QUICK_EVAL, VARIANTS, CompareConfig
 
 # options that must be positive numbers (the rest are names, lists or a seed)
 POSITIVE = {"steps": positive_int, "seq_len": positive_int, "batch_size": positive_int,
-            "eval_every": positive_int, "lr": positive_float}
+            "eval_every": positive_int, "lr": positive_float, "corpus": existing_dir}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,6 +34,10 @@ def run(args: argparse.Namespace) -> int:
     from glmkit.eval.experiment import compare
     cfg = CompareConfig(**{k: getattr(args, k) for k in asdict(CompareConfig())})
     check_device(cfg.device)
+    bad = [v for v in cfg.variants.split(",") if v.strip() not in VARIANTS]
+    if bad or not cfg.variants.strip():
+        raise GlmkitError(f"--variants: unknown variant(s) {', '.join(bad) or '(none given)'}; choose from "
+                          f"{', '.join(VARIANTS)}")
     eval_cfg = DEFAULT_EVAL
     if args.quick:
         cfg = replace(cfg, **QUICK, out_dir=cfg.out_dir if cfg.out_dir != CompareConfig.out_dir else "runs/compare-quick")

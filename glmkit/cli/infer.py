@@ -14,7 +14,7 @@ import argparse
 
 from glmkit.cli.options import (
     check_device,
-    existing_path,
+    existing_dir,
     nonnegative_float,
     nonnegative_int,
     positive_float,
@@ -30,7 +30,7 @@ BLANKS = ("[MASK]", "[sMASK]", "[gMASK]")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     generation = parser.prog.endswith("generate")
     parser.set_defaults(generation=generation)
-    parser.add_argument("checkpoint", type=existing_path,
+    parser.add_argument("checkpoint", type=existing_dir,
                         help="a glmkit run / checkpoint directory, or an HF GLM-4 folder")
     parser.add_argument("text", nargs="*", help="prompts (one row each; several are decoded as one batch)"
                         + ("" if generation else ": put [MASK] / [sMASK] / [gMASK] where the blanks go"))

@@ -9,14 +9,14 @@ import argparse
 
 import numpy as np
 
-from glmkit.cli.options import positive_int
+from glmkit.cli.options import existing_dir, positive_int
 from glmkit.data.objectives import CLM, GMASK, KIND_NAMES, MASK, MLM, SMASK, ObjectiveConfig, SpecialIds
 from glmkit.data.samples import TITLES, make, pick_pieces, show
 from glmkit.errors import GlmkitError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--corpus", default=None,
+    parser.add_argument("--corpus", default=None, type=existing_dir,
                         help="corpus folder (default: the default bilingual corpus, built on first use)")
     parser.add_argument("--length", type=positive_int, default=48, help="tokens of text per sample (default 48)")
     parser.add_argument("--per-language", type=positive_int, default=1, help="samples per objective and language")

@@ -54,8 +54,8 @@ def run(args: argparse.Namespace) -> int:
     elif args.action == "decode":
         bad = [i for i in args.ids if not 0 <= i < tok.vocab_size]
         if bad:
-            raise GlmkitError(f"token id(s) {', '.join(map(str, bad[:5]))} are out of range: ids of this tokenizer "
-                              f"are 0..{tok.vocab_size - 1}")
+            raise GlmkitError(f"ID {', '.join(map(str, bad[:5]))} out of range: the ids of this tokenizer are "
+                              f"0..{tok.vocab_size - 1}")
         print(tok.decode(args.ids, skip_special=args.skip_special))
     else:
         print(f"{args.tokenizer}: {tok!r}\nhash {tok.hash}\npad_id {tok.pad_id}")
@@ -71,7 +71,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from glmkit.data.corpus import split_of, train_tokenizer
+    out = Path(args.out)
+    if out.is_file() and out.suffix != ".json":
+        raise GlmkitError(f"--out {args.out} is a file; give a folder (tokenizer.json is written into it) or a "
+                          "path ending in .json")
     sources = sources_from_args(args)
     start = time.perf_counter()
     tok = train_tokenizer(sources, args.vocab_size, args.val_fraction, args.seed)

@@ -408,6 +408,6 @@ def train_tokenizer(sources: Iterable[Source], vocab_size: int = DEFAULT_VOCAB_S
 
     tokenizer = GLMTokenizer.train(texts(), vocab_size=vocab_size, show_progress=progress)
     if not seen["documents"]:
-        raise GlmkitError(f"no text to train a tokenizer on: {', '.join(s.origin for s in sources)} hold(s) no "
-                          "non-empty document in the train split; give more text (or a folder of text files)")
+        raise GlmkitError(f"no document to train a tokenizer on: {', '.join(s.origin for s in sources)} hold(s) no "
+                          "non-empty document for the train split; give more text (or a folder of text files)")
     return tokenizer

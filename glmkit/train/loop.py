@@ -136,9 +136,13 @@ def train_step(run: Run, batches: list, stop_requested: bool = False) -> dict:
     grad_norm = D.clip_grad_norm(run.module, run.cfg.grad_clip)
     if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
         what = f"loss {loss_value}" if not math.isfinite(loss_value) else f"gradient norm {grad_norm}"
+        last = ckpt_io.latest_checkpoint(run.run_dir / "checkpoints")
+        fix = (f"the last good checkpoint is {last}; lower --lr (now {run.cfg.lr:g}), raise --warmup-steps or use "
+               "--dtype fp32, then --resume" if last is not None else
+               f"no checkpoint was saved yet; lower --lr (now {run.cfg.lr:g}), raise --warmup-steps or use --dtype "
+               "fp32, and start again with --overwrite")
         raise GlmkitError(f"non-finite {what} at step {run.step + 1}; stopped without updating the weights or "
-                          f"saving. The last good checkpoint is kept in {run.run_dir / 'checkpoints'}; lower "
-                          f"--lr, raise --warmup-steps or use --dtype fp32, then --resume")
+                          f"saving: {fix}")
     lr = run.optimizer.param_groups[0]["lr"]
     run.optimizer.step()
     run.scheduler.step()

@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 from glmkit.checkpoint import store as ckpt_io
-from glmkit.train import distributed as D
 from glmkit.errors import GlmkitError
+from glmkit.train import distributed as D
 
 # ------------------------------------------------------------------------------------------ the options
 
@@ -105,20 +105,39 @@ class TrainConfig:
     """delete the run already in out_dir and start over"""
 
     def validate(self) -> TrainConfig:
-        positive = ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_batches", "lr")
+        """Check every option that can be checked without the corpus (so a mistake is reported before
+        the default corpus is built or a model allocated); returns self."""
+        positive = ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_batches", "keep", "lr", "eps")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise GlmkitError(f"--{name.replace('_', '-')} must be positive (got {getattr(self, name)})")
+        at_least_zero = ("eval_every", "save_every", "prefetch", "warmup_steps", "weight_decay", "grad_clip",
+                         "router_bias_rate")
+        for name in at_least_zero:
+            value = getattr(self, name)
+            if value is not None and not value >= 0:
+                raise GlmkitError(f"--{name.replace('_', '-')} must be 0 or more (got {value})")
         checks = [(self.dtype in ("auto", "fp32", "bf16"), "--dtype must be auto, fp32 or bf16"),
                   (self.parallel in D.MODES, f"--parallel must be one of {', '.join(D.MODES)}"),
                   (0 <= self.min_lr_ratio <= 1, "--min-lr-ratio must be in [0, 1]"),
+                  (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "--beta1 and --beta2 must be in [0, 1)"),
                   (not (self.resume and self.overwrite), "--resume and --overwrite exclude each other"),
-                  (self.data_shards is None or self.data_shards > 0, "--data-shards must be positive")]
+                  (self.data_shards is None or self.data_shards > 0, "--data-shards must be positive"),
+                  (self.device in ("auto", "cpu") or self.device.startswith("cuda"),
+                   f"--device {self.device!r} is not a device; use auto, cpu or cuda (cuda:N for one GPU)")]
         for ok, msg in checks:
             if not ok:
                 raise GlmkitError(msg)
+        D.resolve_device(self.device)          # cuda on a machine without CUDA
+        out = Path(self.out_dir)
+        if out.exists() and not out.is_dir():
+            raise GlmkitError(f"--out-dir {self.out_dir} is a file; give a folder for the run (created if missing)")
+        if self.corpus is not None:
+            _check_corpus_dir(self.corpus)
+        _check_model(self.model)
+        parse_model_overrides(self.model_overrides)
+        build_objective(self)                  # --objective and --mixture
         return self
-
     @property
     def warmup(self) -> int:
         return self.warmup_steps if self.warmup_steps is not None else max(1, round(0.05 * self.max_steps))
@@ -140,19 +159,80 @@ def lr_factor(step: int, warmup: int, max_steps: int, min_ratio: float) -> float
 
 # ------------------------------------------------------------------------------------------ building
 
+# HF config.json names users bring along -> the GLMConfig field they mean
+HF_FIELD_NAMES = {"num_attention_heads": "num_heads", "num_hidden_layers": "num_layers",
+                  "num_key_value_heads": "num_kv_heads", "rms_norm_eps": "norm_eps", "layer_norm_eps": "norm_eps",
+                  "layernorm_epsilon": "norm_eps", "ffn_hidden_size": "intermediate_size",
+                  "multi_query_group_num": "num_kv_heads", "padded_vocab_size": "vocab_size",
+                  "seq_length": "max_position_embeddings", "n_embd": "hidden_size", "n_layer": "num_layers",
+                  "n_head": "num_heads"}
+
+
+def parse_model_overrides(text: str) -> dict:
+    """'hidden_size=128,num_layers=2' -> {"hidden_size": 128, "num_layers": 2}, each key a GLMConfig
+    field and each value of its type; anything else is a GlmkitError naming the item and the fix
+    (an HF name gets the glmkit name, a typo the closest field)."""
+    import difflib
+    from dataclasses import fields
+
+    from glmkit.model.config import GLMConfig
+    types = {f.name: str(f.type) for f in fields(GLMConfig)}
+    out = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        key, sep, raw = (x.strip() for x in item.partition("="))
+        if not sep or not key:
+            raise GlmkitError(f"--model-overrides item {item!r} is not key=value, e.g. 'hidden_size=128,num_layers=2'")
+        if key not in types:
+            hint = HF_FIELD_NAMES.get(key) or next(iter(difflib.get_close_matches(key, types, 1)), None)
+            fix = f"did you mean {hint}?" if hint else f"known fields: {', '.join(types)}"
+            raise GlmkitError(f"--model-overrides: {key!r} is not a GLMConfig field; {fix}")
+        out[key] = _override_value(key, raw, types[key])
+    return out
+
+
+def _override_value(key: str, raw: str, kind: str):
+    """`raw` read as the field's type: int, float, bool, str (with None where the field allows it)."""
+    if "None" in kind and raw.lower() in ("none", "null"):
+        return None
+    base = kind.split("|")[0].strip()
+    try:
+        if base == "bool":
+            if raw.lower() not in ("true", "false", "1", "0"):
+                raise ValueError
+            return raw.lower() in ("true", "1")
+        return {"int": int, "float": float}.get(base, str)(raw)
+    except ValueError:
+        raise GlmkitError(f"--model-overrides: {key}={raw!r} is not a valid {base}; e.g. "
+                          f"{key}={ {'int': '128', 'float': '0.5', 'bool': 'true'}.get(base, 'name') }") from None
+
+
+def _check_model(model: str) -> None:
+    from glmkit.model.config import PRESETS
+    if model.endswith(".json") or os.path.isdir(model):
+        path = Path(model) / "config.json" if os.path.isdir(model) else Path(model)
+        if not path.is_file():
+            raise GlmkitError(f"--model {model}: no config.json there; give a preset ({', '.join(PRESETS)}) or a "
+                              "config.json written by glmkit")
+    elif model not in PRESETS:
+        raise GlmkitError(f"--model {model!r} is neither a preset ({', '.join(PRESETS)}) nor a config.json path")
+
+
+def _check_corpus_dir(corpus: str) -> None:
+    path = Path(corpus)
+    if not path.is_dir():
+        what = "does not exist" if not path.exists() else "is a file"
+        raise GlmkitError(f"--corpus {corpus} {what}; give a corpus folder (build one with `glmkit corpus build`) "
+                          "or leave --corpus out for the default corpus")
+    if not (path / "manifest.json").is_file():
+        raise GlmkitError(f"--corpus {corpus} is not a glmkit corpus (no manifest.json); build one there with "
+                          f"`glmkit corpus build ... --out {corpus}` or leave --corpus out for the default corpus")
+
+
 def build_model_config(cfg: TrainConfig, tokenizer):
     from glmkit.model.config import GLMConfig
     is_file = cfg.model.endswith(".json") or os.path.isdir(cfg.model)
     config = GLMConfig.load(cfg.model) if is_file else GLMConfig.from_name(cfg.model)
-    overrides = {}
-    for item in filter(None, (s.strip() for s in cfg.model_overrides.split(","))):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise GlmkitError(f"--model-overrides item {item!r} is not key=value")
-        try:
-            overrides[key.strip()] = json.loads(value)
-        except ValueError:
-            overrides[key.strip()] = value
+    overrides = parse_model_overrides(cfg.model_overrides)
     if is_file and config.vocab_size < tokenizer.vocab_size:
         raise GlmkitError(f"{cfg.model} has vocab_size {config.vocab_size} but the corpus tokenizer has "
                           f"{tokenizer.vocab_size} tokens; raise vocab_size in the config")
@@ -252,9 +332,7 @@ def _open_corpus(cfg: TrainConfig):
     from glmkit.data.corpus import Corpus, default_corpus
     if cfg.corpus is None:
         return default_corpus(progress=cfg.progress)  # builds data/default on first use (file-locked)
-    if not Path(cfg.corpus).is_dir():
-        raise GlmkitError(f"--corpus {cfg.corpus} is not a directory; build one with `glmkit corpus build` "
-                          f"or leave --corpus out for the default corpus")
+    _check_corpus_dir(cfg.corpus)
     return Corpus.open(cfg.corpus)
 
 
@@ -323,8 +401,8 @@ def _val_batches(cfg: TrainConfig, corpus, objective, specials, info: D.DistInfo
 def setup(cfg: TrainConfig) -> tuple[Run, Path | None]:
     """This process's `Run` of `cfg`, and the checkpoint to resume it from (None: start fresh)."""
     from glmkit.data.batches import BatchIterator
-    from glmkit.model.glm import GLM
     from glmkit.data.objectives import SpecialIds
+    from glmkit.model.glm import GLM
 
     cfg.validate()
     info = D.init(cfg.device)

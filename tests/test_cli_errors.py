@@ -1,0 +1,257 @@
+"""Every bad input to a verb ends with one line naming the option and the fix, exit status 2, and no
+traceback (issue 15 §3); legal but suspicious input gets a warning and status 0.
+
+The table runs each case in-process through `glmkit.cli.main` (what a subprocess runs, minus the
+interpreter start-up); `test_end_to_end_in_a_subprocess` runs a few as real processes to prove the
+exit status and the absence of a traceback on the way out. New verbs join the table when they are added.
+"""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from glmkit.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+CUDA = torch.cuda.is_available()
+
+# (id, argv with {placeholders}, text the one-line error must contain). Placeholders: run (a tiny
+# trained run), corpus (its corpus), file (a UTF-8 text file), bad (a file that is not UTF-8), missing
+# (a path that does not exist), empty (an empty file), emptydir (an empty folder), full (a folder
+# holding a file), tmp (a scratch folder).
+CASES = [
+    # train
+    ("train-hf-override-name", ["train", "--corpus", "{corpus}", "--model-overrides", "num_attention_heads=2"], "num_heads"),
+    ("train-unknown-override", ["train", "--corpus", "{corpus}", "--model-overrides", "foo=1"], "--model-overrides"),
+    ("train-override-type", ["train", "--corpus", "{corpus}", "--model-overrides", "hidden_size=abc"], "hidden_size"),
+    ("train-override-not-kv", ["train", "--corpus", "{corpus}", "--model-overrides", "hidden_size"], "--model-overrides"),
+    ("train-out-dir-file", ["train", "--corpus", "{corpus}", "--out-dir", "{file}"], "--out-dir"),
+    ("train-save-every-negative", ["train", "--corpus", "{corpus}", "--save-every", "-1"], "--save-every"),
+    ("train-eval-every-negative", ["train", "--corpus", "{corpus}", "--eval-every", "-1"], "--eval-every"),
+    ("train-max-steps-zero", ["train", "--corpus", "{corpus}", "--max-steps", "0"], "--max-steps"),
+    ("train-batch-size-type", ["train", "--corpus", "{corpus}", "--batch-size", "abc"], "--batch-size"),
+    ("train-lr-type", ["train", "--corpus", "{corpus}", "--lr", "fast"], "--lr"),
+    ("train-keep-zero", ["train", "--corpus", "{corpus}", "--keep", "0"], "--keep"),
+    ("train-warmup-negative", ["train", "--corpus", "{corpus}", "--warmup-steps", "-2"], "--warmup-steps"),
+    ("train-corpus-missing", ["train", "--corpus", "{missing}"], "--corpus"),
+    ("train-corpus-file", ["train", "--corpus", "{file}"], "--corpus"),
+    ("train-corpus-not-corpus", ["train", "--corpus", "{emptydir}"], "--corpus"),
+    ("train-model-unknown", ["train", "--corpus", "{corpus}", "--model", "huge-9000"], "--model"),
+    ("train-objective-unknown", ["train", "--corpus", "{corpus}", "--objective", "magic"], "--objective"),
+    ("train-mixture-type", ["train", "--corpus", "{corpus}", "--mixture", "a,b,c"], "--mixture"),
+    ("train-dtype", ["train", "--corpus", "{corpus}", "--dtype", "fp64"], "--dtype"),
+    ("train-device-name", ["train", "--corpus", "{corpus}", "--device", "tpu"], "--device"),
+    ("train-resume-overwrite", ["train", "--corpus", "{corpus}", "--resume", "--overwrite"], "--resume"),
+    # infill / generate
+    ("infill-file-missing", ["infill", "{run}", "--file", "{missing}"], "--file"),
+    ("infill-file-not-utf8", ["infill", "{run}", "--file", "{bad}"], "--file"),
+    ("infill-file-folder", ["infill", "{run}", "--file", "{emptydir}"], "--file"),
+    ("infill-checkpoint-missing", ["infill", "{missing}", "a [MASK] b"], "checkpoint"),
+    ("infill-checkpoint-file", ["infill", "{file}", "a [MASK] b"], "checkpoint"),
+    ("infill-no-blank", ["infill", "{run}", "no blank here"], "[MASK]"),
+    ("infill-no-prompt", ["infill", "{run}"], "--file"),
+    ("generate-mask-in-prompt", ["generate", "{run}", "In the beginning [MASK] was"], "glmkit infill"),
+    ("generate-max-new-tokens-zero", ["generate", "{run}", "x", "--max-new-tokens", "0"], "--max-new-tokens"),
+    ("generate-temperature-negative", ["generate", "{run}", "x", "--temperature", "-1"], "--temperature"),
+    ("generate-top-p-zero", ["generate", "{run}", "x", "--top-p", "0"], "--top-p"),
+    ("generate-top-k-type", ["generate", "{run}", "x", "--top-k", "abc"], "--top-k"),
+    ("generate-repetition-penalty-zero", ["generate", "{run}", "x", "--repetition-penalty", "0"], "--repetition-penalty"),
+    ("generate-device-name", ["generate", "{run}", "x", "--device", "gpu0"], "--device"),
+    # eval
+    ("eval-val-tokens-negative", ["eval", "{run}", "--corpus", "{corpus}", "--val-tokens", "-5"], "--val-tokens"),
+    ("eval-nothing", ["eval", "{run}", "--corpus", "{corpus}", "--val-tokens", "0", "--infill-n", "0",
+                      "--cloze-n", "0", "--sentiment-test", "0"], "--val-tokens"),
+    ("eval-batch-size-zero", ["eval", "{run}", "--corpus", "{corpus}", "--batch-size", "0"], "--batch-size"),
+    ("eval-window-type", ["eval", "{run}", "--window", "wide"], "--window"),
+    ("eval-out-missing-folder", ["eval", "{run}", "--corpus", "{corpus}", "--out", "{missing}/eval.json"], "--out"),
+    ("eval-out-folder", ["eval", "{run}", "--corpus", "{corpus}", "--out", "{emptydir}"], "--out"),
+    ("eval-corpus-missing", ["eval", "{run}", "--corpus", "{missing}"], "--corpus"),
+    ("eval-checkpoint-missing", ["eval", "{missing}"], "checkpoint"),
+    # tokenizer
+    ("tokenizer-decode-negative", ["tokenizer", "decode", "-1", "--tokenizer", "{corpus}"], "ID"),
+    ("tokenizer-decode-too-big", ["tokenizer", "decode", "999999", "--tokenizer", "{corpus}"], "ID"),
+    ("tokenizer-decode-type", ["tokenizer", "decode", "abc", "--tokenizer", "{corpus}"], "ID"),
+    ("tokenizer-missing", ["tokenizer", "info", "--tokenizer", "{missing}"], "--tokenizer"),
+    ("tokenizer-emptydir", ["tokenizer", "info", "--tokenizer", "{emptydir}"], "--tokenizer"),
+    ("tokenizer-not-json", ["tokenizer", "info", "--tokenizer", "{file}"], "--tokenizer"),
+    ("tokenizer-train-empty", ["tokenizer", "train", "{empty}", "--out", "{tmp}/tk1"], "no document"),
+    ("tokenizer-train-missing", ["tokenizer", "train", "{missing}", "--out", "{tmp}/tk2"], "{missing}"),
+    ("tokenizer-train-not-utf8", ["tokenizer", "train", "{bad}", "--out", "{tmp}/tk3"], "UTF-8"),
+    ("tokenizer-train-vocab-zero", ["tokenizer", "train", "{file}", "--vocab-size", "0"], "--vocab-size"),
+    ("tokenizer-train-val-fraction", ["tokenizer", "train", "{file}", "--val-fraction", "1.5"], "--val-fraction"),
+    ("tokenizer-train-out-file", ["tokenizer", "train", "{file}", "--out", "{file}"], "--out"),
+    # corpus
+    ("corpus-build-empty-file", ["corpus", "build", "{empty}", "--out", "{tmp}/c1"], "no document"),
+    ("corpus-build-empty-folder", ["corpus", "build", "{emptydir}", "--out", "{tmp}/c2"], "no document"),
+    ("corpus-build-missing", ["corpus", "build", "{missing}", "--out", "{tmp}/c3"], "{missing}"),
+    ("corpus-build-not-utf8", ["corpus", "build", "{bad}", "--out", "{tmp}/c4"], "UTF-8"),
+    ("corpus-build-out-file", ["corpus", "build", "{file}", "--out", "{file}"], "--out"),
+    ("corpus-build-val-fraction", ["corpus", "build", "{file}", "--val-fraction", "-0.1"], "--val-fraction"),
+    ("corpus-build-vocab-type", ["corpus", "build", "{file}", "--vocab-size", "many"], "--vocab-size"),
+    ("corpus-build-tokenizer-missing", ["corpus", "build", "{file}", "--out", "{tmp}/c5", "--tokenizer", "{missing}"],
+     "--tokenizer"),
+    ("corpus-info-not-corpus", ["corpus", "info", "{emptydir}"], "corpus"),
+    # samples
+    ("samples-per-language-zero", ["samples", "--corpus", "{corpus}", "--per-language", "0"], "--per-language"),
+    ("samples-length-negative", ["samples", "--corpus", "{corpus}", "--length", "-5"], "--length"),
+    ("samples-length-short", ["samples", "--corpus", "{corpus}", "--length", "4"], "--length"),
+    ("samples-corpus-missing", ["samples", "--corpus", "{missing}"], "--corpus"),
+    # convert
+    ("convert-to-hf-nonempty", ["convert", "--to-hf", "{run}", "--out", "{full}"], "--overwrite"),
+    ("convert-to-hf-missing", ["convert", "--to-hf", "{missing}", "--out", "{tmp}/hf1"], "--to-hf"),
+    ("convert-from-hf-file", ["convert", "--from-hf", "{file}", "--out", "{tmp}/gk1"], "--from-hf"),
+    ("convert-from-hf-not-hf", ["convert", "--from-hf", "{emptydir}", "--out", "{tmp}/gk2"], "config.json"),
+    ("convert-out-file", ["convert", "--to-hf", "{run}", "--out", "{file}"], "--out"),
+    ("convert-shard-size", ["convert", "--to-hf", "{run}", "--out", "{tmp}/hf2", "--max-shard-size", "big"],
+     "--max-shard-size"),
+    ("convert-dtype", ["convert", "--to-hf", "{run}", "--out", "{tmp}/hf3", "--dtype", "fp64"], "--dtype"),
+    # plot
+    ("plot-out-suffix", ["plot", "{run}", "--out", "{tmp}/loss.txt"], "--out"),
+    ("plot-smooth-negative", ["plot", "{run}", "--smooth", "-3"], "--smooth"),
+    ("plot-out-missing-folder", ["plot", "{run}", "--out", "{missing}/loss.png"], "--out"),
+    ("plot-run-missing", ["plot", "{missing}"], "RUN_DIR"),
+    ("plot-no-metrics", ["plot", "{emptydir}"], "metrics"),
+    # experiment
+    ("experiment-steps-zero", ["experiment", "compare", "--steps", "0"], "--steps"),
+    ("experiment-lr-type", ["experiment", "compare", "--lr", "fast"], "--lr"),
+    ("experiment-variants", ["experiment", "compare", "--variants", "glm,gpt5"], "--variants"),
+    ("experiment-device", ["experiment", "compare", "--device", "tpu"], "--device"),
+    # bench
+    ("bench-data-rounds-zero", ["bench", "data", "--rounds", "0"], "--rounds"),
+    ("bench-data-seq-len-short", ["bench", "data", "--seq-len", "32", "--corpus", "{missing}"], "--seq-len"),
+    ("bench-generate-batches", ["bench", "generate", "--batches", "a,b"], "--batches"),
+    ("bench-generate-new-tokens", ["bench", "generate", "--new-tokens", "-4"], "--new-tokens"),
+    ("bench-train-steps", ["bench", "train", "--steps", "-1"], "--steps"),
+    ("bench-train-flex-options", ["bench", "train", "--device", "cpu", "--flex-options", "{{", "--flex-options", "{{"],
+     "--flex-options"),
+    # the command itself
+    ("unknown-verb", ["trian"], "trian"),
+]
+CUDA_CASES = [   # on a machine without CUDA
+    ("train-cuda", ["train", "--corpus", "{corpus}", "--device", "cuda"], "--device"),
+    ("infill-cuda", ["infill", "{run}", "a [MASK] b", "--device", "cuda"], "--device"),
+    ("generate-cuda", ["generate", "{run}", "x", "--device", "cuda"], "--device"),
+    ("eval-cuda", ["eval", "{run}", "--corpus", "{corpus}", "--device", "cuda"], "--device"),
+    ("experiment-cuda", ["experiment", "compare", "--device", "cuda"], "--device"),
+    ("bench-generate-cuda", ["bench", "generate", "--device", "cuda"], "--device"),
+    ("bench-train-cuda", ["bench", "train", "--device", "cuda"], "--device"),
+]
+
+
+@pytest.fixture(scope="module")
+def paths(tiny_run, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cli_errors")
+    (tmp / "notes.txt").write_text("The cat sat on the mat. 北京是中国的首都。\n" * 20, encoding="utf-8")
+    (tmp / "gb.txt").write_bytes("北京是中国的首都".encode("gb18030"))
+    (tmp / "empty.txt").write_text("")
+    (tmp / "emptydir").mkdir()
+    (tmp / "full").mkdir()
+    (tmp / "full" / "keep.txt").write_text("do not overwrite me")
+    return {"run": tiny_run["run"], "corpus": tiny_run["corpus"], "file": tmp / "notes.txt", "bad": tmp / "gb.txt",
+            "missing": tmp / "missing", "empty": tmp / "empty.txt", "emptydir": tmp / "emptydir",
+            "full": tmp / "full", "tmp": tmp}
+
+
+def _argv(argv: list[str], paths: dict) -> list[str]:
+    return [a.format(**{k: str(v) for k, v in paths.items()}) for a in argv]
+
+
+@pytest.fixture
+def in_tmp(paths, monkeypatch):
+    """Run in the scratch folder: a case that got past its check must not touch the checkout (data/, runs/)."""
+    monkeypatch.chdir(paths["tmp"])
+
+
+def _check_error(rc: int, out: str, err: str, expected: str) -> None:
+    assert "Traceback" not in out + err
+    assert rc == 2, (out, err)
+    lines = err.strip().splitlines()
+    assert lines, "no message"
+    last = lines[-1]
+    assert last.startswith("glmkit") and "error:" in last, err
+    assert expected in last, f"{expected!r} not in {last!r}"
+
+
+@pytest.mark.parametrize("argv, expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_and_status_2(argv, expected, paths, in_tmp, capsys):
+    rc = main(_argv(argv, paths))
+    out, err = capsys.readouterr()
+    _check_error(rc, out, err, expected.format(**{k: str(v) for k, v in paths.items()}))
+
+
+@pytest.mark.skipif(CUDA, reason="this machine has CUDA")
+@pytest.mark.parametrize("argv, expected", [c[1:] for c in CUDA_CASES], ids=[c[0] for c in CUDA_CASES])
+def test_cuda_without_cuda_is_refused(argv, expected, paths, in_tmp, capsys):
+    rc = main(_argv(argv, paths))
+    out, err = capsys.readouterr()
+    _check_error(rc, out, err, expected)
+    assert "CUDA is not available" in err
+
+
+def test_nothing_lost(paths, in_tmp, capsys):
+    """The refused commands above left what they were pointed at as it was."""
+    assert (paths["full"] / "keep.txt").read_text() == "do not overwrite me"
+    assert sorted(p.name for p in paths["full"].iterdir()) == ["keep.txt"]
+    assert not any(paths["tmp"].glob("c[1-5]")) and not any(paths["tmp"].glob(".c*"))
+    assert not (paths["tmp"] / "data").exists() and not (paths["tmp"] / "runs").exists()
+
+
+def test_absurd_lr_stops_without_pointing_at_missing_checkpoints(paths, in_tmp, capsys):
+    out_dir = paths["tmp"] / "lr_run"
+    rc = main(["train", "--corpus", str(paths["corpus"]), "--out-dir", str(out_dir), "--model", "tiny", "--lr", "1e9",
+               "--warmup-steps", "0", "--max-steps", "5", "--seq-len", "64", "--batch-size", "2", "--save-every", "100",
+               "--eval-every", "0", "--no-progress", "--no-tensorboard", "--device", "cpu"])
+    out, err = capsys.readouterr()
+    _check_error(rc, out, err, "--lr")
+    assert not (out_dir / "checkpoints").exists() and "checkpoints" not in err.splitlines()[-1]
+    assert "no checkpoint" in err
+
+
+def test_legal_but_suspicious_input_warns(paths, in_tmp, capsys):
+    tiny = paths["tmp"] / "tiny.txt"
+    tiny.write_text("One short document, the only one. 只有一篇。", encoding="utf-8")
+    assert main(["corpus", "build", str(tiny), "--out", str(paths["tmp"] / "small"), "--vocab-size", "600"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: 0 of 1 documents went to the validation split" in err
+    assert "--val-fraction" in err
+    assert main(["tokenizer", "train", str(paths["file"]), "--out", str(paths["tmp"] / "tk"), "--vocab-size", "600"]) == 0
+    err = capsys.readouterr().err
+    from glmkit.data.tokenizer import GLMTokenizer
+    n = GLMTokenizer.load(paths["tmp"] / "tk").vocab_size
+    assert n < 600 and f"the tokenizer has {n} tokens, fewer than --vocab-size 600" in err
+
+
+def test_inputs_refused_before_are_accepted_now(paths, in_tmp, capsys):
+    """What the issue found refused or misplaced: a run folder as --tokenizer, the plot's default place,
+    an evaluation with only some tasks, --version."""
+    assert main(["tokenizer", "info", "--tokenizer", str(paths["run"])]) == 0
+    assert "hash" in capsys.readouterr().out
+    assert main(["plot", str(paths["run"])]) == 0
+    assert (paths["run"] / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (paths["tmp"] / "loss.png").exists()
+    out = paths["tmp"] / "eval.json"
+    assert main(["eval", str(paths["run"]), "--corpus", str(paths["corpus"]), "--val-tokens", "100", "--infill-n", "0",
+                 "--cloze-n", "0", "--sentiment-test", "0", "--out", str(out)]) == 0
+    import json
+    res = json.loads(out.read_text())
+    assert res["val"]["tokens"] >= 100 and not {"infill", "cloze", "sentiment"} & set(res)
+    capsys.readouterr()
+    assert main(["--version"]) == 0
+    import glmkit
+    assert capsys.readouterr().out.strip() == f"glmkit {glmkit.__version__}"
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["train", "--corpus", "{corpus}", "--save-every", "-1"], "--save-every"),
+    (["tokenizer", "decode", "-1", "--tokenizer", "{corpus}"], "ID"),
+    (["infill", "{run}", "--file", "{bad}"], "--file"),
+    (["generate", "{run}", "In the beginning [MASK] was"], "glmkit infill"),
+], ids=["argparse-check", "tokenizer-range", "file-not-utf8", "generate-mask"])
+def test_end_to_end_in_a_subprocess(argv, expected, paths):
+    proc = subprocess.run([sys.executable, "-m", "glmkit", *_argv(argv, paths)], capture_output=True, text=True,
+                          cwd=paths["tmp"], timeout=120)
+    _check_error(proc.returncode, proc.stdout, proc.stderr, expected)
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
