@@ -15,6 +15,8 @@ tool calling, the tools themselves and the agent loop.
 - `browser`: the GLM-4-style browser (search / open / find, citations checked), one per
   conversation; `docstore`: its SQLite FTS5 document store (Chinese as character bigrams; the
   default corpus or a user's folder); `webpage`: allowlisted URL fetching and HTML to text.
+- `sandbox`: the `python` tool's interpreter, a stateful IPython kernel per conversation in a
+  bubblewrap sandbox (`Sandbox`, `SandboxPool`, `Limits`, `ExecResult`).
 
 Imports `glmkit.errors`, `glmkit.data`, `glmkit.model`, `glmkit.checkpoint`, `glmkit.infer`; never
 `train`, `eval`, `serve`, `bench` or `cli`.

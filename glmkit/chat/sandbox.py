@@ -354,6 +354,8 @@ class Sandbox:
     # -- the kernel's life ---------------------------------------------------------------------
 
     def _start(self) -> None:
+        if self.uid is not None:
+            _kill_uid(self.uid)  # anything a crashed earlier holder of this uid left behind
         self._prepare_workspace()
         key = secrets.token_hex(32)
         info = {"transport": "ipc", "ip": str(self._kernel_dir / "ipc"), "shell_port": 1, "iopub_port": 2,
