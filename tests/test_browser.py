@@ -222,12 +222,16 @@ def test_folder_store(tmp_path):
     mtime = cache.stat().st_mtime_ns
     assert folder_store(folder, cache).documents == 3 and cache.stat().st_mtime_ns == mtime  # reused
     (folder / "d.txt").write_text("Compost\n")
-    assert folder_store(folder, cache).documents == 4  # rebuilt after a change
+    said = []
+    assert folder_store(folder, cache, log=said.append).documents == 4  # rebuilt after a change
+    assert said == [f"indexing 4 files of {folder} for the browser into {cache}"]
     with pytest.raises(GlmkitError, match="not a folder"):
         folder_store(tmp_path / "absent", cache)
     (folder / "bad.txt").write_bytes(b"\xff\xfe bad")
     with pytest.raises(GlmkitError, match="bad.txt: not valid UTF-8"):
         folder_store(folder, cache)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache.sqlite", "notes"]  # no partial file left
+    assert folder_store(folder / "sub", tmp_path / "sub.sqlite").documents == 1
 
 
 def test_store_file_checks(tmp_path):

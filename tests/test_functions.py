@@ -282,6 +282,43 @@ def test_load_functions_from_a_user_file(tmp_path):
     assert [t.name for t in load_functions(f)] == ["root"]
 
 
+def test_user_file_with_postponed_annotations_and_a_model_parameter(tmp_path):
+    f = tmp_path / "trips.py"
+    f.write_text('''from __future__ import annotations
+from typing import Literal
+from pydantic import BaseModel, Field
+
+class Trip(BaseModel):
+    """A trip."""
+    city: str = Field(description="Where to")
+    nights: int = 1
+
+def book(trip: Trip, mode: Literal["train", "plane"] = "train") -> str:
+    """Book a trip.
+
+    Args:
+        trip: The trip to book.
+    """
+    return f"{trip.city}/{trip.nights}/{mode}/{type(trip).__name__}"
+''')
+    (tool,) = load_functions(f)  # Trip is a class and Field is imported: neither is a tool
+    assert tool.parameters == {
+        "type": "object",
+        "properties": {"trip": {"description": "The trip to book.", "$ref": "#/$defs/Trip"},
+                       "mode": {"type": "string", "default": "train", "enum": ["train", "plane"]}},
+        "required": ["trip"],
+        "$defs": {"Trip": {"type": "object", "description": "A trip.",
+                           "properties": {"city": {"type": "string", "description": "Where to"},
+                                          "nights": {"type": "integer", "default": 1}},
+                           "required": ["city"]}},
+    }
+    reg = FunctionRegistry([tool])
+    assert reg.call("book", '{"trip": {"city": "西安", "nights": 2}, "mode": "plane"}').content == "西安/2/plane/Trip"
+    assert reg.call("book", '{"trip": {"nights": "x"}}').content == (
+        "error: invalid arguments for book: trip.city: missing (required); "
+        'trip.nights: input should be a valid integer, unable to parse string as an integer (got "x")')
+
+
 @pytest.mark.parametrize("text, message", [
     ("def f(:\n", r"my_tools.py:1: syntax error"),
     ("raise RuntimeError('no key')\n", r"importing it raised RuntimeError: no key"),

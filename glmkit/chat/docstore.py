@@ -25,7 +25,8 @@ quoted), so no query is a syntax error.
 Stores: `build_store(documents, path)` from (title, source, text) triples; `default_store()` indexes
 the default bilingual corpus (glmkit.data.sources.default_sources()) into data/browser/default.sqlite,
 built on first use; `folder_store(folder)` indexes a user's .txt/.md/.html files, cached and rebuilt
-when the files change. Files are written atomically (a temporary file renamed into place).
+when the files change; both call `log(message)`, when given, before a build starts. Files are
+written atomically (a temporary file renamed into place; a failed build leaves nothing behind).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import tempfile
 import textwrap
 import threading
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,7 +167,7 @@ class DocStore:
             raise GlmkitError(f"{self.path}: no such browser store; build one with build_store, default_store "
                               "or folder_store")
         _check_fts5()
-        self._con = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
+        self._con = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False)
         self._lock = threading.Lock()
         meta = dict(self._con.execute("SELECT key, value FROM meta").fetchall())
         if int(meta.get("format", 0)) != FORMAT:
@@ -274,8 +275,8 @@ def build_store(documents: Iterable[tuple[str, str, str]], path: str | os.PathLi
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    con = sqlite3.connect(tmp)
     try:
-        con = sqlite3.connect(tmp)
         con.executescript(_SCHEMA)
         count = 0
         for doc_id, (title, source, text) in enumerate(documents):
@@ -296,6 +297,7 @@ def build_store(documents: Iterable[tuple[str, str, str]], path: str | os.PathLi
         os.chmod(tmp, 0o644)  # mkstemp makes it private; the store is a plain data file
         os.replace(tmp, path)
     finally:
+        con.close()  # a no-op when closed; on a failure, before the partial file is removed
         if os.path.exists(tmp):
             os.unlink(tmp)
     return DocStore(path)
@@ -326,7 +328,7 @@ def _open_if_current(path: Path, fingerprint: str) -> DocStore | None:
     return None
 
 
-def default_store(path: str | os.PathLike = DEFAULT_PATH) -> DocStore:
+def default_store(path: str | os.PathLike = DEFAULT_PATH, log: Callable[[str], None] | None = None) -> DocStore:
     """The default bilingual corpus as a store, built at `path` on first use (8 s on a busy 2-core machine; a 40 MB file)."""
     from importlib.metadata import PackageNotFoundError, version
 
@@ -350,10 +352,13 @@ def default_store(path: str | os.PathLike = DEFAULT_PATH) -> DocStore:
                 source = f"{doc.source}/{doc.id}"
                 yield _title_of(doc.text, source), source, doc.text
 
+    if log:
+        log(f"indexing the default corpus for the browser into {path} (once; seconds)")
     return build_store(documents(), path, meta={"fingerprint": fingerprint, "inputs": "default corpus"})
 
 
-def folder_store(folder: str | os.PathLike, path: str | os.PathLike | None = None) -> DocStore:
+def folder_store(folder: str | os.PathLike, path: str | os.PathLike | None = None,
+                 log: Callable[[str], None] | None = None) -> DocStore:
     """A user's folder of .txt/.md/.html files (read recursively, hidden files skipped) as a store;
     cached at `path` (default data/browser/folder-<hash of the folder's path>.sqlite) and rebuilt
     when a file is added, removed or changed."""
@@ -375,6 +380,8 @@ def folder_store(folder: str | os.PathLike, path: str | os.PathLike | None = Non
     path = Path(path)
     if (store := _open_if_current(path, fingerprint)) is not None:
         return store
+    if log:
+        log(f"indexing {len(files)} files of {root} for the browser into {path}")
     return build_store((_read_file(f, root) for f in files), path,
                        meta={"fingerprint": fingerprint, "inputs": str(root.resolve())})
 
