@@ -106,6 +106,7 @@ def test_open_pages_and_find(store):
     with pytest.raises(BrowserError, match="shown to its end"):
         b.open()
     assert b.open("0", line=5).endswith("L5: Or to take arms against a sea of troubles\nVisible: 83% - 100%")
+    assert b.open("shakespeare/hamlet", line=5) == b.open(0, line=5)  # a result's source names it too
     assert b.find("THE") == (
         "TITLE: Find results for `THE` in Hamlet 【0†shakespeare/hamlet】\n\n"
         "L2: To be, or not to be, that is the question:\n"

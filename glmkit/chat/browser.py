@@ -10,7 +10,8 @@ shown under each id. Its actions return the observation text the model reads:
       `{snippet}`
       ... one pair per result, then `Visible: 0% - 100%`.
 - `open(id or url, line=None)`: a page of the document, by lines, starting at the matching passage
-  for a search result (or at `line`); `open()` shows the next page of the open document:
+  for a search result (or at `line`); a result's source (as shown) names it too; `open()` shows
+  the next page of the open document:
       `TITLE: {title} 【{id}†{source}】`
       ``
       `L{n}: {line}` ... as many lines as fit in `page_chars` characters
@@ -254,6 +255,9 @@ class Browser:
                 shown = f"0 to {len(self._docs) - 1}" if self._docs else "none yet: search first"
                 raise BrowserError(f"no result has id {target} (ids shown in this conversation: {shown})")
             return target
+        for i, doc in enumerate(self._docs):  # a result named by its source, as the results show it
+            if doc.source == target.strip():
+                return i
         if self.fetcher is None:
             raise BrowserError(f"cannot open {target}: opening web pages is not enabled; open a search result "
                                "by its id")
