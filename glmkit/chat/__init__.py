@@ -11,6 +11,8 @@ tool calling, the tools themselves and the agent loop.
 - `glm4`, `glm45`: each format's renderer and incremental parser (generated ids in, OpenAI-style
   deltas out: content, reasoning, tool calls, finish reason); `pieces`: a rendering before
   tokenization; `stream`: deltas, UTF-8-safe incremental decoding, the parser base.
+- `template`: rendering with a checkpoint's own Jinja chat template (HF's settings), with no
+  structural token ever made from message text.
 - `functions`: typed Python functions as callable tools, called safely.
 - `browser`: the GLM-4-style browser (search / open / find, citations checked), one per
   conversation; `docstore`: its SQLite FTS5 document store (Chinese as character bigrams; the
@@ -47,9 +49,10 @@ from glmkit.chat.render import (
     stop_ids,
 )
 from glmkit.chat.stream import Delta, ToolCallDelta
+from glmkit.chat.template import render_template
 
 __all__ = [
     "AssistantMessage", "Delta", "FORMATS", "FunctionCall", "Message", "MessageError", "Rendered", "SystemMessage",
     "ToolCall", "ToolCallDelta", "ToolMessage", "ToolSpec", "UserMessage", "chat_template", "make_parser",
-    "message_from_dict", "messages_from_dicts", "parse", "render", "render_text", "stop_ids", "tools_from_dicts",
+    "message_from_dict", "messages_from_dicts", "parse", "render", "render_template", "render_text", "stop_ids", "tools_from_dicts",
 ]

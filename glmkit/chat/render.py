@@ -60,7 +60,9 @@ def _check_tokenizer(fmt: str, tokenizer) -> None:
                           f"tokenizer lacks.{hint}")
 
 
-def _inputs(messages, tools, forced_tool) -> tuple[list[Message], list[ToolSpec]]:
+def validated(messages, tools, forced_tool: str | None = None) -> tuple[list[Message], list[ToolSpec]]:
+    """Messages and tools as objects, checked (tool call arguments are JSON objects; a forced tool is
+    declared); a bad field raises `MessageError` naming it."""
     messages = messages_from_dicts(list(messages) if isinstance(messages, tuple) else messages)
     tools = tools_from_dicts(list(tools) if isinstance(tools, tuple) else tools)
     for m, msg in enumerate(messages):
@@ -77,7 +79,7 @@ def _inputs(messages, tools, forced_tool) -> tuple[list[Message], list[ToolSpec]
 
 def _pieces(messages, tools, fmt, add_generation_prompt, enable_thinking, forced_tool, close_last_turn):
     _format(fmt)
-    messages, tools = _inputs(messages, tools, forced_tool)
+    messages, tools = validated(messages, tools, forced_tool)
     if forced_tool is not None and not add_generation_prompt:
         raise GlmkitError("forced_tool needs add_generation_prompt=True (it is part of the generation prompt)")
     close = close_last_turn and bool(messages) and isinstance(messages[-1], AssistantMessage)
