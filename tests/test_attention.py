@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from glmkit.batch import Batch, dense_mask
+from glmkit.errors import GlmkitError
 from glmkit.model.attention import (
     AttentionMask,
     Rotary,
@@ -18,9 +20,7 @@ from glmkit.model.attention import (
     split_applies,
     split_plan,
 )
-from glmkit.batch import Batch, dense_mask
 from glmkit.model.config import GLMConfig
-from glmkit.errors import GlmkitError
 
 
 def make_batch(rows, T, vocab=128, layout="glm", seed=0) -> Batch:

@@ -10,7 +10,6 @@ import pytest
 
 from glmkit import cli
 from glmkit.data.corpus import Corpus, build_corpus, default_corpus, split_of, token_dtype
-from glmkit.errors import GlmkitError
 from glmkit.data.sources import (
     Document,
     Source,
@@ -21,6 +20,7 @@ from glmkit.data.sources import (
     shakespeare_source,
 )
 from glmkit.data.tokenizer import GLMTokenizer
+from glmkit.errors import GlmkitError
 
 REAL = [d for d, _ in zip(kjv_source(), range(3))] + [d for d, _ in zip(peoples_daily_source(), range(5))]
 

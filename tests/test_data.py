@@ -7,8 +7,8 @@ from hypothesis import strategies as st
 
 from glmkit.batch import FIELDS
 from glmkit.data.batches import BatchIterator
-from glmkit.errors import GlmkitError
 from glmkit.data.objectives import ObjectiveConfig
+from glmkit.errors import GlmkitError
 from tests.test_objectives import MASK_IDS, SP, reconstruct
 
 

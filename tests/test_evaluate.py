@@ -6,12 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from glmkit.eval import tasks
-from glmkit.model.config import GLMConfig
-from glmkit.eval.evaluate import bits_per_byte, choice_accuracy, infill_accuracy, pet_finetune
-from glmkit.model.glm import GLM
 from glmkit.data.objectives import SpecialIds
 from glmkit.data.tokenizer import GLMTokenizer
+from glmkit.eval import tasks
+from glmkit.eval.evaluate import bits_per_byte, choice_accuracy, infill_accuracy, pet_finetune
+from glmkit.model.config import GLMConfig
+from glmkit.model.glm import GLM
 
 TEXTS = ["The quick brown fox jumps over the lazy dog. A small cat sat on the warm mat. " * 3,
          "北京是中国的首都。上海是一个大城市。我们今天去公园散步。天气很好。" * 3,

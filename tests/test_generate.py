@@ -5,22 +5,13 @@ import pytest
 import torch
 
 from glmkit.batch import Batch, dense_mask
-from glmkit.model.config import GLMConfig
-from glmkit.errors import GlmkitError
-from glmkit.infer.generate import (
-    Prompt,
-    SamplingConfig,
-    decode_blanks,
-    generate,
-    infill,
-    parse_prompt,
-    run_fill,
-    stream,
-    top_k_filter,
-    top_p_filter,
-)
-from glmkit.model.glm import GLM
 from glmkit.data.tokenizer import GLMTokenizer
+from glmkit.errors import GlmkitError
+from glmkit.infer.engine import Engine, Request
+from glmkit.infer.sampling import SamplingConfig, top_k_filter, top_p_filter
+from glmkit.infer.text import generate, infill, parse_prompt, run_fill, stream
+from glmkit.model.config import GLMConfig
+from glmkit.model.glm import GLM
 
 TEXTS = ["The quick brown fox jumps over the lazy dog. A small cat sat on the warm mat. " * 2,
          "北京是中国的首都。上海是一个大城市。我们今天去公园散步。" * 2]
@@ -68,49 +59,25 @@ def _reference_fill(model, ids, blanks, tok, n_new):
     return fills
 
 
-def _cached_fill(model, prompts, tok, cfg):
-    out = [[[] for _ in p.blanks] for p in prompts]
-    for ev in decode_blanks(model, prompts, cfg, tok):
-        if ev.token is not None:
-            out[ev.row][ev.blank].append(ev.token)
-    return out
+def _cached_fill(model, prompts, tok, cfg, **kw):
+    engine = Engine(model, tok, **kw)
+    return [r.tokens for r in engine.generate([Request.infill(p.ids, p.blanks, cfg) for p in prompts])]
 
 
-def test_kv_cache_decoding_equals_full_recompute(model, tok):
+@pytest.mark.parametrize("kw", [{}, {"max_batch": 1}, {"max_batch": 2, "prefill_chunk": 3}])
+def test_kv_cache_decoding_equals_full_recompute(model, tok, kw):
+    """Prompts of different lengths decoded as one continuous batch (all at once, one at a time, or
+    two rows with prompts fed in chunks of 3) fill exactly what a full recompute fills."""
     texts = ["The quick [MASK] fox [MASK] over the lazy [sMASK]", "北京是[MASK]的首都[gMASK]", "A small cat[MASK]"]
     prompts = [parse_prompt(tok.encode(t, allow_special=True), tok) for t in texts]
     cfg = SamplingConfig(max_new_tokens=4)
-    got = _cached_fill(model, prompts, tok, cfg)          # a batch of prompts of different lengths
+    got = _cached_fill(model, prompts, tok, cfg, **kw)
     for p, g in zip(prompts, got):
         assert g == _reference_fill(model, p.ids, p.blanks, tok, 4)
 
 
-def _tokens(model, prompts, tok, cfg, causal, step):
-    return [(ev.row, ev.blank, ev.token) for ev in decode_blanks(model, prompts, cfg, tok, causal, step=step)]
-
-
-@pytest.mark.parametrize("causal", [False, True])
-def test_eager_decode_over_filled_slots_equals_whole_cache_decode(model, tok, causal):
-    """The eager engine attends over the filled cache slots only (no mask for one token of unpadded
-    rows); any other step callable (a compiled one) gets the whole static cache. Same tokens, both
-    for bidirectional GLM infilling (padded rows, several blanks) and causal generation."""
-    from functools import partial
-
-    from glmkit.model.kv_cache import decode_one_token
-    texts = (["The quick brown", "北京是中国的首都", "A small"] if causal else
-             ["The quick [MASK] fox [MASK] over the lazy [sMASK]", "北京是[MASK]的首都[gMASK]", "A small cat[MASK]"])
-    prompts = [Prompt(tok.encode(t), [len(tok.encode(t))], [tok.gmask_id]) if causal else
-               parse_prompt(tok.encode(t, allow_special=True), tok) for t in texts]
-    cfg = SamplingConfig(max_new_tokens=6)
-    for rows in (prompts, prompts[:1]):                                  # padded batch; one unpadded row
-        whole = _tokens(model, rows, tok, cfg, causal, partial(decode_one_token))
-        assert _tokens(model, rows, tok, cfg, causal, decode_one_token) == whole
-        assert sum(t is not None for _, _, t in whole) >= 6
-
-
 def test_consumer_runs_outside_the_engines_inference_mode(model, tok):
-    prompt = parse_prompt(tok.encode("The quick [MASK] fox", allow_special=True), tok)
-    for _ in decode_blanks(model, [prompt], SamplingConfig(max_new_tokens=3), tok):
+    for _ in stream(model, tok, "The quick [MASK] fox", SamplingConfig(max_new_tokens=3)):
         assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
 
 
@@ -162,7 +129,7 @@ def test_sampling_filters_keep_exactly_the_right_tokens():
         assert kept == keep, (p, probs)
     # a top-k'd, top-p'd sample only ever draws kept tokens
     g = torch.Generator().manual_seed(0)
-    from glmkit.infer.generate import sample_next
+    from glmkit.infer.sampling import sample_next
     draws = {int(sample_next(logits, SamplingConfig(temperature=1.0, top_k=3, top_p=0.85), g)) for _ in range(200)}
     assert draws <= {1, 2} and draws
 
@@ -202,8 +169,8 @@ def test_converted_hf_checkpoint_generates_what_hf_generates(tok, tmp_path):
     """An HF folder (written by glmkit.checkpoint.hf.to_hf) loads for inference as a causal model, and its
     greedy continuation equals transformers' own `generate` on the same folder."""
     transformers = pytest.importorskip("transformers")
-    from glmkit.checkpoint.loader import load
     from glmkit.checkpoint.hf import to_hf
+    from glmkit.checkpoint.loader import load
     torch.manual_seed(2)
     to_hf(GLM(GLMConfig.from_name("tiny", vocab_size=tok.vocab_size)), tmp_path)
     tok.save(tmp_path)
@@ -211,9 +178,8 @@ def test_converted_hf_checkpoint_generates_what_hf_generates(tok, tmp_path):
     model, tok2 = loaded.model, loaded.tokenizer
     assert (loaded.objective, loaded.format) == ("clm", "hf") and model.lm_head.weight.t().is_contiguous()      # laid out for decoding
     ids = tok2.encode("The quick brown fox")
-    ours = [ev.token for ev in decode_blanks(model, [Prompt(ids, [len(ids)], [tok.gmask_id])],
-                                             SamplingConfig(max_new_tokens=6), tok2, causal=True, ignore_stop=True)
-            if ev.token is not None]
+    [res] = Engine(model, tok2).generate([Request.causal(ids, SamplingConfig(max_new_tokens=6), ignore_stop=True)])
+    ours = res.tokens[0]
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     out = hf.generate(torch.tensor([ids]), max_new_tokens=6, min_new_tokens=6, do_sample=False,
                       pad_token_id=0, eos_token_id=None)

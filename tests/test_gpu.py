@@ -5,11 +5,11 @@ KV-cache decoding in bf16. Run by scripts/gpu_check.sh."""
 import pytest
 import torch
 
-from glmkit.model.attention import attend, make_attention_mask, split_available
 from glmkit.batch import dense_mask
+from glmkit.model.attention import attend, make_attention_mask, split_available
 from glmkit.model.config import GLMConfig
-from glmkit.model.kv_cache import KVCache, decode_one_token, prefill
 from glmkit.model.glm import GLM
+from glmkit.model.kv_cache import KVCache, decode_one_token, prefill
 from tests.test_attention import make_batch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

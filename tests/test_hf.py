@@ -15,9 +15,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from glmkit.model.config import GLMConfig
+from glmkit.checkpoint.hf import (
+    INDEX_FILE,
+    config_from_hf,
+    config_to_hf,
+    from_hf,
+    parse_size,
+    plan_shards,
+    to_hf,
+)
 from glmkit.errors import GlmkitError
-from glmkit.checkpoint.hf import INDEX_FILE, config_from_hf, config_to_hf, from_hf, parse_size, plan_shards, to_hf
+from glmkit.model.config import GLMConfig
 from glmkit.model.glm import GLM
 
 transformers = pytest.importorskip("transformers")
@@ -293,8 +301,8 @@ def test_from_hf_matches_transformers(case, hf_dirs):
 def test_from_hf_prefix_lm_mask_matches_transformers_float_mask(case, hf_dirs):
     """A [gMASK]-style prefix-LM row (bidirectional prefix, causal rest) through glmkit's mask and
     through HF with the same rule as a 4D float 0/-inf mask."""
-    from glmkit.model.attention import make_attention_mask
     from glmkit.batch import Batch
+    from glmkit.model.attention import make_attention_mask
 
     path, hf = hf_dirs[case]
     model = from_hf(path)

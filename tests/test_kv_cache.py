@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from glmkit.batch import Batch
+from glmkit.infer.runner import decode_static, forward_rows
 from glmkit.model.config import GLMConfig
-from glmkit.errors import GlmkitError
-from glmkit.model.kv_cache import KVCache, decode_layout, decode_one_token, prefill
 from glmkit.model.glm import GLM
+from glmkit.model.kv_cache import KVCache, decode_layout
 
 FAMILIES = ["tiny", "tiny-0414", "tiny-moe", "tiny-glm", "tiny-glm130b", "tiny-chatglm"]
 
@@ -35,9 +35,12 @@ def _reference_rows(prompts, seps, new, mask_pos, T):
     return Batch(**f).to("cpu")
 
 
-@pytest.mark.parametrize("used", [False, True], ids=["whole-cache", "filled-slots"])
+@pytest.mark.parametrize("compiled_shapes", [False, True], ids=["filled-slots", "whole-pool"])
 @pytest.mark.parametrize("name", FAMILIES)
-def test_decode_equals_full_forward(name, used):
+def test_decode_equals_full_forward(name, compiled_shapes):
+    """Prompts of different lengths (one with a causal tail after its Part A) prefilled row by row, then
+    decoded a token a step for both rows at once: the logits of every step equal a full forward with the
+    reference mask. The eager step reads the filled slots only; the static one the whole pool."""
     c = GLMConfig.from_name(name)
     model = GLM(c).eval()
     rng = np.random.default_rng(0)
@@ -45,70 +48,80 @@ def test_decode_equals_full_forward(name, used):
     prompts = [rng.integers(0, c.vocab_size, n) for n in lengths]
     new = [rng.integers(0, c.vocab_size, 4) for _ in lengths]
     mask_pos = [3, 2]
-    P, T = max(lengths), 12
+    T = 12
     ref = _reference_rows(prompts, seps, new, mask_pos, T)
     with torch.no_grad():
         h = model(ref.input_ids, ref.position_ids, ref.block_position_ids, model.attention_mask(ref, "sdpa"))
         want = model.logits(h)                                                   # (B, T, V)
-
-    def pad(rows_of):
-        out = torch.zeros(2, P, dtype=torch.long)
-        for b, n in enumerate(lengths):
-            out[b, :n] = rows_of[b, :n]
-        return out
-
-    cache = KVCache.for_model(model, batch_size=2, max_len=P + 4)
+    cache = KVCache.for_model(model, rows=2, max_len=T)
+    col = lambda name, b, cols: [int(getattr(ref, name)[b, c]) for c in cols]
     with torch.no_grad():
-        logits = prefill(model, cache, pad(ref.input_ids), pad(ref.position_ids), pad(ref.block_position_ids),
-                         lengths=torch.tensor(lengths), sep=torch.tensor(seps))
-        for b, n in enumerate(lengths):
-            torch.testing.assert_close(logits[b], want[b, n - 1], atol=1e-4, rtol=1e-4)
-        for i in range(4):
-            cols = torch.tensor(lengths) + i                                     # the token's column in ref
-            rows = torch.arange(2)
-            tok = ref.input_ids[rows, cols][:, None]
-            logits = decode_one_token(model, cache, tok, ref.position_ids[rows, cols][:, None],
-                                      ref.block_position_ids[rows, cols][:, None], torch.tensor([P + i]),
-                                      used=P + i + 1 if used else None)
-            torch.testing.assert_close(logits, want[rows, cols], atol=1e-4, rtol=1e-4)
+        for b, n in enumerate(lengths):                                          # prefill each row alone
+            cols = list(range(n))
+            h = forward_rows(model, cache, b, [col("input_ids", b, cols)], [col("position_ids", b, cols)],
+                             [col("block_position_ids", b, cols)], [cols], [seps[b]])
+            torch.testing.assert_close(model.logits(h[0, -1]), want[b, n - 1], atol=1e-4, rtol=1e-4)
+        for i in range(4):                                                       # both rows, one token a step
+            cols = [[n + i] for n in lengths]
+            args = [[col(f, b, cols[b]) for b in range(2)] for f in ("input_ids", "position_ids", "block_position_ids")]
+            if compiled_shapes:
+                t = lambda x: torch.tensor(x)
+                h = decode_static(model, cache, *map(t, args), t(cols), t(seps))
+            else:
+                h = forward_rows(model, cache, 0, *args, cols, seps)
+            got = model.logits(h[:, -1])
+            torch.testing.assert_close(got, want[[0, 1], [c[0] for c in cols]], atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("used", [None, 5])
-def test_decode_several_tokens_at_once(used):
+def test_decode_several_tokens_at_once():
     c = GLMConfig.from_name("tiny")
     model = GLM(c).eval()
     ids = torch.randint(0, c.vocab_size, (1, 9))
     pos = torch.arange(9)[None]
     zero = torch.zeros_like(pos)
     with torch.no_grad():
-        want = model.logits(model(ids, pos, zero))          # causal everywhere (sep = 0 after prompt of 1)
+        want = model.logits(model(ids, pos, zero))          # causal everywhere (sep = 0)
         cache = KVCache.for_model(model, 1, 9)
-        prefill(model, cache, ids[:, :1], pos[:, :1], zero[:, :1])
-        got = decode_one_token(model, cache, ids[:, 1:5], pos[:, 1:5], zero[:, 1:5], torch.arange(1, 5), used=used)
-        torch.testing.assert_close(got, want[:, 4], atol=1e-4, rtol=1e-4)
+        forward_rows(model, cache, 0, [ids[0, :1].tolist()], [[0]], [[0]], [[0]], [0])
+        h = forward_rows(model, cache, 0, [ids[0, 1:5].tolist()], [list(range(1, 5))], [[0] * 4],
+                         [list(range(1, 5))], [0])
+        torch.testing.assert_close(model.logits(h[:, -1]), want[:, 4], atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-moe", "tiny-glm", "tiny-chatglm"])
-def test_unpadded_rows_decode_without_a_mask(name):
-    """Rows of one prompt length, one token a step: the eager step reads only the filled slots with no
-    mask at all; it must give what the whole-cache masked step and a full causal forward give."""
+def test_equal_length_rows_decode_without_a_mask(name):
+    """Rows at the same slot, one token a step: the step needs no mask at all (every filled slot is
+    visible), and gives what a full causal forward gives."""
     c = GLMConfig.from_name(name)
     model = GLM(c).eval()
     ids = torch.randint(0, c.vocab_size, (3, 10))
-    pos = torch.arange(10)[None].expand(3, -1)
-    zero = torch.zeros_like(pos)
     with torch.no_grad():
-        want = model.logits(model(ids, pos, zero))                                  # causal, (B, T, V)
-        whole, filled = KVCache.for_model(model, 3, 14), KVCache.for_model(model, 3, 14)
-        for cache in (whole, filled):
-            prefill(model, cache, ids[:, :4], pos[:, :4], zero[:, :4], sep=torch.zeros(3, dtype=torch.long))
-        assert not filled.padded
+        pos = torch.arange(10)[None].expand(3, -1)
+        want = model.logits(model(ids, pos, torch.zeros_like(pos)))                  # causal, (B, T, V)
+        cache = KVCache.for_model(model, 3, 14)
+        for b in range(3):
+            forward_rows(model, cache, b, [ids[b, :4].tolist()], [list(range(4))], [[0] * 4], [list(range(4))], [0])
         for t in range(4, 10):
-            args = (ids[:, t:t + 1], pos[:, t:t + 1], zero[:, t:t + 1], torch.tensor([t]))
-            a = decode_one_token(model, whole, *args)
-            b = decode_one_token(model, filled, *args, used=t + 1)
-            torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(b, want[:, t], atol=1e-4, rtol=1e-4)
+            h = forward_rows(model, cache, 0, ids[:, t:t + 1].tolist(), [[t]] * 3, [[0]] * 3, [[t]] * 3, [0] * 3)
+            torch.testing.assert_close(model.logits(h[:, -1]), want[:, t], atol=1e-4, rtol=1e-4)
+
+
+def test_rows_move_with_their_contents():
+    """swap / copy_prefix move a row's filled slots (every layer), and its length with it."""
+    model = GLM(GLMConfig.from_name("tiny")).eval()
+    cache = KVCache.for_model(model, rows=3, max_len=8)
+    for t in cache.k + cache.v:
+        t.copy_(torch.randn_like(t))
+    before = [t.clone() for t in cache.k + cache.v]
+    cache.lengths = [5, 3, 0]
+    cache.swap(0, 1)
+    assert cache.lengths == [3, 5, 0]
+    for t, old in zip(cache.k + cache.v, before):
+        assert torch.equal(t[0, :3], old[1, :3]) and torch.equal(t[1, :5], old[0, :5])
+    cache.copy_prefix(1, 2, 4)
+    assert cache.lengths[2] == 4
+    for t, old in zip(cache.k + cache.v, before):
+        assert torch.equal(t[2, :4], old[0, :4])
 
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-glm"])          # untied; tied (the embedding is the head)
@@ -148,13 +161,3 @@ def test_fp32_rms_norm_fast_path_is_bit_equal():
             x = torch.randn(shape) * 3
             want = norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5))
             assert torch.equal(norm(x), want), (dim, shape)
-
-
-def test_cache_errors_name_the_fix():
-    model = GLM(GLMConfig.from_name("tiny"))
-    cache = KVCache.for_model(model, 1, 4)
-    ids = torch.zeros(2, 3, dtype=torch.long)
-    with pytest.raises(GlmkitError, match="batch_size=2"):
-        prefill(model, cache, ids, ids, ids)
-    with pytest.raises(GlmkitError, match="max_len"):
-        prefill(model, cache, torch.zeros(1, 6, dtype=torch.long), *(torch.zeros(1, 6, dtype=torch.long),) * 2)

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch._dynamo
 
-from glmkit.model.config import GLMConfig
 from glmkit.errors import GlmkitError
+from glmkit.model.config import GLMConfig
 from glmkit.model.glm import GLM
 from glmkit.model.moe import Experts, MoE, expert_counts, grouped_unsupported, set_moe_impl
 

@@ -7,7 +7,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from glmkit.batch import Batch, dense_mask
-from glmkit.errors import GlmkitError
 from glmkit.data.objectives import (
     CLM,
     GMASK,
@@ -22,6 +21,7 @@ from glmkit.data.objectives import (
     random_glm_samples,
 )
 from glmkit.data.spans import gmask_spans, mask_spans, offsets_of, span_length_moments, truncated_poisson
+from glmkit.errors import GlmkitError
 
 # text ids 0..49 (7 and 9 end sentences), specials above them
 SP = SpecialIds(mask=100, smask=101, gmask=102, sop=103, eop=104, eot=105, pad=106, vocab_size=110,

@@ -6,12 +6,12 @@ import torch
 import torch.nn.functional as F
 
 from glmkit.batch import Batch
-from glmkit.model.config import GLMConfig
-from glmkit.errors import GlmkitError
-from glmkit.model.glm import GLM
 from glmkit.data.objectives import SpecialIds, glm_sample
+from glmkit.errors import GlmkitError
 from glmkit.eval.scoring import fill_token_accuracy, score_choices
 from glmkit.eval.tasks import Choice
+from glmkit.model.config import GLMConfig
+from glmkit.model.glm import GLM
 
 SP = SpecialIds(mask=120, smask=121, gmask=122, sop=123, eop=124, eot=125, pad=126, vocab_size=128)
 CHOICES = [Choice([1, 2, 3, 4], [5, 6], [[7], [8, 9], [10, 11, 12]], 1),

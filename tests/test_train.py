@@ -17,9 +17,9 @@ import torch
 
 from glmkit.checkpoint import store as C
 from glmkit.checkpoint.loader import load
+from glmkit.errors import GlmkitError
 from glmkit.train import loop as T
 from glmkit.train import setup as S
-from glmkit.errors import GlmkitError
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ("the cat dog bird sat ran flew on under over a mat tree house red blue green small big old "

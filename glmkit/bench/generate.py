@@ -83,13 +83,15 @@ def _ids(config) -> SimpleNamespace:
     return SimpleNamespace(sop_id=v - 1, eop_id=v - 2, eot_id=v - 3, gmask_id=v - 4, pad_id=0)
 
 
-def glmkit_run(model, prompts: torch.Tensor, n_new: int, step):
-    from glmkit.infer.generate import Prompt, SamplingConfig, decode_blanks
-    ids = _ids(model.config)
-    rows = [Prompt(p.tolist(), [len(p)], [ids.gmask_id]) for p in prompts]
+def glmkit_run(model, prompts: torch.Tensor, n_new: int, compile: bool):
+    """Every prompt as one causal request on a fresh engine (no prefix reuse between repeats)."""
+    from glmkit.infer.engine import Engine, Request
+    from glmkit.infer.sampling import SamplingConfig
+    engine = Engine(model, _ids(model.config), max_batch=len(prompts), max_len=prompts.shape[1] + n_new,
+                    compile=compile, prefix_reuse=False)
     cfg = SamplingConfig(max_new_tokens=n_new)
-    return sum(1 for ev in decode_blanks(model, rows, cfg, ids, causal=True, ignore_stop=True, step=step)
-               if ev.token is not None)
+    results = engine.generate([Request.causal(p.tolist(), cfg, ignore_stop=True) for p in prompts])
+    return sum(len(r.tokens[0]) for r in results)
 
 
 def hf_run(hf, prompts: torch.Tensor, n_new: int, static: bool):
@@ -138,7 +140,6 @@ def bench_generate(bench: GenerateBench, log: Callable[[str], None] | None = Non
     generate` prints it as its last line; its top-level numbers are for the first batch size). `log`
     gets the human-readable lines."""
     log = log or (lambda line: None)
-    from glmkit.model.kv_cache import decode_one_token
     try:
         batches = [int(b) for b in bench.batches.split(",") if b.strip()]
     except ValueError:
@@ -151,8 +152,7 @@ def bench_generate(bench: GenerateBench, log: Callable[[str], None] | None = Non
         raise GlmkitError("--device cuda asked for but CUDA is not available; use --device cpu")
     dtype = DTYPES[bench.dtype]
     model, hf = build(bench.preset, bench.device, dtype, bench.seed)
-    step = torch.compile(decode_one_token, mode="reduce-overhead" if bench.device.startswith("cuda") else "default",
-                         fullgraph=True) if bench.compile else decode_one_token
+    step = bench.compile
     dev_name = torch.cuda.get_device_name() if bench.device.startswith("cuda") else "cpu"
     bw = copy_bandwidth(bench.device) if bench.device.startswith("cuda") else None
     log(f"glmkit vs HF transformers generate: preset {bench.preset} ({model.num_params() / 1e6:.1f}M params), "

@@ -62,7 +62,8 @@ def _heading(text: str) -> None:
 
 def show_fills(model, tok, title: str) -> list[dict]:
     """Greedy fills of PROMPTS and continuations of GENERATION_PROMPTS, printed and returned."""
-    from glmkit.infer.generate import SamplingConfig, generate, infill
+    from glmkit.infer.sampling import SamplingConfig
+    from glmkit.infer.text import generate, infill
     model.eval()
     cfg = SamplingConfig(max_new_tokens=12)
     _heading(title)

@@ -64,7 +64,8 @@ def prompts_of(args: argparse.Namespace) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     from glmkit.checkpoint.loader import load
-    from glmkit.infer.generate import SamplingConfig, assemble, encode_prompts, run_fill, stream
+    from glmkit.infer.sampling import SamplingConfig
+    from glmkit.infer.text import assemble, encode_prompts, run_fill, stream
     texts = prompts_of(args)
     check_device(args.device)
     cfg = SamplingConfig(args.temperature, args.top_k, args.top_p, args.repetition_penalty,

@@ -161,8 +161,10 @@ def infill_accuracy(model, tok, blanks: list[tasks.Blank], objective: str, batch
                     counts=None, progress=_no_progress) -> dict:
     """Exact match and token accuracy of held-out spans (module docstring); with `counts` (training
     token counts), also the most-frequent-token baseline as "unigram"."""
-    from glmkit.infer.generate import Prompt, SamplingConfig, decode_blanks
+    from glmkit.infer.engine import Engine, Request
+    from glmkit.infer.sampling import SamplingConfig
     sp = _specials(tok)
+    engine = None
     as_choice = [Choice(b.left, b.right, [b.answer], 0) for b in blanks]
     correct, total = fill_token_accuracy(model, as_choice, objective, sp, batch_size)
     exact = 0
@@ -178,13 +180,11 @@ def infill_accuracy(model, tok, blanks: list[tasks.Blank], objective: str, batch
             continue
         causal = objective == "clm"
         n_new = max(len(b.answer) for b in part) + (0 if causal else 4)
-        prompts = ([Prompt(b.left, [len(b.left)], [sp.gmask]) for b in part] if causal else
-                   [Prompt(b.left + [sp.mask] + b.right, [len(b.left)], [sp.mask]) for b in part])
-        out = [[] for _ in part]
-        for ev in decode_blanks(model, prompts, SamplingConfig(max_new_tokens=n_new), tok, causal=causal,
-                                ignore_stop=causal):
-            if ev.token is not None:
-                out[ev.row].append(ev.token)
+        cfg = SamplingConfig(max_new_tokens=n_new)
+        reqs = ([Request.causal(b.left, cfg, ignore_stop=True) for b in part] if causal else
+                [Request.infill(b.left + [sp.mask] + b.right, [len(b.left)], cfg) for b in part])
+        engine = engine or Engine(model, tok, max_batch=batch_size)
+        out = [r.tokens[0] for r in engine.generate(reqs)]
         exact += sum((o[:len(b.answer)] if causal else o) == b.answer for o, b in zip(out, part))
     progress("infill", len(blanks), len(blanks))
     out = {"exact_match": exact / len(blanks), "token_accuracy": correct / max(1, total), "n": len(blanks)}

@@ -39,10 +39,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from glmkit.model.attention import AttentionMask, Rotary, attend, make_attention_mask
 from glmkit.batch import Batch
-from glmkit.model.config import GLMConfig
 from glmkit.errors import GlmkitError
+from glmkit.model.attention import AttentionMask, Rotary, attend, make_attention_mask
+from glmkit.model.config import GLMConfig
 from glmkit.model.moe import MoE
 
 

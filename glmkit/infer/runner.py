@@ -1,0 +1,78 @@
+"""The engine's model runner: one forward over some rows of the KV cache (`glmkit.model.kv_cache`).
+
+    h = forward_rows(model, cache, r0, ids, pos, bpos, slots, sep)       # host lists (B x T) -> (B, T, hidden)
+
+A request owns one cache row; its tokens fill slots 0, 1, 2, ... in the order they were fed (Part A
+first, then every Part B token, forced or sampled). Each token carries its GLM 2D position (position id,
+block position id), given by the caller.
+
+Visibility, per row b with Part A length sep[b]: the token at slot q sees slot k iff k < sep[b] or
+k <= q. Part A is bidirectional within itself; every later token sees Part A and everything fed before it
+(earlier blanks' fills included), which is DESIGN.md §3's inference rule.
+
+`forward_rows` runs B rows x T tokens, writing their keys and values at (row, slot). The rows of a call
+must be a contiguous range of the pool (the engine keeps the decoding rows packed at the front), so
+attention reads a view of the cache, never a copy; keys are read up to the largest filled slot of the
+call (`kv_len`), and no mask is built when every query sees every key. `decode_static` steps every row
+of the pool over the whole cache width with a mask: the fixed shapes `torch.compile` needs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from glmkit.model.attention import AttentionMask
+from glmkit.model.kv_cache import KVCache
+
+
+class _RowsView:
+    """What a model layer sees as its KV cache during one `forward_rows` call: `update` writes this
+    call's k/v at (row, slot) and returns the rows' cache up to `kv_len` (a view, not a copy)."""
+
+    def __init__(self, pool: KVCache, r0: int, B: int, kv_len: int):
+        self.pool, self.r0, self.B, self.kv_len = pool, r0, B, kv_len
+        self.bidx = None
+
+    def update(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        kc = self.pool.k[layer][self.r0:self.r0 + self.B]                  # (B, S, Hkv, D) view
+        vc = self.pool.v[layer][self.r0:self.r0 + self.B]
+        if self.bidx is None:
+            self.bidx = torch.arange(self.B, device=k.device)[:, None]     # (B, 1)
+        kc[self.bidx, slots] = k.to(kc.dtype)
+        vc[self.bidx, slots] = v.to(vc.dtype)
+        return kc[:, :self.kv_len], vc[:, :self.kv_len]
+
+
+def visibility(slots: torch.Tensor, sep: torch.Tensor, kv_len: int) -> torch.Tensor:
+    """(B, 1, T, kv_len) bool: slot k visible to the query at slots[b, t] iff k < sep[b] or k <= slot."""
+    k = torch.arange(kv_len, device=slots.device)
+    return ((k < sep[:, None, None]) | (k <= slots[:, :, None]))[:, None]
+
+
+def forward_rows(model, pool: KVCache, r0: int, ids: list[list[int]], pos: list[list[int]],
+                 bpos: list[list[int]], slots: list[list[int]], sep: list[int]) -> torch.Tensor:
+    """Rows r0 .. r0+B-1, T tokens each (host lists, B x T; sep: B) -> hidden states (B, T, h).
+
+    Keys up to the largest slot of the call; no mask when every query sees every key (one token per row
+    with all rows at the same slot, the usual decode step of equal-length rows; or a chunk that lies
+    inside Part A). Everything about the shapes is decided on the host: no device-to-host sync."""
+    device = pool.k[0].device
+    B, T = len(ids), len(ids[0])
+    kv_len = max(max(r) for r in slots) + 1
+    every = all(r[0] == kv_len - 1 for r in slots) if T == 1 else all(s >= kv_len for s in sep)
+    t = lambda x: torch.tensor(x, dtype=torch.long, device=device)
+    slot_t = t(slots)
+    attn = AttentionMask("full") if every else AttentionMask("sdpa", dense=visibility(slot_t, t(sep), kv_len))
+    view = _RowsView(pool, r0, B, kv_len)
+    return model(t(ids), t(pos), t(bpos), attn, cache=view, input_pos=slot_t)
+
+
+def decode_static(model, pool: KVCache, ids: torch.Tensor, pos: torch.Tensor, bpos: torch.Tensor,
+                  slots: torch.Tensor, sep: torch.Tensor) -> torch.Tensor:
+    """One decode step over every row of the pool with the whole cache width: (R, 1) tensors -> hidden
+    (R, 1, h). Shapes never change, so `torch.compile` builds it once (CUDA graphs with
+    mode="reduce-overhead"). Rows that are not decoding are fed at their scratch slot (the pool's last),
+    which they alone see."""
+    attn = AttentionMask("sdpa", dense=visibility(slots, sep, pool.max_len))
+    view = _RowsView(pool, 0, pool.rows, pool.max_len)
+    return model(ids, pos, bpos, attn, cache=view, input_pos=slots)
