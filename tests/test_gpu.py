@@ -9,7 +9,8 @@ from glmkit.batch import dense_mask
 from glmkit.model.attention import attend, make_attention_mask, split_available
 from glmkit.model.config import GLMConfig
 from glmkit.model.glm import GLM
-from glmkit.model.kv_cache import KVCache, decode_one_token, prefill
+from glmkit.infer.runner import forward_rows
+from glmkit.model.kv_cache import KVCache
 from tests.test_attention import make_batch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -98,8 +99,8 @@ def test_kv_cache_decode_bf16():
     with torch.no_grad():
         want = model.logits(model(ids, pos, zero)).float()           # causal
         cache = KVCache.for_model(model, 2, 40)
-        prefill(model, cache, ids[:, :1], pos[:, :1], zero[:, :1])
+        for b in range(2):
+            forward_rows(model, cache, b, [ids[b, :1].tolist()], [[0]], [[0]], [[0]], [0])
         for t in range(1, 40):
-            got = decode_one_token(model, cache, ids[:, t:t + 1], pos[:, t:t + 1], zero[:, t:t + 1],
-                                   torch.tensor([t], device="cuda"))
-            torch.testing.assert_close(got.float(), want[:, t], atol=5e-2, rtol=5e-2)
+            h = forward_rows(model, cache, 0, ids[:, t:t + 1].tolist(), [[t]] * 2, [[0]] * 2, [[t]] * 2, [0, 0])
+            torch.testing.assert_close(model.logits(h[:, -1]).float(), want[:, t], atol=5e-2, rtol=5e-2)

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -234,21 +235,16 @@ def glmkit_greedy(model, ids: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def glmkit_greedy_cached(model, ids: torch.Tensor, n: int) -> torch.Tensor:
-    """Greedy decoding with glmkit's static KV cache: a causal prefill (sep = 0), then one token a step."""
-    from glmkit.model.kv_cache import KVCache, decode_one_token, prefill
+    """Greedy decoding on glmkit's engine: every row a causal request in one continuous batch."""
+    from glmkit.infer.engine import Engine, Request
+    from glmkit.infer.sampling import SamplingConfig
 
-    B, P = ids.shape
-    cache = KVCache.for_model(model, batch_size=B, max_len=P + n)
-    pos = torch.arange(P).expand(B, P)
-    with torch.no_grad():
-        logits = prefill(model, cache, ids, pos, torch.zeros_like(pos), sep=torch.zeros(B, dtype=torch.long))
-        out = [logits.argmax(-1)]
-        for i in range(n - 1):
-            step = torch.full((B, 1), P + i)
-            logits = decode_one_token(model, cache, out[-1][:, None], step, torch.zeros_like(step),
-                                      torch.tensor([P + i]))
-            out.append(logits.argmax(-1))
-    return torch.cat([ids, torch.stack(out, 1)], dim=1)
+    v = model.config.vocab_size
+    specials = SimpleNamespace(sop_id=v - 1, eop_id=v - 2, eot_id=v - 3, gmask_id=v - 4)
+    engine = Engine(model, specials, max_batch=ids.shape[0], max_len=ids.shape[1] + n)
+    cfg = SamplingConfig(max_new_tokens=n)
+    res = engine.generate([Request.causal(row.tolist(), cfg, ignore_stop=True) for row in ids])
+    return torch.cat([ids, torch.tensor([r.tokens[0] for r in res])], dim=1)
 
 
 def random_glmkit(config: GLMConfig, seed: int = 0) -> GLM:
