@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from glmkit.batch import dense_mask
+from glmkit.infer.runner import forward_rows
 from glmkit.model.attention import attend, make_attention_mask, split_available
 from glmkit.model.config import GLMConfig
 from glmkit.model.glm import GLM
-from glmkit.infer.runner import forward_rows
 from glmkit.model.kv_cache import KVCache
 from tests.test_attention import make_batch
 
