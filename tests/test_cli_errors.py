@@ -60,6 +60,7 @@ CASES = [
     ("generate-top-k-type", ["generate", "{run}", "x", "--top-k", "abc"], "--top-k"),
     ("generate-repetition-penalty-zero", ["generate", "{run}", "x", "--repetition-penalty", "0"], "--repetition-penalty"),
     ("generate-device-name", ["generate", "{run}", "x", "--device", "gpu0"], "--device"),
+    ("generate-stop-empty", ["generate", "{run}", "x", "--stop", ""], "--stop"),
     # eval
     ("eval-val-tokens-negative", ["eval", "{run}", "--corpus", "{corpus}", "--val-tokens", "-5"], "--val-tokens"),
     ("eval-nothing", ["eval", "{run}", "--corpus", "{corpus}", "--val-tokens", "0", "--infill-n", "0",
@@ -249,9 +250,11 @@ def test_inputs_refused_before_are_accepted_now(paths, in_tmp, capsys):
     (["tokenizer", "decode", "-1", "--tokenizer", "{corpus}"], "ID"),
     (["infill", "{run}", "--file", "{bad}"], "--file"),
     (["generate", "{run}", "In the beginning [MASK] was"], "glmkit infill"),
-], ids=["argparse-check", "tokenizer-range", "file-not-utf8", "generate-mask"])
+    (["tokenizer", "encode", "-", "--tokenizer", "{corpus}"], "UTF-8"),
+], ids=["argparse-check", "tokenizer-range", "file-not-utf8", "generate-mask", "stdin-not-utf8"])
 def test_end_to_end_in_a_subprocess(argv, expected, paths):
-    proc = subprocess.run([sys.executable, "-m", "glmkit", *_argv(argv, paths)], capture_output=True, text=True,
-                          cwd=paths["tmp"], timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "glmkit", *_argv(argv, paths)], capture_output=True,
+                          input="北京".encode("gb18030"), cwd=paths["tmp"], timeout=120)
+    proc.stdout, proc.stderr = proc.stdout.decode(), proc.stderr.decode()
     _check_error(proc.returncode, proc.stdout, proc.stderr, expected)
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr

@@ -54,6 +54,8 @@ def prompts_of(args: argparse.Namespace) -> list[str]:
         texts += [ln for ln in read_text_file(args.file, "--file").splitlines() if ln.strip()]
     if not texts:
         raise GlmkitError("no prompt given: pass text after the checkpoint or --file PROMPTS.txt")
+    if any(not s for s in args.stop):
+        raise GlmkitError("--stop '' is empty and would end every blank at once; give the text to stop at")
     if args.generation:
         blank = next((b for t in texts for b in BLANKS if b in t), None)
         if blank is not None:

@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         return _train(args)
     tok = load_tokenizer(args.tokenizer)
     if args.action == "encode":
-        text = sys.stdin.read() if args.text == "-" else args.text
+        text = _stdin_text() if args.text == "-" else args.text
         ids = tok.encode(text, allow_special=args.allow_special)
         print(" ".join(map(str, ids)))
         print(" ".join(repr(p) for p in tok.pieces(ids)))
@@ -68,6 +68,15 @@ def run(args: argparse.Namespace) -> int:
             print("GLM-4.5 chat tokens: absent (the glm45 chat format cannot be used with this tokenizer)")
         print(f"sentence-ending tokens: {len(tok.sentence_end_ids)}")
     return 0
+
+
+def _stdin_text() -> str:
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise GlmkitError(f"the text on stdin (TEXT '-') is not valid UTF-8 (byte {e.start}: "
+                          f"{data[e.start:e.start + 4]!r}); convert it, e.g. `iconv -f GB18030 -t UTF-8`") from None
 
 
 def _train(args: argparse.Namespace) -> int:
