@@ -128,6 +128,8 @@ CASES = [
     ("bench-train-steps", ["bench", "train", "--steps", "-1"], "--steps"),
     ("bench-train-flex-options", ["bench", "train", "--device", "cpu", "--flex-options", "{{", "--flex-options", "{{"],
      "--flex-options"),
+    # demo (its own checks of the run are the demo's; a wrong type is refused before any work)
+    ("demo-max-steps-type", ["demo", "--max-steps", "many"], "--max-steps"),
     # the command itself
     ("unknown-verb", ["trian"], "trian"),
 ]
@@ -258,3 +260,13 @@ def test_end_to_end_in_a_subprocess(argv, expected, paths):
     proc.stdout, proc.stderr = proc.stdout.decode(), proc.stderr.decode()
     _check_error(proc.returncode, proc.stdout, proc.stderr, expected)
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_every_verb_and_bench_is_in_the_table():
+    """A new verb (or bench) joins CASES with at least one bad input of each option type it has."""
+    from glmkit.cli import COMMANDS
+    from glmkit.cli.bench import BENCHES
+    covered = {argv[0] for _, argv, _ in CASES}
+    assert set(COMMANDS) <= covered, f"add rows to CASES for {sorted(set(COMMANDS) - covered)}"
+    benches = {argv[1] for _, argv, _ in CASES if argv[0] == "bench"}
+    assert set(BENCHES) <= benches, f"add rows to CASES for bench {sorted(set(BENCHES) - benches)}"
