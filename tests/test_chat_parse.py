@@ -7,12 +7,13 @@ import json
 import pytest
 from helpers import CONVERSATIONS, TOOL, WEATHER, conversations
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from glmkit.chat import AssistantMessage, make_parser, messages_from_dicts, parse, render
 from glmkit.chat.glm45 import split_reasoning
 
 
-def assemble(deltas) -> tuple:
+def assemble(deltas, whole_characters: bool = True) -> tuple:
     """(content, reasoning, [(name, arguments)]) from OpenAI-shaped deltas, checking the streaming
     rules: a call's id, type and name only in its first delta, calls in index order."""
     content, reasoning, calls = [], [], []
@@ -33,7 +34,8 @@ def assemble(deltas) -> tuple:
             reasoning.append(delta["reasoning_content"])
         else:
             content.append(delta["content"])
-        assert "\ufffd" not in json.dumps(delta, ensure_ascii=False)  # no character split across deltas
+        if whole_characters:  # no character split across deltas
+            assert "\ufffd" not in json.dumps(delta, ensure_ascii=False)
     return "".join(content) or None, "".join(reasoning) or None, [tuple(c) for c in calls]
 
 
@@ -203,3 +205,28 @@ def test_feeding_after_a_stop_does_nothing(chat_tok):
     parser = make_parser("glm45", chat_tok, [WEATHER])
     parser.feed_all(chat_tok.encode("\nHi<|user|>more text", allow_special=True))
     assert parser.finish("stop") == [] and parser.message().content == "Hi" and parser.stopped
+
+
+@pytest.mark.parametrize("fmt", ["glm4", "glm45"])
+def test_any_output_parses_without_raising(fmt, chat_tok):
+    """Random ids, structural ones frequent: no exception, the deltas always add up to the message."""
+    pieces = [[i] for i in sorted(chat_tok.special_ids)] + [
+        chat_tok.encode(t, allow_special=True) for t in (
+            "get_weather\n", "\n", "city", "days", '{"city": "北京"}', "3", "python\n", "x",
+            "<tool_call>get_weather\n", "<arg_key>city</arg_key>", "<|assistant|>get_weather\n")]
+    piece = st.one_of(st.sampled_from(pieces), st.integers(0, chat_tok.vocab_size - 1).map(lambda i: [i]))
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(st.lists(piece, max_size=30).map(lambda ps: [i for p in ps for i in p]),
+           st.sampled_from(["stop", "length"]), st.sampled_from([None, "get_weather"]))
+    def run(ids, reason, forced):
+        parser = make_parser(fmt, chat_tok, [WEATHER], forced_tool=forced, make_id=lambda k: f"call_{k}")
+        deltas = [d for i in ids for d in parser.feed(i)] + parser.finish(reason)
+        msg = parser.message()
+        assert assemble(deltas, whole_characters=False) == (
+            msg.content, msg.reasoning_content, [(c.function.name, c.function.arguments) for c in msg.tool_calls])
+        assert parser.finish_reason in ({"length"} if reason == "length" else {"stop", "tool_calls"})
+        cut_off = sum(e.startswith("tool call") and "cut off" in e for e in msg.parse_errors)
+        assert (parser.finish_reason == "tool_calls") == (reason == "stop" and len(msg.tool_calls) > cut_off)
+
+    run()
