@@ -239,6 +239,15 @@ def test_a_kernel_that_exits_is_restarted(box, other):
 
 
 @needs_sandbox
+def test_reset_gives_a_fresh_kernel_and_keeps_files(box, other):
+    box.run("x = 5\nopen('reset.txt', 'w').write('kept')")
+    box.reset()
+    assert "NameError" in box.run("x").error
+    assert box.run("open('reset.txt').read()").value == "'kept'"
+    assert_unaffected(box, other)
+
+
+@needs_sandbox
 def test_pool_keeps_one_kernel_per_conversation_and_closes_idle_ones(tmp_path):
     pool = SandboxPool(tmp_path, LIMITS, idle_timeout_s=3600)
     try:

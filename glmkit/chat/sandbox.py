@@ -312,8 +312,9 @@ class _UidLease:
 class Sandbox:
     """A stateful IPython kernel for one conversation, confined as the module docstring says.
 
-    The kernel starts in the constructor (about a second); `run` is serialised by a lock; `close`
-    ends the kernel and every process it started, and keeps the workspace's files.
+    The kernel starts in the constructor (about two seconds); `run` is serialised by a lock; `reset`
+    replaces the kernel by a fresh one; `close` ends the kernel and every process it started. Both
+    keep the workspace's files.
     """
 
     def __init__(self, workspace: Path, limits: Limits = Limits(), *, allow_unsandboxed: bool = False,
@@ -457,6 +458,14 @@ class Sandbox:
         self._start()
         result.restarted = True
         result.notes.append(f"{why}; the interpreter was restarted and its variables are lost")
+
+    def reset(self) -> None:
+        """A fresh kernel: every variable and process of the old one is gone, the files stay."""
+        with self._lock:
+            if self._client is None:
+                raise GlmkitError("this sandbox is closed; make a new one")
+            self._stop()
+            self._start()
 
     def close(self) -> None:
         """End the kernel and release its uid; the workspace's files stay."""
