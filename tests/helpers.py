@@ -52,6 +52,12 @@ CONVERSATIONS = {
                 {"role": "tool", "tool_call_id": "call_1", "content": "3.141592653589793"},
                 {"role": "assistant", "content": "π ≈ 3.14159"}],
                [{"type": "python"}, WEATHER], ("glm4",)),
+    "browser": ([{"role": "user", "content": "北京天气"},
+                 {"role": "assistant", "content": None,
+                  "tool_calls": [call(1, "simple_browser", {"command": 'search("北京天气")'})]},
+                 {"role": "tool", "tool_call_id": "call_1", "content": " # 【0†北京天气†weather.cn】\n晴，3°C"},
+                 {"role": "assistant", "content": "北京今天晴【0†weather.cn】。"}],
+                [{"type": "simple_browser"}], ("glm4",)),
 }
 
 
@@ -72,6 +78,7 @@ TEXT = st.lists(st.sampled_from(PIECES + SPELLINGS), max_size=10).map("".join)
 TOOL = {"type": "function", "function": {"name": "f", "description": "A test tool.", "parameters": {
     "type": "object", "properties": {"s": {"type": "string"}, "n": {"type": "integer"}, "o": {"type": "object"},
                                      "b": {"type": "boolean"}, "a": {"type": "array"}}}}}
+GLM4_TOOLS = [TOOL, {"type": "python"}, {"type": "simple_browser"}]
 VALUES = {"s": TEXT, "n": st.integers(-10**6, 10**6), "b": st.booleans(),
           "o": st.dictionaries(st.sampled_from(["x", "键", "y z"]), st.one_of(TEXT, st.integers(), st.none()), max_size=3),
           "a": st.lists(st.one_of(st.integers(), TEXT, st.floats(allow_nan=False, allow_infinity=False)), max_size=3)}
@@ -86,7 +93,7 @@ def arguments(draw):
 @st.composite
 def conversations(draw, fmt: str, think_close: bool = False):
     """OpenAI message dicts: users, assistants with text, reasoning and calls of `TOOL` (and of
-    `python` in glm4), the calls' results. `think_close`: let glm45 assistant text hold </think>."""
+    glm4's built-in `python` and `simple_browser`), the calls' results. `think_close`: let glm45 assistant text hold </think>."""
     messages = [{"role": "system", "content": draw(TEXT)}] if draw(st.booleans()) else []
     n_calls = 0
     for _ in range(draw(st.integers(1, 3))):
@@ -100,8 +107,9 @@ def conversations(draw, fmt: str, think_close: bool = False):
                 msg["reasoning_content"] = draw(TEXT)
             calls = []
             for _ in range(draw(st.integers(0, 2))):
-                if fmt == "glm4" and draw(st.booleans()):
-                    calls.append(("python", {"code": draw(TEXT)}))
+                if fmt == "glm4" and draw(st.booleans()):  # a built-in tool's raw text
+                    name, key = draw(st.sampled_from([("python", "code"), ("simple_browser", "command")]))
+                    calls.append((name, {key: draw(TEXT)}))
                 else:
                     calls.append(("f", draw(arguments())))
             msg["tool_calls"] = [{"id": f"c{n_calls + k}", "type": "function", "function": {

@@ -5,7 +5,16 @@ from text, glmkit's Jinja templates through HF transformers, message validation.
 import json
 
 import pytest
-from helpers import CONVERSATIONS, SEARCH, TOOL, WEATHER, call, conversations, openai_with_parsed_arguments
+from helpers import (
+    CONVERSATIONS,
+    GLM4_TOOLS,
+    SEARCH,
+    TOOL,
+    WEATHER,
+    call,
+    conversations,
+    openai_with_parsed_arguments,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -41,6 +50,14 @@ GLM4_SEARCH = ('\n## search\n\n{\n    "name": "search",\n    "description": "Sea
 GLM4_PYTHON = ("\n## python\n\n当你向 `python` 发送包含 Python 代码的消息时，该代码将会在一个有状态的 Jupyter notebook "
                "环境中执行。\n`python` 返回代码执行的输出，或在执行 60 秒后返回超时。\n`/mnt/data` 将会持久化存储你的文件。"
                "在此会话中，`python` 无法访问互联网。不要使用 `python` 进行任何网络请求或者在线 API 调用，这些在线内容的访问将不会成功。")
+GLM4_BROWSER = ("\n## simple_browser\n\n你可以使用 `simple_browser` 工具。该工具支持以下函数：\n`search(query: str, "
+                "recency_days: int)`：使用搜索引擎进行查询并显示结果，可以使用 `recency_days` 参数控制搜索内容的时效性。\n"
+                "`mclick(ids: list[int])`：获取一系列指定 id 的页面内容。每次调用时，须选择3-10个页面。选择多个角度的页面，"
+                "同时尽可能选择可信任的信息来源。考虑到部分页面是无法加载的，你也可以多打开一些可能有用的页面而不用担心内容过多。\n"
+                "`open_url(url: str)`：打开指定的 URL。\n\n使用 `【{引用 id}†{引用文本}】` 来引用内容。\n\n"
+                "操作步骤：1. 使用 `search` 来获得信息列表; 2. 使用 `mclick` 来获取指定 ID 页面的内容; "
+                "3. 根据获得的内容进行回复。在回复中应当引用信息来源。\n 如果用户提供了 URL，也可以用 `open_url` 直接打开页面。\n"
+                "如果初次搜索结果没有找到合适的信息，也可以再次使用 `search` 进行搜索。")
 GLM45_TOOLS_HEAD = ("<|system|>\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
                     "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n")
 GLM45_WEATHER = ('{"type": "function", "function": {"name": "get_weather", "description": "查询天气", "parameters": '
@@ -107,6 +124,10 @@ EXPECTED = {
     ("python", "glm4", True): (
         "[gMASK]<sop>" + GLM4_TOOLS_HEAD + GLM4_PYTHON + GLM4_WEATHER + "<|user|>\nπ?<|assistant|>python\n"
         "import math\nprint(math.pi)<|observation|>\n3.141592653589793<|assistant|>\nπ ≈ 3.14159<|assistant|>"),
+    ("browser", "glm4", True): (
+        "[gMASK]<sop>" + GLM4_TOOLS_HEAD + GLM4_BROWSER + "<|user|>\n北京天气<|assistant|>simple_browser\n"
+        'search("北京天气")<|observation|>\n # 【0†北京天气†weather.cn】\n晴，3°C<|assistant|>\n北京今天晴【0†weather.cn】。'
+        "<|assistant|>"),
 }
 
 SPELLS_SPECIAL = {("thinking", "glm4", True)}  # message text holding "<think>", kept as characters
@@ -253,7 +274,7 @@ def test_jinja_templates_render_the_same_bytes_through_transformers(case, chat_t
 @pytest.mark.parametrize("fmt", ["glm4", "glm45"])
 def test_jinja_templates_match_on_random_conversations(fmt, chat_tok):
     hf = _hf(chat_tok)
-    tools = [TOOL, {"type": "python"}] if fmt == "glm4" else [TOOL]
+    tools = GLM4_TOOLS if fmt == "glm4" else [TOOL]
 
     @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(conversations(fmt, think_close=True), st.booleans(), st.booleans())

@@ -5,11 +5,12 @@ message (OpenAI streaming semantics); render -> parse round trips of arbitrary c
 import json
 
 import pytest
-from helpers import CONVERSATIONS, TOOL, WEATHER, conversations
+from helpers import CONVERSATIONS, GLM4_TOOLS, TOOL, WEATHER, conversations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from glmkit.chat import AssistantMessage, make_parser, messages_from_dicts, parse, render
+from glmkit.chat.glm4 import call_text
 from glmkit.chat.glm45 import split_reasoning
 
 
@@ -42,8 +43,9 @@ def assemble(deltas, whole_characters: bool = True) -> tuple:
 def expected(msg: AssistantMessage, fmt: str, after_last_user: bool) -> tuple:
     """What the format keeps of an assistant message."""
     calls = [(c.function.name, json.dumps(c.function.parsed_arguments(), ensure_ascii=False))
-             for c in msg.tool_calls if c.function.parsed_arguments() != {"code": ""}]
-    if fmt == "glm4":
+             for c in msg.tool_calls]
+    if fmt == "glm4":  # a built-in tool's empty text is not rendered
+        calls = [(n, a) for n, a in calls if call_text(n, json.loads(a))]
         return msg.text or None, None, calls
     reasoning, content = split_reasoning(msg)
     return content.strip() or None, (reasoning.strip() or None) if after_last_user else None, calls
@@ -81,7 +83,7 @@ def test_every_rendered_turn_streams_back(name, chat_tok):
 # ---------------------------------------------------------------------------- round trip (hypothesis)
 @pytest.mark.parametrize("fmt", ["glm4", "glm45"])
 def test_render_parse_round_trip(fmt, chat_tok):
-    tools = [TOOL, {"type": "python"}] if fmt == "glm4" else [TOOL]
+    tools = GLM4_TOOLS if fmt == "glm4" else [TOOL]
 
     @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(conversations(fmt))
@@ -114,6 +116,16 @@ def test_glm4_python_code_streams_as_json(chat_tok):
     deltas, msg, finish = run_parser("glm4", chat_tok, 'python\nprint("北京")\nx = 1', tools=[{"type": "python"}])
     assert assemble(deltas) == (None, None, [("python", '{"code": "print(\\"北京\\")\\nx = 1"}')])
     assert msg.tool_calls[0].function.parsed_arguments() == {"code": 'print("北京")\nx = 1'} and finish == "tool_calls"
+
+
+def test_glm4_browser_command_streams_as_json(chat_tok):
+    deltas, msg, finish = run_parser("glm4", chat_tok, 'simple_browser\nsearch("北京天气")',
+                                     tools=[{"type": "simple_browser"}, WEATHER])
+    assert assemble(deltas) == (None, None, [("simple_browser", '{"command": "search(\\"北京天气\\")"}')])
+    assert msg.tool_calls[0].function.parsed_arguments() == {"command": 'search("北京天气")'} and finish == "tool_calls"
+    # undeclared, the built-in's call is text
+    deltas, msg, finish = run_parser("glm4", chat_tok, 'simple_browser\nsearch("x")')
+    assert assemble(deltas) == ('simple_browser\nsearch("x")', None, []) and finish == "stop"
 
 
 def test_glm4_forced_call(chat_tok):

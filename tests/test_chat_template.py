@@ -3,7 +3,7 @@ glmkit's renderers through glmkit's templates, text spelling special tokens kept
 same ids as HF's apply_chat_template on ordinary text, clear errors."""
 
 import pytest
-from helpers import CONVERSATIONS, TOOL, WEATHER, conversations, openai_with_parsed_arguments
+from helpers import CONVERSATIONS, GLM4_TOOLS, TOOL, WEATHER, conversations, openai_with_parsed_arguments
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -16,7 +16,7 @@ from glmkit.errors import GlmkitError
 def test_same_ids_and_labels_as_the_renderers(fmt, chat_tok):
     """Random conversations whose texts spell every structural token: the template path keeps them
     as characters exactly where the renderer does."""
-    tools = [TOOL, {"type": "python"}] if fmt == "glm4" else [TOOL]
+    tools = GLM4_TOOLS if fmt == "glm4" else [TOOL]
 
     @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(conversations(fmt), st.booleans(), st.booleans())

@@ -10,7 +10,8 @@ conversation mapped the way GLM-4's own API server maps OpenAI messages (DESIGN.
     <|system|>\\n{content}   <|user|>\\n{content}   <|observation|>\\n{tool result}
     <|assistant|>\\n{content}                  an assistant's text
     <|assistant|>{name}\\n{json arguments}     each of its tool calls (json.dumps, ensure_ascii=False)
-    <|assistant|>python\\n{code}               a call of `python` whose arguments are {"code": str}
+    <|assistant|>python\\n{code}               a call of a built-in tool whose arguments are its one text:
+                                               python {"code"}, simple_browser {"command"}, cogview {"prompt"}
     <|assistant|>                              the generation prompt; <|assistant|>{name}\\n forces a call
 
 A message whose text is empty is not rendered (the template skips it); there is no end-of-turn
@@ -19,8 +20,8 @@ token: the next role token ends a turn, and generation stops on <|endoftext|>, <
 not rendered (results follow calls in order).
 
 Parsing (what the model writes after `<|assistant|>`): a metadata line; empty -> the text after it
-is content; a declared tool's name -> its arguments follow (raw code for `python`, streamed as the
-JSON {"code": ...}); a further `<|assistant|>` in the same turn starts another block (a second call,
+is content; a declared tool's name -> its arguments follow (the raw text of a built-in tool, e.g.
+`python`'s code, streamed as the JSON {"code": ...}); a further `<|assistant|>` in the same turn starts another block (a second call,
 or more content). An undeclared name, or a line that cannot be a name, is kept as content and
 reported in `parse_errors`; arguments that are not a JSON object are kept and reported.
 """
@@ -72,7 +73,9 @@ BUILTIN_DESCRIPTIONS = {
         "- 保持用户原始描述的意图。不要虚构内容或者没见过的人物。\n"
         "- 如无特殊说明，所在地为中国，持有中国立场并遵循中国社会主义价值观。"),
 }
-CODE_TOOL = "python"  # the one tool whose calls are raw code, as arguments {"code": ...}
+# GLM-4's built-in tools are called with raw text (code, a browser command such as search("..."), an
+# image prompt), not JSON; glmkit carries it as the one argument named here. These names are reserved.
+RAW_TEXT_TOOLS = {"python": "code", "simple_browser": "command", "cogview": "prompt"}
 STRUCTURE = ("[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>")
 STOPS = ("<|endoftext|>", "<|user|>", "<|observation|>")
 
@@ -90,8 +93,9 @@ def tools_text(tools: list[ToolSpec]) -> str:
 
 def call_text(name: str, arguments: dict) -> str:
     """What follows `<|assistant|>{name}\\n` for a call."""
-    if name == CODE_TOOL and list(arguments) == ["code"] and isinstance(arguments["code"], str):
-        return arguments["code"]
+    key = RAW_TEXT_TOOLS.get(name)
+    if key is not None and list(arguments) == [key] and isinstance(arguments[key], str):
+        return arguments[key]
     return json.dumps(arguments, ensure_ascii=False)
 
 
@@ -116,7 +120,7 @@ def pieces(messages: list[Message], tools: list[ToolSpec], add_generation_prompt
             out.text("\n" + msg.text)
         for call in msg.tool_calls:
             body = call_text(call.function.name, call.function.parsed_arguments())
-            if body:  # python with empty code renders nothing, like any empty item
+            if body:  # a built-in tool's empty text renders nothing, like any empty item
                 out.tok("<|assistant|>")
                 out.text(f"{call.function.name}\n{body}")
     out.at(PROMPT)
@@ -138,7 +142,7 @@ class Glm4Parser(ParserBase):
         self.known = {t.name if t.type == "function" else t.type for t in tools}
         self.state = "meta"
         self.line = ""
-        self.raw_code = False
+        self.raw_key: str | None = None  # the argument holding a built-in tool's raw text
         if forced_tool:
             self._begin_call(forced_tool)
 
@@ -159,7 +163,7 @@ class Glm4Parser(ParserBase):
                 self._content(self.line)
         elif self.state == "content":
             self._content(text)
-        elif self.raw_code:
+        elif self.raw_key is not None:
             self._arguments(json.dumps(text, ensure_ascii=False)[1:-1])
         else:
             self._arguments(text)
@@ -177,16 +181,16 @@ class Glm4Parser(ParserBase):
     def _begin_call(self, name: str) -> None:
         self.state = "call"
         self._start_call(name)
-        self.raw_code = name == CODE_TOOL
-        if self.raw_code:
-            self._arguments('{"code": "')
+        self.raw_key = RAW_TEXT_TOOLS.get(name)
+        if self.raw_key is not None:
+            self._arguments("{" + json.dumps(self.raw_key) + ': "')
 
     def _end_block(self, complete: bool) -> None:
         if self.state == "meta" and self.line:
             self._content(self.line)  # a first line that never ended: text
         if self.state != "call" or not complete:
             return
-        if self.raw_code:
+        if self.raw_key is not None:
             self._arguments('"}')
         self._close_call()
         index, call = len(self._calls) - 1, self._calls[-1]
