@@ -21,9 +21,10 @@ not rendered (results follow calls in order).
 
 Parsing (what the model writes after `<|assistant|>`): a metadata line; empty -> the text after it
 is content; a declared tool's name -> its arguments follow (the raw text of a built-in tool, e.g.
-`python`'s code, streamed as the JSON {"code": ...}); a further `<|assistant|>` in the same turn starts another block (a second call,
-or more content). An undeclared name, or a line that cannot be a name, is kept as content and
-reported in `parse_errors`; arguments that are not a JSON object are kept and reported.
+`python`'s code, streamed as the JSON {"code": ...}); a further `<|assistant|>` in the same turn
+starts another block (a second call, or more content). A first line that cannot be a name is
+content from its first character; an undeclared name is kept as content and reported in
+`parse_errors`; arguments that are not a JSON object are kept and reported.
 """
 
 from __future__ import annotations
