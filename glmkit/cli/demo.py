@@ -2,34 +2,36 @@
 
 1. builds (or reuses) the default bilingual corpus and its tokenizer in `data/default`;
 2. prints one sample of each objective in English and Chinese (Part A, Part B, 2D positions, targets);
-3. fills a few blanks in English and Chinese with the untrained model;
-4. pretrains a small GLM-4-shaped model with the GLM objective (GLM-130B's mixture of [MASK] and
-   [gMASK]) for about ten minutes on 2 cores;
-5. fills the same blanks again, and writes the loss curves (train and validation) to a PNG.
+3. measures the untrained model: whole-word blanks drawn at random (seeded) from the held-out text,
+   English and Chinese (`glmkit.eval.blank_probe`: the true word, the greedy fill, the rank and
+   probability of the word's first token among the whole vocabulary, the top candidates), bits per
+   byte of held-out text and token accuracy on held-out spans, beside a unigram model of the training
+   counts (`glmkit.eval.baselines`);
+4. times a few training steps and prints an estimate, then pretrains a small GLM-4-shaped model with
+   GLM-130B's objective mixture of [MASK] and [gMASK] (about ten minutes on 2 free cores);
+5. measures the trained model on the same blanks and text, prints the blanks before and after and a
+   summary table, writes the loss curves to a PNG and everything measured to `demo.json`.
 
-Everything goes to `--out-dir` (default `runs/demo`); a second run resumes a finished or interrupted
-training instead of starting over (pass `--overwrite` to start again).
+Everything goes to `--out-dir` (default `runs/demo`). Options are checked before any work starts. A
+second run of the same recipe shows the recorded results of a finished demo (never rewriting them),
+or resumes an interrupted training; `--overwrite` starts over; another recipe in the same folder is
+refused (use `--overwrite` or another `--out-dir`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
-# The blanks the model fills before and after training. The first sentences' sources are in the
-# corpus (so a trained model should know their style); the answers are printed alongside.
-PROMPTS = [
-    ("In the beginning God created the [MASK] and the earth.", "heaven"),
-    ("And God said, Let there be [MASK]: and there was light.", "light"),
-    ("To be, or not to be: that is the [MASK].", "question"),
-    ("Now is the winter of our [MASK] made glorious summer by this sun of York.", "discontent"),
-    ("新华社北京1月1日电 国家主席江泽民发表了1998年[MASK]讲话。", "新年"),
-    ("我国经济[MASK]持续快速健康发展。", "保持"),
-]
+from glmkit.cli.options import nonnegative_int, positive_float, positive_int
+from glmkit.errors import GlmkitError
+
 GENERATION_PROMPTS = ["And the LORD spake unto Moses, saying,", "中国人民"]
 
 # The demo model: GLM-4-shaped (RMSNorm, SwiGLU, GQA, partial RoPE), sized to learn the most in about
@@ -37,95 +39,303 @@ GENERATION_PROMPTS = ["And the LORD spake unto Moses, saying,", "中国人民"]
 DEMO_MODEL = "small"
 DEMO_OVERRIDES = "hidden_size=256,num_layers=4,num_heads=4,num_kv_heads=2,intermediate_size=704"
 
+# How much held-out text the before/after measurements read: about 10 s per model on 2 free cores.
+VAL_TOKENS = 10000          # bits per byte
+SPANS = 100                 # Poisson-length held-out spans (teacher-forced token accuracy)
+SHOWN = 3                   # word blanks shown one by one, per language
+
+# what must match for a second run to be the same demo (the rest only changes how it is shown)
+RECIPE = ("max_steps", "batch_size", "seq_len", "lr", "objective", "model", "model_overrides", "corpus",
+          "blanks", "blank_seed")
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out-dir", default="runs/demo", help="run directory (default runs/demo)")
     parser.add_argument("--corpus", default=None, help="corpus directory (default: the default bilingual corpus)")
-    parser.add_argument("--max-steps", type=int, default=700, help="optimizer steps (default 700: ~10 min on 2 cores)")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--max-steps", type=positive_int, default=700, help="optimizer steps (default 700: ~10 min on 2 cores)")
+    parser.add_argument("--batch-size", type=positive_int, default=16)
+    parser.add_argument("--seq-len", type=positive_int, default=128)
+    parser.add_argument("--lr", type=positive_float, default=2e-3)
     parser.add_argument("--objective", default="glm-130b",
                         help="GLM objective preset (default glm-130b: 30%% [MASK] spans, 70%% [gMASK] generation, "
                              "which gives a small model the most loss tokens per step)")
-    parser.add_argument("--eval-every", type=int, default=50)
+    parser.add_argument("--eval-every", type=nonnegative_int, default=50, help="validation loss every N steps (0: never)")
     parser.add_argument("--model", default=DEMO_MODEL, help="model preset or config.json")
     parser.add_argument("--model-overrides", default=DEMO_OVERRIDES)
+    parser.add_argument("--blanks", type=nonnegative_int, default=64,
+                        help="whole-word blanks per language drawn from the held-out text (default 64)")
+    parser.add_argument("--blank-seed", type=nonnegative_int, default=0, help="seed of the blank draw (default 0)")
     parser.add_argument("--overwrite", action="store_true", help="start the training over")
     parser.add_argument("--no-samples", action="store_true", help="skip printing objective samples")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _heading(text: str) -> None:
-    print(f"\n{'=' * 100}\n{text}\n{'=' * 100}", flush=True)
+class _Clock:
+    def __init__(self):
+        self.t0 = time.time()
+
+    @property
+    def minutes(self) -> float:
+        return (time.time() - self.t0) / 60
+
+    def __str__(self) -> str:
+        s = int(time.time() - self.t0)
+        return f"{s // 60}:{s % 60:02d}"
 
 
-def show_fills(model, tok, title: str) -> list[dict]:
-    """Greedy fills of PROMPTS and continuations of GENERATION_PROMPTS, printed and returned."""
-    from glmkit.infer.sampling import SamplingConfig
-    from glmkit.infer.text import generate, infill
+def _heading(text: str, clock: _Clock) -> None:
+    print(f"\n{'=' * 100}\n{text}   [{clock} elapsed]\n{'=' * 100}", flush=True)
+
+
+# ------------------------------------------------------------------------------------------ checks
+
+def _recipe(args) -> dict:
+    return {k: getattr(args, k) for k in RECIPE}
+
+
+def validate(args):
+    """The TrainConfig of the demo, every option checked before any work (GlmkitError names the bad one)."""
+    from glmkit.data.corpus import DEFAULT_VOCAB_SIZE
+    from glmkit.train.setup import TrainConfig, build_model_config, build_objective
+    for name in ("eval_every", "blanks", "blank_seed"):
+        if getattr(args, name) < 0:
+            raise GlmkitError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(args, name)})")
+    out = Path(args.out_dir)
+    if out.exists() and not out.is_dir():
+        raise GlmkitError(f"--out-dir {out} is a file, not a folder; choose a folder for the run")
+    if args.corpus is not None and not (Path(args.corpus) / "manifest.json").is_file():
+        raise GlmkitError(f"--corpus {args.corpus} is not a corpus folder (no manifest.json); build one with "
+                          "`glmkit corpus build`, or leave --corpus out for the default corpus")
+    cfg = TrainConfig(out_dir=args.out_dir, model=args.model, model_overrides=args.model_overrides,
+                      corpus=args.corpus, objective=args.objective, seq_len=args.seq_len,
+                      batch_size=args.batch_size, max_steps=args.max_steps, lr=args.lr,
+                      eval_every=args.eval_every, save_every=max(args.eval_every, args.max_steps // 4),
+                      overwrite=args.overwrite, resume=not args.overwrite, progress=not args.no_progress)
+    cfg.validate()
+    build_objective(cfg)
+    build_model_config(cfg, SimpleNamespace(vocab_size=DEFAULT_VOCAB_SIZE))   # the corpus sets the real size
+    return cfg
+
+
+def recorded(out_dir: str | Path, recipe: dict) -> dict | None:
+    """The results of a finished demo of `recipe` in `out_dir`, or None when there are none. A finished
+    demo of another recipe there is a GlmkitError: its results are never replaced without --overwrite."""
+    path = Path(out_dir) / "demo.json"
+    if not path.is_file():
+        return None
+    try:
+        rec = json.loads(path.read_text())
+    except ValueError:
+        raise GlmkitError(f"{path} is not valid JSON; pass --overwrite to run the demo again") from None
+    old = rec.get("recipe")
+    if old == recipe:
+        return rec
+    diff = ", ".join(f"{k} {old.get(k)!r} -> {recipe[k]!r}" for k in recipe if (old or {}).get(k) != recipe[k])
+    raise GlmkitError(f"{out_dir} holds a finished demo with another recipe ({diff or 'recorded by an older glmkit'}); "
+                      f"pass --overwrite to replace it, or --out-dir to run this one elsewhere")
+
+
+# ------------------------------------------------------------------------------------------ measuring
+
+def measure(model, tok, corpus, blanks, counts) -> tuple[dict, list]:
+    """Bits per byte, span token accuracy and the word-blank probe of one model: (numbers, readings)."""
+    from glmkit.data.objectives import SpecialIds
+    from glmkit.eval import tasks
+    from glmkit.eval.blank_probe import read_blanks, summarize
+    from glmkit.eval.evaluate import bits_per_byte
+    from glmkit.eval.scoring import fill_token_accuracy
     model.eval()
-    cfg = SamplingConfig(max_new_tokens=12)
-    _heading(title)
-    results = []
-    for (text, answer), filled in zip(PROMPTS, infill(model, tok, [p for p, _ in PROMPTS], cfg)):
-        fill = filled.fills[0].replace("\n", " ")
-        print(f"  {text}\n      -> [{fill}]   (original: {answer})")
-        results.append({"prompt": text, "fill": fill, "answer": answer})
-    cfg = SamplingConfig(max_new_tokens=24)
-    for text, cont in zip(GENERATION_PROMPTS, generate(model, tok, GENERATION_PROMPTS, cfg)):
+    val = corpus.documents("val")
+    bpb = bits_per_byte(model, tok, val, "glm", window=256, budget=VAL_TOKENS, counts=counts)
+    spans = tasks.infill_examples([[int(x) for x in d] for d in val], SPANS, seed=0)
+    correct, total = fill_token_accuracy(model, [tasks.Choice(b.left, b.right, [b.answer], 0) for b in spans],
+                                         "glm", SpecialIds.from_tokenizer(tok))
+    readings = read_blanks(model, tok, blanks)
+    return {"bits_per_byte": bpb["bits_per_byte"], "unigram_bits_per_byte": bpb["unigram_bits_per_byte"],
+            "bpb_tokens": bpb["tokens"], "span_token_accuracy": correct / total, "spans": len(spans),
+            "blanks": summarize(blanks, readings)}, readings
+
+
+def unigram_numbers(tok, corpus, blanks, counts, measured: dict) -> dict:
+    """The same numbers for the unigram model of the training counts (bits per byte: as `measure`
+    scored it on the same text)."""
+    from glmkit.eval import tasks
+    from glmkit.eval.baselines import unigram_infill
+    from glmkit.eval.blank_probe import summarize, unigram_readings
+    spans = tasks.infill_examples([[int(x) for x in d] for d in corpus.documents("val")], SPANS, seed=0)
+    return {"bits_per_byte": measured["unigram_bits_per_byte"],
+            "span_token_accuracy": unigram_infill([b.answer for b in spans], counts)["token_accuracy"],
+            "blanks": summarize(blanks, unigram_readings(blanks, counts, tok.vocab_size))}
+
+
+def _text(tok, ids) -> str:
+    return tok.decode(ids).replace("\n", " ")
+
+
+def _reading_line(tok, label: str, r) -> str:
+    top = ", ".join(f"{_text(tok, [t])!r} {p:.2g}" for t, p in r.top)
+    fill = repr(_text(tok, r.fill)) if r.fill else "'' (<eop> first)"
+    return f"      {label:<10} p {r.p_first:<8.2g} rank {r.rank_first:>6,}   fill {fill:<18} top: {top}"
+
+
+def show_blanks(tok, blanks, before, after=None) -> None:
+    """The first SHOWN blanks of each language, with the untrained (and trained) model's reading."""
+    shown = [i for s in ("latin", "cjk") for i in [j for j, b in enumerate(blanks) if b.script == s][:SHOWN]]
+    for i in shown:
+        b = blanks[i]
+        print(f"  …{_text(tok, b.left[-24:])}[____]{_text(tok, b.right[:8])}…")
+        first = f"   (p and rank: of its first token {_text(tok, b.answer[:1])!r})" if len(b.answer) > 1 else ""
+        print(f"      answer {_text(tok, b.answer)!r}{first}")
+        print(_reading_line(tok, "untrained", before[i]))
+        if after is not None:
+            print(_reading_line(tok, "trained", after[i]))
+
+
+def show_generations(model, tok, title: str) -> list[dict]:
+    from glmkit.infer.sampling import SamplingConfig
+    from glmkit.infer.text import generate
+    out = []
+    for text, cont in zip(GENERATION_PROMPTS, generate(model, tok, GENERATION_PROMPTS, SamplingConfig(max_new_tokens=24))):
         cont = cont.replace("\n", " ")
-        print(f"  {text}[gMASK]\n      -> {cont}")
-        results.append({"prompt": text + "[gMASK]", "fill": cont})
-    return results
+        print(f"  {title:<10} {text}[gMASK] -> {cont}")
+        out.append({"prompt": text + "[gMASK]", "continuation": cont})
+    return out
 
 
-def untrained_model(train_cfg, tokenizer):
-    """The model exactly as training will initialise it (same config and seed)."""
-    from glmkit.model.glm import GLM
-    from glmkit.train.loop import build_model_config
-    torch.manual_seed(train_cfg.seed)
-    return GLM(build_model_config(train_cfg, tokenizer))
+def estimate_minutes(cfg) -> tuple[float, float]:
+    """(seconds per step measured on 3 steps now, minutes the whole training should take)."""
+    from glmkit.train.loop import measure_data_share
+    step_s = measure_data_share(cfg, steps=3)["step_s"]
+    evals = cfg.max_steps // cfg.eval_every if cfg.eval_every else 0
+    # one validation = eval_batches forwards, about a third of a training step each
+    return step_s, step_s * (cfg.max_steps + evals * cfg.eval_batches / 3) / 60
 
+
+# ------------------------------------------------------------------------------------------ summary
+
+def summary_table(rec: dict) -> str:
+    """The recorded demo as a short table: the unigram baseline, the untrained and the trained model."""
+    u, b, a, t = rec["unigram"], rec["before"], rec["after"], rec["training"]
+    n = a["blanks"]["all"]["n"]
+    rows = [("bits per byte, held-out text (lower is better)", "bits_per_byte", "{:.3f}"),
+            (f"token accuracy, {a['spans']} held-out spans", "span_token_accuracy", "{:.3f}"),
+            (f"word blanks ({n}): greedy fill exact", ("blanks", "all", "exact"), "{:.3f}"),
+            ("word blanks: first token ranked 1st", ("blanks", "all", "top1"), "{:.3f}"),
+            ("word blanks: first token in the top 10", ("blanks", "all", "top10"), "{:.3f}"),
+            ("word blanks: median rank of the first token", ("blanks", "all", "median_rank"), "{:,.0f}"),
+            ("  English words", ("blanks", "latin", "median_rank"), "{:,.0f}"),
+            ("  Chinese words", ("blanks", "cjk", "median_rank"), "{:,.0f}")]
+
+    def get(d, key):
+        for k in (key if isinstance(key, tuple) else (key,)):
+            d = d.get(k) if isinstance(d, dict) else None
+        return d
+
+    lines = [f"glmkit demo: {t['steps']} steps of {rec['recipe']['batch_size']} x {rec['recipe']['seq_len']} in "
+             f"{rec['minutes']:.1f} min (training {t['minutes']:.1f} min, {t['step_s']:.2f} s/step, "
+             f"MFU {100 * t['mfu']:.1f}% of the {t['mfu_basis']})",
+             f"final loss: train {t['loss']:.3f}" + (f", validation {t['val_loss']:.3f}" if t["val_loss"] else "")
+             + " (nats per loss token)",
+             "", f"{'':<48}{'unigram':>10}{'untrained':>11}{'trained':>10}"]
+    for label, key, fmt in rows:
+        cells = [get(x, key) for x in (u, b, a)]
+        lines.append(f"{label:<48}" + "".join(f"{(fmt.format(c) if c is not None else '-'):>{w}}"
+                                              for c, w in zip(cells, (10, 11, 10))))
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ the job
 
 def run(args: argparse.Namespace) -> int:
     from glmkit.checkpoint.loader import load
     from glmkit.data.corpus import Corpus, default_corpus
-    from glmkit.train.loop import TrainConfig, train
+    from glmkit.eval import tasks
+    from glmkit.eval.blank_probe import word_blanks
+    from glmkit.model.glm import GLM
+    from glmkit.train.loop import build_model_config, train
+    from glmkit.train.metrics import read_jsonl
     from glmkit.train.plot import plot
 
-    t0 = time.time()
-    _heading("1. the default bilingual corpus and tokenizer")
+    clock = _Clock()
+    cfg = validate(args)
+    recipe = _recipe(args)
+    rec = None if args.overwrite else recorded(args.out_dir, recipe)
+    if rec is not None:
+        print(f"{args.out_dir} holds a finished demo ({rec['finished']}); its recorded results "
+              f"(--overwrite runs it again):\n\n{summary_table(rec)}")
+        return 0
+    if args.overwrite:
+        (Path(args.out_dir) / "demo.json").unlink(missing_ok=True)
+
+    _heading("1. the default bilingual corpus and tokenizer", clock)
     corpus = default_corpus(progress=True) if args.corpus is None else Corpus.open(args.corpus)
-    m = corpus.manifest
-    for src in m["sources"]:
+    tok = corpus.tokenizer
+    cfg.corpus = str(corpus.directory)
+    for src in corpus.manifest["sources"]:
         print(f"  {src['name']:14s} train {src['train']['documents']:5d} docs {src['train']['tokens']:9,d} tokens"
               f" | val {src['val']['documents']:4d} docs {src['val']['tokens']:7,d} tokens")
-    print(f"  tokenizer: byte-level BPE, {corpus.tokenizer.vocab_size} tokens ({corpus.directory}/tokenizer.json)")
+    print(f"  tokenizer: byte-level BPE, {tok.vocab_size} tokens ({corpus.directory}/tokenizer.json)")
 
     if not args.no_samples:
         from glmkit.cli import samples
-        _heading("2. what each objective makes of English and Chinese text")
+        _heading("2. what each objective makes of English and Chinese text", clock)
         samples.run(argparse.Namespace(corpus=str(corpus.directory), length=40, per_language=1, layout="glm",
                                        no_shuffle=False, table=False, seed=0))
 
-    cfg = TrainConfig(out_dir=args.out_dir, model=args.model, model_overrides=args.model_overrides,
-                      corpus=str(corpus.directory), objective=args.objective, seq_len=args.seq_len,
-                      batch_size=args.batch_size, max_steps=args.max_steps, lr=args.lr,
-                      eval_every=args.eval_every, save_every=max(args.eval_every, args.max_steps // 4),
-                      overwrite=args.overwrite, resume=not args.overwrite, progress=not args.no_progress)
-    before = show_fills(untrained_model(cfg, corpus.tokenizer), corpus.tokenizer, "3. blanks filled by the untrained model")
+    _heading(f"3. the untrained model on {args.blanks} English + {args.blanks} Chinese word blanks drawn at "
+             f"random from held-out text (seed {args.blank_seed})", clock)
+    blanks = word_blanks(corpus.documents("val"), tok, args.blanks, args.blanks, seed=args.blank_seed)
+    counts = tasks.token_counts(corpus.documents("train"))
+    torch.manual_seed(cfg.seed)                      # the model exactly as training will initialise it
+    untrained = GLM(build_model_config(cfg, tok))
+    before, before_readings = measure(untrained, tok, corpus, blanks, counts)
+    unigram = unigram_numbers(tok, corpus, blanks, counts, before)
+    show_blanks(tok, blanks, before_readings)
+    gen_before = show_generations(untrained, tok, "untrained")
+    print(f"  bits per byte {before['bits_per_byte']:.3f} (unigram {unigram['bits_per_byte']:.3f}); "
+          f"median rank of the first token {before['blanks']['all']['median_rank']:,.0f} "
+          f"(unigram {unigram['blanks']['all']['median_rank']:,.0f})")
 
-    _heading(f"4. pretraining with the GLM objective ({args.objective}): {args.max_steps} steps of {args.batch_size} x {args.seq_len}")
-    metrics = train(cfg)
-    print(f"  final: {json.dumps(metrics)}")
+    _heading(f"4. pretraining with the GLM objective ({args.objective}): {args.max_steps} steps of "
+             f"{args.batch_size} x {args.seq_len}", clock)
+    step_s, minutes = estimate_minutes(cfg)
+    print(f"  estimate: {step_s:.2f} s/step on 3 steps timed now -> about {minutes:.1f} min of training "
+          f"(finishing at about {clock.minutes + minutes + 0.5:.0f} min; other load on the machine changes it)",
+          flush=True)
+    t_train = time.time()
+    metrics = train(cfg, log=lambda line: print(line, flush=True))
+    train_minutes = (time.time() - t_train) / 60
+    if metrics["interrupted"]:
+        print(f"interrupted at step {metrics['step']}; run the same command again to continue")
+        return 130
+    log = read_jsonl(Path(args.out_dir) / "metrics.jsonl")
+    last_train = next((r for r in reversed(log) if r["kind"] == "train"), {})
+    last_val = next((r for r in reversed(log) if r["kind"] == "val"), {})
 
-    loaded = load(args.out_dir)
-    model, tok = loaded.model, loaded.tokenizer
-    after = show_fills(model, tok, "5. the same blanks after pretraining")
+    _heading("5. the same blanks after pretraining", clock)
+    model = load(args.out_dir).model
+    after, after_readings = measure(model, tok, corpus, blanks, counts)
+    show_blanks(tok, blanks, before_readings, after_readings)
+    gen_after = show_generations(model, tok, "trained")
     png = plot([args.out_dir], Path(args.out_dir) / "loss.png", title="glmkit demo: GLM pretraining on 2 CPU cores")
-    summary = {"before": before, "after": after, "metrics": metrics, "loss_png": str(png),
-               "minutes": round((time.time() - t0) / 60, 1)}
-    (Path(args.out_dir) / "demo.json").write_text(json.dumps(summary, ensure_ascii=False, indent=1))
-    print(f"\nloss curves: {png}\nsummary: {Path(args.out_dir) / 'demo.json'} ({summary['minutes']} minutes in all)")
+
+    rec = {"recipe": recipe, "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+           "minutes": round(clock.minutes, 2),
+           "training": {"steps": metrics["step"], "loss": last_train.get("loss"), "val_loss": last_val.get("val_loss"),
+                        "minutes": round(train_minutes, 2), "step_s": metrics.get("step_s") or 0.0,
+                        "tok_per_s": metrics.get("tok_per_s"), "mfu": metrics.get("mfu") or 0.0,
+                        "mfu_basis": metrics["mfu_basis"]},
+           "unigram": unigram, "before": before, "after": after,
+           "blanks": [{"script": b.script, "left": tok.decode(b.left), "answer": tok.decode(b.answer),
+                       "right": tok.decode(b.right),
+                       **{name: {"fill": tok.decode(r.fill), "p_first": r.p_first, "rank_first": r.rank_first,
+                                 "top": [[tok.decode([i]), p] for i, p in r.top]}
+                          for name, r in (("before", rb), ("after", ra))}}
+                      for b, rb, ra in zip(blanks, before_readings, after_readings)],
+           "generations": {"before": gen_before, "after": gen_after}, "loss_png": str(png)}
+    path = Path(args.out_dir) / "demo.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(rec, ensure_ascii=False, indent=1) + "\n")
+    os.replace(tmp, path)
+    print(f"\n{summary_table(rec)}\n\nloss curves: {png}\nrecorded: {path}")
     return 0
