@@ -96,24 +96,15 @@ def _recipe(args) -> dict:
 def validate(args):
     """The TrainConfig of the demo, every option checked before any work (GlmkitError names the bad one)."""
     from glmkit.data.corpus import DEFAULT_VOCAB_SIZE
-    from glmkit.train.setup import TrainConfig, build_model_config, build_objective
-    for name in ("eval_every", "blanks", "blank_seed"):
-        if getattr(args, name) < 0:
-            raise GlmkitError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(args, name)})")
-    out = Path(args.out_dir)
-    if out.exists() and not out.is_dir():
-        raise GlmkitError(f"--out-dir {out} is a file, not a folder; choose a folder for the run")
-    if args.corpus is not None and not (Path(args.corpus) / "manifest.json").is_file():
-        raise GlmkitError(f"--corpus {args.corpus} is not a corpus folder (no manifest.json); build one with "
-                          "`glmkit corpus build`, or leave --corpus out for the default corpus")
+    from glmkit.train.setup import TrainConfig, build_model_config
     cfg = TrainConfig(out_dir=args.out_dir, model=args.model, model_overrides=args.model_overrides,
                       corpus=args.corpus, objective=args.objective, seq_len=args.seq_len,
                       batch_size=args.batch_size, max_steps=args.max_steps, lr=args.lr,
                       eval_every=args.eval_every, save_every=max(args.eval_every, args.max_steps // 4),
                       overwrite=args.overwrite, resume=not args.overwrite, progress=not args.no_progress)
     cfg.validate()
-    build_objective(cfg)
-    build_model_config(cfg, SimpleNamespace(vocab_size=DEFAULT_VOCAB_SIZE))   # the corpus sets the real size
+    # the model config itself (e.g. heads that do not divide the width); the corpus sets the vocabulary
+    build_model_config(cfg, SimpleNamespace(vocab_size=DEFAULT_VOCAB_SIZE))
     return cfg
 
 
