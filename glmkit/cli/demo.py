@@ -300,8 +300,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"interrupted at step {metrics['step']}; run the same command again to continue")
         return 130
     log = read_jsonl(Path(args.out_dir) / "metrics.jsonl")
-    last_train = next((r for r in reversed(log) if r["kind"] == "train"), {})
+    steps = [r for r in log if r["kind"] == "train"]
     last_val = next((r for r in reversed(log) if r["kind"] == "val"), {})
+    steady = steps[1:] or steps          # the first step pays for start-up
 
     _heading("5. the same blanks after pretraining", clock)
     model = load(args.out_dir).model
@@ -312,10 +313,11 @@ def run(args: argparse.Namespace) -> int:
 
     rec = {"recipe": recipe, "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "minutes": round(clock.minutes, 2),
-           "training": {"steps": metrics["step"], "loss": last_train.get("loss"), "val_loss": last_val.get("val_loss"),
-                        "minutes": round(train_minutes, 2), "step_s": metrics.get("step_s") or 0.0,
-                        "tok_per_s": metrics.get("tok_per_s"), "mfu": metrics.get("mfu") or 0.0,
-                        "mfu_basis": metrics["mfu_basis"]},
+           "training": {"steps": metrics["step"], "loss": steps[-1]["loss"], "val_loss": last_val.get("val_loss"),
+                        "minutes": round(train_minutes, 2),
+                        "step_s": sum(r["step_s"] for r in steady) / len(steady),
+                        "tok_per_s": sum(r["tok_per_s"] for r in steady) / len(steady),
+                        "mfu": sum(r["mfu"] for r in steady) / len(steady), "mfu_basis": metrics["mfu_basis"]},
            "unigram": unigram, "before": before, "after": after,
            "blanks": [{"script": b.script, "left": tok.decode(b.left), "answer": tok.decode(b.answer),
                        "right": tok.decode(b.right),
