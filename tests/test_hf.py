@@ -513,6 +513,12 @@ def test_convert_cli_round_trip(hf_dirs, tmp_path):
     assert (tmp_path / "back" / INDEX_FILE).exists() and (tmp_path / "back" / "tokenizer.json").exists()
     before, after = tensors(src), tensors(tmp_path / "back")
     assert sorted(before) == sorted(after) and all(torch.equal(before[k], after[k]) for k in before)
+    # into the same folder again: refused, then with --overwrite one file replaces the shards and index
+    assert main(["convert", "--to-hf", str(tmp_path / "gk"), "--out", str(tmp_path / "back")]) == 2
+    assert main(["convert", "--to-hf", str(tmp_path / "gk"), "--out", str(tmp_path / "back"), "--overwrite"]) == 0
+    assert sorted(p.name for p in (tmp_path / "back").glob("model*")) == ["model.safetensors"]
+    again = tensors(tmp_path / "back")
+    assert sorted(before) == sorted(again) and all(torch.equal(before[k], again[k]) for k in before)
 
 
 def test_convert_cli_dtype_and_errors(hf_dirs, tmp_path, capsys):

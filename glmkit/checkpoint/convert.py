@@ -64,6 +64,11 @@ def _check_out(src: Path, out: Path, overwrite: bool) -> None:
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise GlmkitError(f"--out {out} already holds files; choose an empty or new folder, or pass --overwrite "
                           "to write over them")
+    if overwrite and out.is_dir():
+        # weights of an earlier conversion must not outlive this one: a loader that finds a stale
+        # model.safetensors next to a new shard index (or stale shards) would read the old weights
+        for old in [*out.glob("model*.safetensors"), out / "model.safetensors.index.json", out / "manifest.json"]:
+            old.unlink(missing_ok=True)
 
 
 def _copy_side_files(src: Path, out: Path) -> list[str]:
