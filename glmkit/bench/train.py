@@ -275,12 +275,12 @@ def bench_train(args: TrainBench, log: Callable[[str], None] | None = None) -> d
         contestants["hf"] = make_step(hf, lambda: hf_loss(hf, main_batch, kinds[0] == "clm"))
 
     log(f"glmkit bench train: {config.name} ({human(model.num_params())} params, "
-          f"{human(config.flops_per_token(args.seq_len))} FLOP/token) on {args.device} "
-          f"({torch.cuda.get_device_name() if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
-          f"{args.dtype}, batch {args.batch_size} x {args.seq_len}, objective {args.objective}, "
-          f"attention {resolved}, compile {args.compile}")
+        f"{human(config.flops_per_token(args.seq_len))} FLOP/token) on {args.device} "
+        f"({torch.cuda.get_device_name() if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
+        f"{args.dtype}, batch {args.batch_size} x {args.seq_len}, objective {args.objective}, "
+        f"attention {resolved}, compile {args.compile}")
     log(f"batch: {counts['text_tokens']} text tokens -> {counts['processed']} processed positions "
-          f"(+{counts['positions'] - counts['processed']} padding), {counts['loss_tokens']} loss tokens")
+        f"(+{counts['positions'] - counts['processed']} padding), {counts['loss_tokens']} loss tokens")
     for step, _ in contestants.values():
         timed(step, args.warmup, device)
     times = {name: [] for name in contestants}
@@ -299,11 +299,11 @@ def _report(args, config, device, dtype, contestants, seconds, counts, resolved,
     for name, r in rate.items():
         first = contestants[name][1]
         log(f"{name:>11}: {r:12,.0f} positions/s  {1e3 * seconds[name]:8.1f} ms/step (median)  "
-              f"MFU {100 * fpt * r / peak:5.1f}% of measured peak  first loss {first[0]:.4f}")
+            f"MFU {100 * fpt * r / peak:5.1f}% of measured peak  first loss {first[0]:.4f}")
     g = rate["glmkit"]
     scale = lambda key: g * counts[key] / counts["positions"]
     log(f"glmkit GLM rates: {scale('text_tokens'):,.0f} text tokens/s, {scale('processed'):,.0f} processed "
-          f"positions/s, {scale('loss_tokens'):,.0f} loss tokens/s")
+        f"positions/s, {scale('loss_tokens'):,.0f} loss tokens/s")
     ratio = g / rate["hf"] if "hf" in rate else None
     out = {"glmkit_tokens_per_s": round(g, 1), "hf_tokens_per_s": round(rate["hf"], 1) if "hf" in rate else None,
            "ratio": round(ratio, 4) if ratio else None, "mfu": round(fpt * g / peak, 4),
@@ -336,5 +336,5 @@ def _loop_share(args, config, log) -> dict:
                       dtype=dtype, compile=args.compile, objective="glm", progress=False, tensorboard=False)
     r = measure_data_share(cfg, steps=args.loop_steps)
     log(f"whole training loop ({args.loop_steps} steps, default corpus): {r['tok_per_s']:,.0f} positions/s, "
-          f"data pipeline {100 * r['data_share']:.2f}% of step time")
+        f"data pipeline {100 * r['data_share']:.2f}% of step time")
     return {"loop_tokens_per_s": round(r["tok_per_s"], 1), "data_share": round(r["data_share"], 5)}
