@@ -145,7 +145,7 @@ def _place_row(row: dict, sample: dict, col: int, segment: int) -> None:
 
 def _documents(path: str, seed: int, log: Callable[[str], None]) -> tuple[list[np.ndarray], object, str]:
     """(documents, SpecialIds, description): the corpus's training split, or synthetic Zipfian text."""
-    from glmkit.data.objectives import SpecialIds
+    from glmkit.data.objective_config import SpecialIds
     if os.path.isdir(path):
         try:
             from glmkit.data.corpus import Corpus
@@ -180,7 +180,8 @@ def _iterator_rounds(docs, cfg, sp, bench):
 def _baseline_rounds(docs, sp, bench):
     """Yield (text tokens, CPU seconds) of the pure-Python pipeline over fresh documents each round,
     drawn in the same random order as the iterator's (the same mix of long and short documents)."""
-    from glmkit.data.objectives import ObjectiveConfig, chunk_length
+    from glmkit.data.objective_config import ObjectiveConfig
+    from glmkit.data.objectives import chunk_length
     chunk = chunk_length(ObjectiveConfig(), bench.seq_len)
     order = iter(np.random.default_rng(bench.seed).permutation(len(docs)).tolist() * 100)
     while True:
@@ -198,7 +199,7 @@ def _baseline_rounds(docs, sp, bench):
 def bench_data(bench: DataBench, log: Callable[[str], None] | None = None) -> dict:
     """Text tokens per CPU-second of each objective preset and of the pure-Python baseline; returns the
     result dict (`glmkit bench data` prints it as its last line). `log` gets the human-readable lines."""
-    from glmkit.data.objectives import ObjectiveConfig
+    from glmkit.data.objective_config import ObjectiveConfig
     log = log or (lambda line: None)
     if bench.batch_size < 1 or bench.seq_len < 64 or bench.tokens < 1 or bench.rounds < 1:
         raise GlmkitError("need --batch-size >= 1, --seq-len >= 64, --tokens >= 1 and --rounds >= 1")

@@ -62,7 +62,7 @@ class TrainBench:
 # ------------------------------------------------------------------------------------------------
 def make_batch(kind: str, batch_size: int, seq_len: int, vocab: int, seed: int = 0) -> tuple[Batch, dict]:
     """A batch from the objective code over random documents: one document piece per row."""
-    from glmkit.data.objectives import ObjectiveConfig, SpecialIds
+    from glmkit.data.objective_config import ObjectiveConfig, SpecialIds
     from glmkit.data.packing import chunk_length, pack_documents
 
     if vocab < 64:

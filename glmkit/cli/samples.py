@@ -10,7 +10,8 @@ import argparse
 import numpy as np
 
 from glmkit.cli.options import existing_dir, positive_int
-from glmkit.data.objectives import CLM, GMASK, KIND_NAMES, MASK, MLM, SMASK, ObjectiveConfig, SpecialIds
+from glmkit.data.objective_config import ObjectiveConfig, SpecialIds
+from glmkit.data.objectives import CLM, GMASK, KIND_NAMES, MASK, MLM, SMASK
 from glmkit.data.samples import TITLES, make, pick_pieces, show
 from glmkit.errors import GlmkitError
 

@@ -22,7 +22,8 @@ from dataclasses import asdict
 import numpy as np
 
 from glmkit.batch import Batch
-from glmkit.data.objectives import INT, ObjectiveConfig, SpecialIds, chunk_length
+from glmkit.data.objective_config import ObjectiveConfig, SpecialIds
+from glmkit.data.objectives import INT, chunk_length
 from glmkit.data.packing import PackResult, PackStats, pack, split_rows
 from glmkit.data.spans import offsets_of, span_length_moments
 from glmkit.errors import GlmkitError

@@ -18,13 +18,12 @@ from dataclasses import dataclass, fields, replace
 import numpy as np
 
 from glmkit.batch import Batch
+from glmkit.data.objective_config import ObjectiveConfig, SpecialIds
 from glmkit.data.objectives import (
     GMASK,
     INT,
     KIND_NAMES,
-    ObjectiveConfig,
     Samples,
-    SpecialIds,
     build_glm,
     chunk_length,
     clm_samples,

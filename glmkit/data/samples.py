@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from glmkit.data.objective_config import ObjectiveConfig, SpecialIds
 from glmkit.data.objectives import (
     CLM,
     GMASK,
     MASK,
     MLM,
     SMASK,
-    ObjectiveConfig,
     Samples,
-    SpecialIds,
     clm_samples,
     mlm_samples,
     random_glm_samples,

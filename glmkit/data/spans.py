@@ -8,7 +8,8 @@ infill. `span_ranks` draws the order of the spans in Part B.
 Vectorised over all samples of a batch: samples are a flat token array plus offsets
 (`tokens[offsets[i]:offsets[i+1]]` is sample i), and the spans come back as one `Spans` of flat
 arrays sorted by (sample, start). The samplers read their options from an `ObjectiveConfig` and
-their ids from `SpecialIds` (`glmkit.data.objectives`); `glmkit.data.objectives` writes the samples.
+their ids from `SpecialIds` (both in `glmkit.data.objective_config`); `glmkit.data.objectives` writes
+the samples.
 """
 
 from __future__ import annotations
@@ -16,14 +17,11 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
+from glmkit.data.objective_config import ObjectiveConfig, SpecialIds
 from glmkit.errors import GlmkitError
-
-if TYPE_CHECKING:
-    from glmkit.data.objectives import ObjectiveConfig, SpecialIds
 
 
 @dataclass

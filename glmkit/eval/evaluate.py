@@ -82,7 +82,7 @@ class EvalConfig:
 
 
 def _specials(tok):
-    from glmkit.data.objectives import SpecialIds
+    from glmkit.data.objective_config import SpecialIds
     return SpecialIds.from_tokenizer(tok)
 
 

@@ -137,7 +137,7 @@ def _clm_row(ex: int, j: int, ch: Choice, max_len: int, b: RowBuilder):
 
 def build_rows(choices: list[Choice], objective: str, specials, max_len: int, offset: int = 0) -> Rows:
     """The scoring rows of `choices` for a model trained with `objective` (glm | mlm | clm).
-    `specials`: anything with `mask, sop, eop, pad` ids (`glmkit.data.objectives.SpecialIds`)."""
+    `specials`: anything with `mask, sop, eop, pad` ids (`glmkit.data.objective_config.SpecialIds`)."""
     if objective not in OBJECTIVES:
         raise GlmkitError(f"unknown objective {objective!r}; use one of {', '.join(OBJECTIVES)}")
     b = RowBuilder()

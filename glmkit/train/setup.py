@@ -243,7 +243,7 @@ def build_model_config(cfg: TrainConfig, tokenizer):
 
 
 def build_objective(cfg: TrainConfig):
-    from glmkit.data.objectives import PRESETS, ObjectiveConfig
+    from glmkit.data.objective_config import PRESETS, ObjectiveConfig
     names = {"glm": "glm-large", "mlm": "bert", "clm": "gpt"}
     name = names.get(cfg.objective, cfg.objective)
     if name not in PRESETS:
@@ -401,7 +401,7 @@ def _val_batches(cfg: TrainConfig, corpus, objective, specials, info: D.DistInfo
 def setup(cfg: TrainConfig) -> tuple[Run, Path | None]:
     """This process's `Run` of `cfg`, and the checkpoint to resume it from (None: start fresh)."""
     from glmkit.data.batches import BatchIterator
-    from glmkit.data.objectives import SpecialIds
+    from glmkit.data.objective_config import SpecialIds
     from glmkit.model.glm import GLM
 
     cfg.validate()
