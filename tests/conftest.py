@@ -1,5 +1,14 @@
+"""Fixtures shared by the test modules; the plain helpers they use are in tests/helpers.py.
+
+Session-scoped fixtures build an expensive thing once for the whole run. They are shared: a test that
+changes one (writes into a run directory, trains a model) works on a copy (`shutil.copytree`,
+`copy.deepcopy`).
+"""
+
 import os
+import shutil
 import sys
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -8,10 +17,44 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # tiny test models run far faster on one thread than on two busy cores
 torch.set_num_threads(1)
 
+from helpers import build_toy_corpus, tiny_train_config, train_tokenizer  # noqa: E402
+
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def bilingual_tokenizer():
+    """A 420-token BPE trained on `helpers.TEXTS` (English, Chinese, KJV)."""
+    return train_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def toy_corpus(tmp_path_factory):
+    """`helpers.build_toy_corpus`: 160 toy-grammar documents with their own tokenizer."""
+    return build_toy_corpus(tmp_path_factory.mktemp("toy-corpus") / "toy")
+
+
+class Run(NamedTuple):
+    directory: object    # pathlib.Path of the run (metrics.jsonl, checkpoints/)
+    result: dict         # what `glmkit.train.loop.train` returned
+
+
+@pytest.fixture(scope="session")
+def tiny_run(toy_corpus, tmp_path_factory) -> Run:
+    """A finished `helpers.tiny_train_config` run on `toy_corpus` (tiny model, glm objective, 12
+    steps, checkpoints 8 and 12 kept, validation at 6 and 12). Read it; change only `tiny_run_copy`."""
+    from glmkit.train.loop import train
+    out = tmp_path_factory.mktemp("tiny-run") / "run"
+    return Run(out, train(tiny_train_config(toy_corpus.directory, out)))
+
+
+@pytest.fixture
+def tiny_run_copy(tiny_run, tmp_path):
+    """A private copy of `tiny_run`'s directory that a test may resume, overwrite or corrupt."""
+    return shutil.copytree(tiny_run.directory, tmp_path / "run")
 
 
 # ---------------------------------------------------------------------------- chat tokenizers
@@ -47,28 +90,3 @@ def glm4_tok(tmp_path_factory):
     file = tmp_path_factory.mktemp("glm4_tok") / "tokenizer.json"
     backend.save(str(file))
     return GLMTokenizer.load(file)
-
-
-@pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory):
-    """A toy corpus and a run of the tiny model trained on it for 2 steps (one checkpoint), built once
-    per session for tests that need any checkpoint: {"corpus": dir, "run": dir}."""
-    import numpy as np
-
-    from glmkit.data.corpus import build_corpus
-    from glmkit.data.sources import Document, Source
-    from glmkit.data.tokenizer import GLMTokenizer
-    from glmkit.train.loop import TrainConfig, train
-
-    root = tmp_path_factory.mktemp("tiny_run")
-    rng = np.random.default_rng(0)
-    words = "the cat dog sat ran on under a mat tree red blue small big and then 北京 上海 天气 很好".split()
-    docs = [Document(" ".join(rng.choice(words, size=40)) + ".", "toy", f"doc{i}") for i in range(60)]
-    tokenizer = GLMTokenizer.train([d.text for d in docs], vocab_size=512)
-    corpus = build_corpus([Source("toy", "test data", "generated", read=lambda src: iter(docs))], tokenizer,
-                          root / "corpus", val_fraction=0.2)
-    cfg = TrainConfig(out_dir=str(root / "run"), model="tiny", corpus=str(corpus.directory), seq_len=64,
-                      batch_size=2, max_steps=2, warmup_steps=1, eval_every=0, save_every=2, progress=False,
-                      tensorboard=False, prefetch=0, device="cpu")
-    train(cfg)
-    return {"corpus": corpus.directory, "run": root / "run"}

@@ -1,15 +1,14 @@
 """Attention backends against the dense SDPA reference; RoPE flavours; the split plan's bookkeeping.
 
-`make_batch` builds rows by hand in the exact layout of DESIGN.md §1 (it is also used by the other
-model tests): each sample is ("glm", |A|, [span lengths]), ("clm", n) or ("mlm", n); a row is a list
-of samples packed back to back and padded to T.
+Rows are written by hand in the exact layout of DESIGN.md §1 by `helpers.make_batch`.
 """
 
 import numpy as np
 import pytest
 import torch
+from helpers import ROWS, make_batch
 
-from glmkit.batch import Batch, dense_mask
+from glmkit.batch import dense_mask
 from glmkit.errors import GlmkitError
 from glmkit.model.attention import (
     AttentionMask,
@@ -21,47 +20,6 @@ from glmkit.model.attention import (
     split_plan,
 )
 from glmkit.model.config import GLMConfig
-
-
-def make_batch(rows, T, vocab=128, layout="glm", seed=0) -> Batch:
-    rng = np.random.default_rng(seed)
-    f = {k: np.zeros((len(rows), T), dtype=np.int64) for k in
-         ("input_ids", "targets", "position_ids", "block_position_ids", "segment_ids", "sep", "span_ids")}
-    f["loss_mask"] = np.zeros((len(rows), T), dtype=bool)
-    for r, samples in enumerate(rows):
-        t = 0
-        for s, (kind, n, *spans) in enumerate(samples):
-            start = t
-            if kind == "glm":
-                spans = spans[0]
-                slots = rng.choice(n, size=len(spans), replace=False)          # [MASK] positions in Part A
-                f["position_ids"][r, t:t + n] = np.arange(n)
-                f["sep"][r, t:] = start + n
-                t += n
-                for j, (L, m) in enumerate(zip(spans, slots)):
-                    f["position_ids"][r, t:t + L + 1] = m
-                    f["block_position_ids"][r, t:t + L + 1] = np.arange(1, L + 2)
-                    f["span_ids"][r, t:t + L + 1] = 1 if layout == "glm" else j + 1
-                    f["loss_mask"][r, t:t + L + 1] = True
-                    t += L + 1
-            else:
-                f["position_ids"][r, t:t + n] = np.arange(n)
-                f["sep"][r, t:] = start if kind == "clm" else start + n
-                f["loss_mask"][r, t:t + n] = True if kind == "clm" else rng.random(n) < 0.3
-                t += n
-            f["segment_ids"][r, start:t] = s
-        f["segment_ids"][r, t:] = -1
-        f["sep"][r, t:] = T
-        assert t <= T, "samples overflow the row"
-    f["input_ids"] = rng.integers(0, vocab, size=(len(rows), T))
-    f["targets"] = np.where(f["loss_mask"], rng.integers(0, vocab, size=(len(rows), T)), 0)
-    return Batch(**f).to("cpu")
-
-
-ROWS = {
-    "one_sample": [[("glm", 12, [3, 2])], [("glm", 9, [4, 1, 2])]],
-    "packed": [[("glm", 6, [2]), ("clm", 5), ("mlm", 4)], [("glm", 5, [1, 1]), ("glm", 4, [2])]],
-}
 
 
 def _qkv(B, T, H=4, Hkv=2, D=16):
@@ -332,6 +290,7 @@ def test_split_applies_to_batches_from_the_packing_code():
         assert int(p.cu_k[-1]) == 3 * 128
 
 
+@pytest.mark.slow
 def test_compiled_flex_inside_a_block_matches_sdpa():
     """Regression: compiled Flex (inductor CPU, torch 2.13) gave wrong outputs when v was a slice of the
     fused qkv projection and a row was shorter than the block size; `attend` and `_block_mask` avoid both."""

@@ -6,6 +6,7 @@ interpreter start-up); `test_end_to_end_in_a_subprocess` runs a few as real proc
 exit status and the absence of a traceback on the way out. New verbs join the table when they are added.
 """
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -145,15 +146,16 @@ CUDA_CASES = [   # on a machine without CUDA
 
 
 @pytest.fixture(scope="module")
-def paths(tiny_run, tmp_path_factory):
+def paths(tiny_run, toy_corpus, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cli_errors")
+    run = shutil.copytree(tiny_run.directory, tmp / "run")      # the commands below write into it
     (tmp / "notes.txt").write_text("The cat sat on the mat. 北京是中国的首都。\n" * 20, encoding="utf-8")
     (tmp / "gb.txt").write_bytes("北京是中国的首都".encode("gb18030"))
     (tmp / "empty.txt").write_text("")
     (tmp / "emptydir").mkdir()
     (tmp / "full").mkdir()
     (tmp / "full" / "keep.txt").write_text("do not overwrite me")
-    return {"run": tiny_run["run"], "corpus": tiny_run["corpus"], "file": tmp / "notes.txt", "bad": tmp / "gb.txt",
+    return {"run": run, "corpus": toy_corpus.directory, "file": tmp / "notes.txt", "bad": tmp / "gb.txt",
             "missing": tmp / "missing", "empty": tmp / "empty.txt", "emptydir": tmp / "emptydir",
             "full": tmp / "full", "tmp": tmp}
 

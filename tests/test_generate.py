@@ -3,9 +3,9 @@ streaming, seeds, sampling filters, bad input."""
 
 import pytest
 import torch
+from helpers import train_tokenizer
 
 from glmkit.batch import Batch, dense_mask
-from glmkit.data.tokenizer import GLMTokenizer
 from glmkit.errors import GlmkitError
 from glmkit.infer.engine import Engine, Request
 from glmkit.infer.sampling import SamplingConfig, top_k_filter, top_p_filter
@@ -19,7 +19,7 @@ TEXTS = ["The quick brown fox jumps over the lazy dog. A small cat sat on the wa
 
 @pytest.fixture(scope="module")
 def tok():
-    return GLMTokenizer.train(TEXTS * 4, vocab_size=400)
+    return train_tokenizer(TEXTS * 4, vocab_size=400)
 
 
 @pytest.fixture(scope="module", params=["tiny", "tiny-chatglm"])   # 1-D RoPE; 2D RoPE
@@ -153,16 +153,61 @@ def test_bad_prompts(tok):
         generate(model, tok, [])
 
 
-def test_bench_generate_prints_one_json_line(capsys):
+@pytest.mark.slow
+def test_bench_generate_json_reports_what_was_measured(capsys, monkeypatch):
+    """`glmkit bench generate` with a fake clock (each glmkit run takes 0.5 s, each HF run 2 s) and
+    counted runs: every run makes batch x new tokens, and the JSON's rates and ratios follow from them."""
+    pytest.importorskip("transformers")
+    import json
+
+    from glmkit.bench import generate as bench
+    from glmkit.cli import main
+    made, last = [], []
+
+    def counted(name, fn):
+        def run(model, prompts, n_new, *rest):
+            last[:] = [name]
+            out = fn(model, prompts, n_new, *rest)
+            made.append((name, prompts.shape[0], n_new, out))
+            return out
+        return run
+
+    def fake_time(fn, device):
+        fn()
+        return {"glmkit": 0.5, "hf": 2.0}[last[0]]
+
+    monkeypatch.setattr(bench, "glmkit_run", counted("glmkit", bench.glmkit_run))
+    monkeypatch.setattr(bench, "hf_run", counted("hf", bench.hf_run))
+    monkeypatch.setattr(bench, "_time", fake_time)
+    assert main(["bench", "generate", "--preset", "tiny", "--batches", "1,3", "--new-tokens", "4",
+                 "--prompt-len", "5", "--repeats", "2"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # glmkit counts tokens over the batch, HF new tokens per row (its output width)
+    assert {(n, b, per_run) for n, b, _, per_run in made} == {("glmkit", 1, 4), ("glmkit", 3, 12), ("hf", 1, 4),
+                                                              ("hf", 3, 4)}
+    for b in (1, 3):        # a check run, a warm-up and --repeats timed runs per batch size for glmkit
+        assert sum(n == "glmkit" and bb == b for n, bb, _, _ in made) == 4
+        r = out["by_batch"][str(b)]
+        assert r["glmkit_tokens_per_s"] == pytest.approx(b * 4 / 0.5)
+        assert r["hf_tokens_per_s"] == r["hf_dynamic_tokens_per_s"] == pytest.approx(b * 4 / 2.0)
+        assert r["ratio"] == pytest.approx(r["glmkit_tokens_per_s"] / r["hf_tokens_per_s"]) == pytest.approx(4.0)
+    assert set(out["by_batch"]) == {"1", "3"} and out["batch"] == 1 and out["device"] == "cpu"
+    assert {k: out[k] for k in ("glmkit_tokens_per_s", "hf_tokens_per_s", "ratio")} == {
+        k: out["by_batch"]["1"][k] for k in ("glmkit_tokens_per_s", "hf_tokens_per_s", "ratio")}
+    assert (out["new_tokens"], out["prompt_len"], out["preset"]) == (4, 5, "tiny")
+
+
+@pytest.mark.slow
+def test_bench_generate_real_clock_gives_consistent_positive_rates(capsys):
     pytest.importorskip("transformers")
     import json
 
     from glmkit.cli import main
-    assert main(["bench", "generate", "--preset", "tiny", "--batches", "1,2", "--new-tokens", "4",
+    assert main(["bench", "generate", "--preset", "tiny", "--batches", "2", "--new-tokens", "4",
                  "--prompt-len", "5", "--repeats", "1"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert {"glmkit_tokens_per_s", "hf_tokens_per_s", "ratio", "batch", "device"} <= set(out)
-    assert out["batch"] == 1 and set(out["by_batch"]) == {"1", "2"} and out["ratio"] > 0
+    assert out["glmkit_tokens_per_s"] > 0 and out["hf_tokens_per_s"] > 0 and out["batch"] == 2
+    assert out["ratio"] == pytest.approx(out["glmkit_tokens_per_s"] / out["hf_tokens_per_s"], rel=1e-9)
 
 
 def test_converted_hf_checkpoint_generates_what_hf_generates(tok, tmp_path):

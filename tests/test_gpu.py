@@ -4,6 +4,7 @@ KV-cache decoding in bf16. Run by scripts/gpu_check.sh."""
 
 import pytest
 import torch
+from helpers import make_batch
 
 from glmkit.batch import dense_mask
 from glmkit.infer.runner import forward_rows
@@ -11,7 +12,6 @@ from glmkit.model.attention import attend, make_attention_mask, split_available
 from glmkit.model.config import GLMConfig
 from glmkit.model.glm import GLM
 from glmkit.model.kv_cache import KVCache
-from tests.test_attention import make_batch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import HF_CASES, HF_VOCAB, build_hf, glmkit_logits, hf_logits, random_glmkit
 
 from glmkit.checkpoint.hf import (
     INDEX_FILE,
@@ -31,66 +32,6 @@ from glmkit.model.glm import GLM
 
 transformers = pytest.importorskip("transformers")
 
-VOCAB = 96
-# (HF class, extra config) per case: GQA and MHA, partial rotary factors, biases on and off, a head_dim
-# that is not hidden/heads, tied embeddings, MoE with shared experts, first-k dense layers, QK norm,
-# expert groups, unnormalised top-k weights.
-CASES = {
-    "glm-gqa": ("GlmForCausalLM", dict(num_key_value_heads=2, head_dim=8, attention_bias=True,
-                                       rope_parameters=dict(rope_type="default", rope_theta=10000.0,
-                                                            partial_rotary_factor=0.5))),
-    "glm-mha-tied": ("GlmForCausalLM", dict(num_key_value_heads=4, head_dim=16, attention_bias=False,
-                                            tie_word_embeddings=True,
-                                            rope_parameters=dict(rope_type="default", rope_theta=500.0,
-                                                                 partial_rotary_factor=1.0))),
-    "glm4-gqa": ("Glm4ForCausalLM", dict(num_key_value_heads=1, head_dim=8, attention_bias=True,
-                                         rope_parameters=dict(rope_type="default", rope_theta=10000.0,
-                                                              partial_rotary_factor=0.5))),
-    "glm4-mha": ("Glm4ForCausalLM", dict(num_key_value_heads=4, head_dim=16, attention_bias=False,
-                                         rope_parameters=dict(rope_type="default", rope_theta=1000.0,
-                                                              partial_rotary_factor=0.25))),
-    "moe-qknorm": ("Glm4MoeForCausalLM", dict(num_key_value_heads=2, head_dim=16, attention_bias=True,
-                                              use_qk_norm=True, n_routed_experts=4, num_experts_per_tok=2,
-                                              moe_intermediate_size=16, n_shared_experts=1,
-                                              first_k_dense_replace=1, routed_scaling_factor=2.5,
-                                              rope_parameters=dict(rope_type="default", rope_theta=10000.0,
-                                                                   partial_rotary_factor=0.5))),
-    "moe-groups": ("Glm4MoeForCausalLM", dict(num_key_value_heads=4, head_dim=8, attention_bias=False,
-                                              use_qk_norm=False, n_routed_experts=8, num_experts_per_tok=3,
-                                              moe_intermediate_size=8, n_shared_experts=2,
-                                              first_k_dense_replace=0, n_group=4, topk_group=2,
-                                              norm_topk_prob=False, routed_scaling_factor=1.0,
-                                              rope_parameters=dict(rope_type="default", rope_theta=10000.0,
-                                                                   partial_rotary_factor=1.0))),
-}
-
-
-def build_hf(case: str, seed: int = 0):
-    """A tiny random HF model of `case`, every tensor randomised, eager attention, fp32."""
-    arch, extra = CASES[case]
-    cls = getattr(transformers, arch)
-    cfg_cls = getattr(transformers, arch.replace("ForCausalLM", "Config"))
-    cfg = cfg_cls(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
-                  num_attention_heads=4, max_position_embeddings=256, pad_token_id=None, eos_token_id=None,
-                  bos_token_id=None, **extra)
-    torch.manual_seed(seed)
-    model = cls._from_config(cfg, attn_implementation="eager").eval()
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            if name.endswith("norm.weight"):
-                t.copy_(1 + 0.2 * torch.randn_like(t))
-            elif "e_score_correction_bias" in name:
-                t.copy_(0.1 * torch.randn_like(t))
-            else:
-                t.copy_(0.3 * torch.randn_like(t))
-    return model
-
-
-def hf_logits(model, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=ids).logits.float()
-
-
 def save_hf(model, path, **kw):
     model.save_pretrained(path, **kw)
     return path
@@ -100,7 +41,7 @@ def save_hf(model, path, **kw):
 def hf_dirs(tmp_path_factory):
     """case -> (saved directory, the HF model) built once per module."""
     out = {}
-    for case in CASES:
+    for case in HF_CASES:
         model = build_hf(case)
         out[case] = (save_hf(model, tmp_path_factory.mktemp(case)), model)
     return out
@@ -158,7 +99,7 @@ def test_released_config_maps_to_preset(preset):
     assert hf_numel - router_bias == config.num_params()
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", list(HF_CASES))
 def test_config_read_by_transformers(case, hf_dirs):
     """config_from_hf then config_to_hf gives a config.json that transformers reads as the same model."""
     path, model = hf_dirs[case]
@@ -220,13 +161,6 @@ def test_sizes_and_shard_plan():
 
 # ------------------------------------------------------------------------------------------- helpers
 
-def glmkit_logits(model, ids: torch.Tensor, attn=None) -> torch.Tensor:
-    """Causal logits of a glmkit model; 1-D RoPE families read position + block position (0 here)."""
-    pos = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
-    with torch.no_grad():
-        return model.logits(model(ids, pos, torch.zeros_like(pos), attn=attn)).float()
-
-
 def glmkit_greedy(model, ids: torch.Tensor, n: int) -> torch.Tensor:
     """Greedy decoding with a full recompute per token (the reference the KV cache is tested against)."""
     for _ in range(n):
@@ -247,21 +181,6 @@ def glmkit_greedy_cached(model, ids: torch.Tensor, n: int) -> torch.Tensor:
     return torch.cat([ids, torch.tensor([r.tokens[0] for r in res])], dim=1)
 
 
-def random_glmkit(config: GLMConfig, seed: int = 0) -> GLM:
-    """A glmkit model with every tensor random (norms around 1, biases and router bias non-zero)."""
-    torch.manual_seed(seed)
-    model = GLM(config).eval()
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            if name.endswith("norm.weight"):
-                t.copy_(1 + 0.2 * torch.randn_like(t))
-            elif name.endswith("e_score_correction_bias"):
-                t.copy_(0.1 * torch.randn_like(t))
-            else:
-                t.copy_(0.3 * torch.randn_like(t))
-    return model
-
-
 def tensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -278,12 +197,12 @@ def load_with_transformers(path: Path):
 
 # ------------------------------------------------------------------------------ HF -> glmkit parity
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", list(HF_CASES))
 def test_from_hf_matches_transformers(case, hf_dirs):
     path, hf = hf_dirs[case]
     model = from_hf(path)
     torch.manual_seed(1)
-    ids = torch.randint(0, VOCAB, (3, 20))
+    ids = torch.randint(0, HF_VOCAB, (3, 20))
     diff = (glmkit_logits(model, ids) - hf_logits(hf, ids)).abs().max().item()
     assert diff <= 1e-4, f"{case}: max abs logit diff {diff}"
     prompt = ids[:, :6]
@@ -303,7 +222,7 @@ def test_from_hf_prefix_lm_mask_matches_transformers_float_mask(case, hf_dirs):
     path, hf = hf_dirs[case]
     model = from_hf(path)
     B, T, sep = 2, 16, 7
-    ids = torch.randint(0, VOCAB, (B, T))
+    ids = torch.randint(0, HF_VOCAB, (B, T))
     zeros = torch.zeros(B, T, dtype=torch.long)
     batch = Batch(input_ids=ids, targets=zeros, loss_mask=zeros.bool(), position_ids=torch.arange(T).expand(B, T),
                   block_position_ids=zeros, segment_ids=zeros, sep=torch.full((B, T), sep), span_ids=zeros)
@@ -323,7 +242,7 @@ def test_from_hf_dtype_keeps_router_fp32(hf_dirs):
     assert model.embed_tokens.weight.dtype == torch.bfloat16
     assert gate.weight.dtype == gate.e_score_correction_bias.dtype == torch.float32
     assert all(p.device.type == "cpu" for p in model.parameters())
-    ids = torch.randint(0, VOCAB, (1, 12))
+    ids = torch.randint(0, HF_VOCAB, (1, 12))
     assert glmkit_logits(model, ids).isfinite().all()
 
 
@@ -332,7 +251,7 @@ def test_from_hf_dtype_keeps_router_fp32(hf_dirs):
 def test_from_hf_on_cuda(case, hf_dirs):
     """Straight onto the GPU: fp32 logits as on the CPU; bf16 weights with the router kept fp32."""
     path, hf = hf_dirs[case]
-    ids = torch.randint(0, VOCAB, (2, 16))
+    ids = torch.randint(0, HF_VOCAB, (2, 16))
     ref = hf_logits(hf, ids)
     model = from_hf(path, device="cuda")
     assert all(t.device.type == "cuda" for t in list(model.parameters()) + list(model.buffers()))
@@ -391,7 +310,7 @@ def test_sharded_save_and_load(hf_dirs, tmp_path):
     assert len(shards) >= 3 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
     assert not (tmp_path / "model.safetensors").exists() and set(files) >= {tmp_path / s for s in shards}
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors(tmp_path).values())
-    ids = torch.randint(0, VOCAB, (2, 12))
+    ids = torch.randint(0, HF_VOCAB, (2, 12))
     assert torch.equal(glmkit_logits(from_hf(tmp_path), ids), glmkit_logits(model, ids))
     assert (hf_logits(load_with_transformers(tmp_path), ids) - hf_logits(hf, ids)).abs().max() <= 1e-5
     # transformers' own sharded save is read too
@@ -446,7 +365,7 @@ def test_moe_multi_token_prediction_layers_are_skipped(hf_dirs, tmp_path):
     """GLM-4.5 releases carry an MTP layer numbered after the last layer; transformers ignores it too."""
     path = _copy(hf_dirs["moe-qknorm"][0], tmp_path / "ckpt")
     _edit_tensors(path, lambda s: s.update({"model.layers.3.eh_proj.weight": torch.zeros(32, 64)}))
-    ids = torch.randint(0, VOCAB, (1, 8))
+    ids = torch.randint(0, HF_VOCAB, (1, 8))
     assert torch.equal(glmkit_logits(from_hf(path), ids), glmkit_logits(from_hf(hf_dirs["moe-qknorm"][0]), ids))
 
 
@@ -487,7 +406,7 @@ def _tokenizer_json(path: Path) -> None:
     from glmkit.data.tokenizer import GLM_SPECIALS
 
     specials = list(GLM_SPECIALS.values())
-    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(VOCAB - len(specials))}, unk_token="w0"))
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(HF_VOCAB - len(specials))}, unk_token="w0"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.add_special_tokens(specials)
     tok.save(str(path / "tokenizer.json"))
@@ -572,6 +491,7 @@ print(max(peak[0], anon()) - base)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RssAnon from /proc (Linux)")
 def test_from_hf_holds_one_copy_of_the_weights(tmp_path):
     """Peak resident memory of from_hf on a ~40 MB checkpoint stays near one copy of the weights."""

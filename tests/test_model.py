@@ -6,12 +6,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import ROWS, make_batch
 
 from glmkit.model.attention import make_attention_mask
 from glmkit.model.config import GLMConfig
 from glmkit.model.glm import GLM, MLP
 from glmkit.model.moe import MoE
-from tests.test_attention import ROWS, make_batch
 
 FAMILIES = ["tiny", "tiny-0414", "tiny-moe", "tiny-glm", "tiny-glm130b", "tiny-chatglm"]
 
@@ -114,15 +114,57 @@ def test_activation_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(p.grad, a)
 
 
-def test_init_scales():
-    c = GLMConfig.from_name("tiny")
-    model = GLM(c)
-    std_out = model.layers[0].self_attn.o_proj.weight.std().item()
-    std_in = model.layers[0].self_attn.qkv_proj.weight.std().item()
-    assert std_out < std_in and abs(std_in - 0.02) < 0.005
-    assert torch.all(model.layers[0].self_attn.qkv_proj.bias == 0)
-    deep = GLM(GLMConfig.from_name("tiny-glm130b"))
-    assert deep.layers[0].alpha == math.sqrt(4)
+def _std_close(t: torch.Tensor, want: float, name: str):
+    """std of >= 16k draws: the estimate's relative error is < 1/sqrt(2n) ~ 0.6%, so 4% is ~7 sigma
+    while a wrong scale (0.02 instead of 0.02/sqrt(2L), a gain dropped) is off by far more."""
+    assert t.numel() >= 16384, name
+    assert abs(t.float().std().item() / want - 1) < 0.04, (name, t.float().std().item(), want)
+    assert abs(t.float().mean().item()) < 0.05 * want, name
+
+
+def test_init_scales_normal_with_residual_projections_scaled():
+    """normal(0, 0.02) everywhere; the residual output projections (attention o_proj, the dense MLP's
+    and the routed experts' down_proj) normal(0, 0.02/sqrt(2L)); biases 0, norms 1, router bias 0."""
+    for name in ("tiny", "tiny-moe"):
+        c = GLMConfig.from_name(name, hidden_size=256, num_heads=4, num_kv_heads=2, head_dim=64, num_layers=8,
+                                intermediate_size=512, vocab_size=512, **({"moe_intermediate_size": 128}
+                                                                          if name == "tiny-moe" else {}))
+        model = GLM(c)
+        small = 0.02 / math.sqrt(2 * 8)
+        _std_close(model.embed_tokens.weight, 0.02, "embed")
+        _std_close(model.lm_head.weight, 0.02, "lm_head")
+        for i, block in enumerate(model.layers):
+            _std_close(block.self_attn.qkv_proj.weight, 0.02, f"{i}.qkv")
+            _std_close(block.self_attn.o_proj.weight, small, f"{i}.o_proj")
+            assert torch.all(block.self_attn.qkv_proj.bias == 0)
+            if isinstance(block.mlp, MoE):
+                _std_close(block.mlp.experts.gate_up_proj, 0.02, f"{i}.experts.gate_up")
+                _std_close(block.mlp.experts.down_proj, small, f"{i}.experts.down")
+                assert torch.all(block.mlp.gate.e_score_correction_bias == 0)
+            else:
+                _std_close(block.mlp.gate_up_proj.weight, 0.02, f"{i}.gate_up")
+                _std_close(block.mlp.down_proj.weight, small, f"{i}.down")
+        norms = [m for m in model.modules() if "Norm" in type(m).__name__]
+        assert norms and all(torch.all(m.weight == 1) for m in norms)
+
+
+def test_deepnorm_init_gains_and_alpha():
+    """GLM-130B: alpha = sqrt(2N) on the residual; Xavier normal (std = gain*sqrt(2/(fan_in+fan_out)))
+    with gain 1 on q and k and beta = (2N)^-1/2 on v, the output projection and both MLP matrices."""
+    N, h, heads, inter = 6, 256, 4, 512
+    model = GLM(GLMConfig.from_name("tiny-glm130b", hidden_size=h, num_heads=heads, head_dim=h // heads, num_layers=N,
+                                    intermediate_size=inter, vocab_size=512))
+    beta = (2 * N) ** -0.5
+    xavier = lambda fan_in, fan_out, gain=1.0: gain * math.sqrt(2 / (fan_in + fan_out))
+    for i, block in enumerate(model.layers):
+        assert block.alpha == math.sqrt(2 * N)
+        w = block.self_attn.qkv_proj.weight                  # rows: q (h), k (h), v (h)
+        _std_close(w[:2 * h], xavier(h, 2 * h), f"{i}.qk")
+        _std_close(w[2 * h:], xavier(h, h, beta), f"{i}.v")
+        _std_close(block.self_attn.o_proj.weight, xavier(h, h, beta), f"{i}.o_proj")
+        _std_close(block.mlp.gate_up_proj.weight, xavier(h, 2 * inter, beta), f"{i}.gate_up")
+        _std_close(block.mlp.down_proj.weight, xavier(inter, h, beta), f"{i}.down")
+    assert GLM(GLMConfig.from_name("tiny")).layers[0].alpha == 1.0
 
 
 def test_tied_head_shares_the_embedding():
@@ -173,18 +215,32 @@ def test_moe_routing_definition():
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
 
 
-def test_moe_bias_update_moves_towards_underused_experts():
-    c = GLMConfig.from_name("tiny-moe")
+def test_moe_bias_update_moves_each_bias_against_its_load():
+    """A router whose scores are all equal (zero weights) picks by its correction bias alone: with
+    biases favouring experts 0 and 1, every token goes to those two, which are overloaded (load = all
+    tokens, mean = 2/8 of that) while 2..7 get nothing. One update lowers exactly the biases of 0 and 1
+    by `rate` and raises the six others by `rate`, in every MoE layer; the load is then reset."""
+    c = GLMConfig.from_name("tiny-moe", n_group=1, topk_group=1)
     model = GLM(c).train()
+    start = torch.tensor([0.5, 0.4, 0.3, 0.2, 0.1, 0.0, -0.1, -0.2])
+    with torch.no_grad():
+        for moe in model.moe_layers():
+            moe.gate.weight.zero_()
+            moe.gate.e_score_correction_bias.copy_(start)
     batch = make_batch(ROWS["packed"], T=24)
     model.loss(batch)
-    moe = model.moe_layers()[0]
-    load = moe.expert_load.clone()
-    assert load.sum() == 2 * 24 * c.num_experts_per_tok
+    n = batch.input_ids.numel()
+    for moe in model.moe_layers():
+        assert moe.expert_load.tolist() == [n, n, 0, 0, 0, 0, 0, 0]
     model.update_router_bias(0.01)
-    bias = moe.gate.e_score_correction_bias
-    assert torch.all(bias[load > load.mean()] < 0) and torch.all(bias[load < load.mean()] > 0)
-    assert moe.expert_load.sum() == 0
+    want = start + 0.01 * torch.tensor([-1.0, -1, 1, 1, 1, 1, 1, 1])
+    assert len(model.moe_layers()) == 2
+    for moe in model.moe_layers():
+        torch.testing.assert_close(moe.gate.e_score_correction_bias, want, rtol=0, atol=1e-7)
+        assert moe.expert_load.sum() == 0
+    model.update_router_bias(0.01)                  # nothing routed since: the biases stay
+    for moe in model.moe_layers():
+        torch.testing.assert_close(moe.gate.e_score_correction_bias, want, rtol=0, atol=1e-7)
 
 
 def test_moe_aux_loss_only_when_configured():
@@ -198,6 +254,7 @@ def test_moe_aux_loss_only_when_configured():
     assert diff.item() > 0
 
 
+@pytest.mark.slow
 def test_bench_train_smoke(capsys):
     """`glmkit bench train` on a tiny preset: same weights and batch give the same first loss as HF."""
     import json

@@ -147,6 +147,7 @@ def test_the_hf_parity_shapes_take_the_grouped_path(dtype, inter):
     assert grouped_unsupported(torch.device("cpu"), dtype, 32, inter) is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("train", [False, True])
 def test_grouped_path_compiles_without_graph_breaks(train):
     moe = random_moe(moe_config(top_k=2), dtype=torch.bfloat16).train(train)
@@ -162,6 +163,7 @@ def test_grouped_path_compiles_without_graph_breaks(train):
     torch._dynamo.reset()
 
 
+@pytest.mark.slow
 def test_fp32_under_compile_falls_back_to_the_loop():
     """torch 2.13 traces grouped_mm in bf16 only, so compiled fp32 runs the loop (with graph breaks)."""
     moe = random_moe(moe_config())

@@ -3,17 +3,17 @@
 import numpy as np
 import pytest
 import torch
+from helpers import MASK_IDS, SP, reconstruct
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from glmkit.batch import Batch, dense_mask
+from glmkit.data.objective_config import ObjectiveConfig, SpecialIds
 from glmkit.data.objectives import (
     CLM,
     GMASK,
     MASK,
     SMASK,
-    ObjectiveConfig,
-    SpecialIds,
     chunk_length,
     clm_samples,
     glm_sample,
@@ -22,11 +22,6 @@ from glmkit.data.objectives import (
 )
 from glmkit.data.spans import gmask_spans, mask_spans, offsets_of, span_length_moments, truncated_poisson
 from glmkit.errors import GlmkitError
-
-# text ids 0..49 (7 and 9 end sentences), specials above them
-SP = SpecialIds(mask=100, smask=101, gmask=102, sop=103, eop=104, eot=105, pad=106, vocab_size=110,
-                sentence_ends=(7, 9))
-MASK_IDS = {MASK: SP.mask, SMASK: SP.smask, GMASK: SP.gmask}
 
 docs_strategy = st.lists(st.lists(st.integers(0, 49), min_size=1, max_size=120), min_size=1, max_size=8)
 
@@ -37,35 +32,6 @@ def _one_sample_batch(s) -> Batch:
     return Batch(input_ids=row(s["input_ids"]), targets=row(s["targets"]), loss_mask=row(s["loss_mask"]),
                  position_ids=row(s["position_ids"]), block_position_ids=row(s["block_position_ids"]),
                  segment_ids=np.zeros((1, n), np.int32), sep=np.full((1, n), s["sep"]), span_ids=row(s["span_ids"]))
-
-
-def reconstruct(s, mask_id, sp=SP):
-    """Put every Part B span back into its [MASK]: returns the original text and the spans
-    [(start in original, length)] in Part B order."""
-    sep, inp = s["sep"], s["input_ids"]
-    part_a = list(inp[:sep])
-    fills = {}
-    order = []
-    b_starts = [i for i in range(sep, len(inp)) if s["block_position_ids"][i] == 1]
-    for j, b0 in enumerate(b_starts):
-        b1 = b_starts[j + 1] if j + 1 < len(b_starts) else len(inp)
-        assert inp[b0] == sp.sop and s["targets"][b1 - 1] == sp.eop
-        assert list(inp[b0 + 1:b1]) == list(s["targets"][b0:b1 - 1])          # teacher forcing
-        assert set(s["position_ids"][b0:b1]) == {s["position_ids"][b0]}
-        assert list(s["block_position_ids"][b0:b1]) == list(range(1, b1 - b0 + 1))
-        p = int(s["position_ids"][b0])
-        assert part_a[p] == mask_id and p not in fills
-        fills[p] = list(inp[b0 + 1:b1])
-        order.append(p)
-    assert sorted(fills) == [i for i, t in enumerate(part_a) if t == mask_id]
-    out, starts = [], {}
-    for i, t in enumerate(part_a):
-        if i in fills:
-            starts[i] = len(out)
-            out.extend(fills[i])
-        else:
-            out.append(t)
-    return out, [(starts[p], len(fills[p])) for p in order]
 
 
 def check_layout(s, layout):

@@ -2,13 +2,14 @@
 
 import numpy as np
 import torch
+from helpers import MASK_IDS, SP, reconstruct
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from glmkit.batch import dense_mask
-from glmkit.data.objectives import GMASK, MLM, ObjectiveConfig, chunk_length
+from glmkit.data.objective_config import ObjectiveConfig
+from glmkit.data.objectives import GMASK, MLM, chunk_length
 from glmkit.data.packing import PackStats, chunk_documents, chunk_lengths, first_fit, pack, pack_documents
-from tests.test_objectives import MASK_IDS, SP, reconstruct
 
 PRESETS = ["glm-large", "glm-10b", "glm-130b", "bert", "gpt"]
 

@@ -4,9 +4,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import blank_logits, greedy_fill
 
 from glmkit.batch import Batch
-from glmkit.data.objectives import SpecialIds, glm_sample
+from glmkit.data.objective_config import SpecialIds
+from glmkit.data.objectives import glm_sample
 from glmkit.errors import GlmkitError
 from glmkit.eval.scoring import fill_token_accuracy, score_choices
 from glmkit.eval.tasks import Choice
@@ -74,9 +76,36 @@ def test_batching_does_not_change_scores(model):
                        atol=1e-5)
 
 
-def test_token_accuracy_counts_only_fill_tokens(model):
-    correct, total = fill_token_accuracy(model, CHOICES, "clm", SP)
-    assert total == 2 + 1 and 0 <= correct <= total        # the true fillings [8, 9] and [1]
+def _fill_hits(model, ch: Choice, objective: str) -> list[bool]:
+    """Teacher-forced argmax == token, at each token of the true filling, by the dense reference."""
+    fill = ch.candidates[ch.label]
+    logits = blank_logits(model, ch.left, ch.right, fill, objective, SP)[:len(fill)]
+    return (logits.argmax(-1) == torch.tensor(fill)).tolist()
+
+
+@pytest.mark.parametrize("objective", ["glm", "mlm", "clm"])
+def test_token_accuracy_equals_a_dense_reference(model, objective):
+    """Exact (correct, total) against a full forward per blank. The last blank's filling is the
+    model's own greedy fill, so at least its tokens are correct and a count of 0 cannot pass."""
+    left, right = [3, 4, 5, 6], [7, 8]
+    own = greedy_fill(model, left, right, 3, objective, SP)
+    choices = CHOICES + [Choice(left, right, [[9, 10, 11], own], 1)] if len(own) else CHOICES
+    hits = [h for ch in choices for h in _fill_hits(model, ch, objective)]
+    assert fill_token_accuracy(model, choices, objective, SP, batch_size=2) == (sum(hits), len(hits))
+    assert len(own) == 0 or all(_fill_hits(model, choices[-1], objective))
+
+
+@pytest.mark.parametrize("objective", ["glm", "mlm", "clm"])
+def test_token_accuracy_of_a_model_that_always_predicts_token_0(model, objective):
+    """A zero final norm makes every logit 0, and argmax takes the first of equal values: token 0 is
+    predicted everywhere, so exactly the 0s of the true fillings count as correct."""
+    import copy
+    zero = copy.deepcopy(model)
+    with torch.no_grad():
+        zero.norm.weight.zero_()
+    choices = [Choice([1, 2, 3], [4], [[5], [0, 9]], 1), Choice([6, 7], [8, 9], [[0, 0, 5], [1]], 0),
+               Choice([2, 3], [], [[0]], 0)]
+    assert fill_token_accuracy(zero, choices, objective, SP) == (4, 6)
 
 
 def test_bad_candidates(model):

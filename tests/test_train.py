@@ -11,9 +11,10 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from helpers import build_toy_corpus, tiny_train_config
+from helpers import train_losses as losses
 
 from glmkit.checkpoint import store as C
 from glmkit.checkpoint.loader import load
@@ -22,64 +23,27 @@ from glmkit.train import loop as T
 from glmkit.train import setup as S
 
 ROOT = Path(__file__).resolve().parents[1]
-WORDS = ("the cat dog bird sat ran flew on under over a mat tree house red blue green small big old "
-         "young happy sad quickly slowly and but then when").split()
-
-
-def build_toy_corpus(out: Path, seed: int = 0, n_docs: int = 160, vocab_size: int = 300):
-    """A small corpus of sentences from a toy grammar (learnable in a few dozen steps), with its own
-    byte-level BPE tokenizer. `seed` changes the text, hence the tokenizer."""
-    from glmkit.data.corpus import build_corpus
-    from glmkit.data.sources import Document, Source
-    from glmkit.data.tokenizer import GLMTokenizer
-
-    rng = np.random.default_rng(seed)
-    docs = []
-    for i in range(n_docs):
-        sents = [" ".join(rng.choice(WORDS, size=rng.integers(4, 9))).capitalize() + "."
-                 for _ in range(rng.integers(2, 6))]
-        docs.append(Document(" ".join(sents), "toy", f"doc{i}"))
-    source = Source("toy", "test data", "generated", read=lambda src: iter(docs))
-    tokenizer = GLMTokenizer.train([d.text for d in docs], vocab_size=max(vocab_size, 512))
-    return build_corpus([source], tokenizer, out, val_fraction=0.1, overwrite=True)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return build_toy_corpus(tmp_path_factory.mktemp("corpus") / "toy")
-
-
-def tiny_cfg(corpus_dir, out_dir, **kw) -> T.TrainConfig:
-    base = dict(out_dir=str(out_dir), model="tiny", corpus=str(corpus_dir), seq_len=64, batch_size=4,
-                max_steps=12, lr=3e-3, warmup_steps=2, eval_every=6, eval_batches=2, save_every=4, keep=2,
-                progress=False, tensorboard=False, prefetch=1, device="cpu")
-    return T.TrainConfig(**{**base, **kw})
-
-
-def losses(run_dir) -> dict[int, float]:
-    recs = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in recs if r["kind"] == "train"}
 
 
 @pytest.mark.parametrize("objective", ["glm", "mlm", "clm"])
-def test_each_objective_learns_a_repeated_batch(corpus, tmp_path, objective):
-    run, _ = S.setup(tiny_cfg(corpus.directory, tmp_path, objective=objective, lr=2e-2, warmup_steps=1,
+def test_each_objective_learns_a_repeated_batch(toy_corpus, tmp_path, objective):
+    run, _ = S.setup(tiny_train_config(toy_corpus.directory, tmp_path, objective=objective, lr=2e-2, warmup_steps=1,
                               max_steps=12))
     batch = next(run.iterators[0])
     curve = [T.train_step(run, [batch])["loss"] for _ in range(12)]
     assert math.isfinite(curve[0]) and curve[-1] < 0.6 * curve[0], (objective, curve)
 
 
-def test_activation_checkpointing_changes_nothing_but_memory(corpus, tmp_path):
-    runs = [S.setup(tiny_cfg(corpus.directory, tmp_path / str(ac), activation_checkpointing=ac))[0]
+def test_activation_checkpointing_changes_nothing_but_memory(toy_corpus, tmp_path):
+    runs = [S.setup(tiny_train_config(toy_corpus.directory, tmp_path / str(ac), activation_checkpointing=ac))[0]
             for ac in (False, True)]
     batch = next(runs[0].iterators[0])
     a, b = (T.train_step(r, [batch]) for r in runs)
     assert a["loss"] == b["loss"] and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-6)
 
 
-def test_moe_model_trains_and_balances_its_router(corpus, tmp_path):
-    run, _ = S.setup(tiny_cfg(corpus.directory, tmp_path, model="tiny-moe", router_bias_rate=1e-2))
+def test_moe_model_trains_and_balances_its_router(toy_corpus, tmp_path):
+    run, _ = S.setup(tiny_train_config(toy_corpus.directory, tmp_path, model="tiny-moe", router_bias_rate=1e-2))
     batch = next(run.iterators[0])
     res = T.train_step(run, [batch])
     biases = [m.gate.e_score_correction_bias for m in run.model.moe_layers()]
@@ -92,38 +56,39 @@ def test_lr_schedule_warmup_then_cosine_to_floor():
     assert all(a >= b for a, b in zip(f[10:], f[11:])) and f[-1] == pytest.approx(0.05, abs=1e-3)
 
 
-def test_weight_decay_skips_norms_biases_embeddings(corpus, tmp_path):
-    run, _ = S.setup(tiny_cfg(corpus.directory, tmp_path))
+def test_weight_decay_skips_norms_biases_embeddings(toy_corpus, tmp_path):
+    run, _ = S.setup(tiny_train_config(toy_corpus.directory, tmp_path))
     decay, rest = (g["params"] for g in run.optimizer.param_groups)
     names = {id(p): n for n, p in run.model.named_parameters()}
     assert all(p.ndim == 2 and "embed" not in names[id(p)] for p in decay)
     assert any("embed" in names[id(p)] for p in rest) and any(p.ndim == 1 for p in rest)
 
 
-def test_train_writes_metrics_and_loadable_checkpoints(corpus, tmp_path):
-    res = T.train(tiny_cfg(corpus.directory, tmp_path))
-    recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+def test_train_writes_metrics_and_loadable_checkpoints(tiny_run, toy_corpus):
+    run_dir, res = tiny_run
+    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in recs if r["kind"] == "train"]
     assert [r["step"] for r in train] == list(range(1, 13))
     assert [r["step"] for r in recs if r["kind"] == "val"] == [6, 12]
     assert res["step"] == 12 and res["loss"] == train[-1]["loss"] and 0 <= res["data_share"] <= 1
     assert train[-1]["loss"] < train[0]["loss"]
-    assert [s for s, _ in C.list_checkpoints(tmp_path / "checkpoints")] == [8, 12]  # keep=2
-    loaded = load(tmp_path)
+    assert [s for s, _ in C.list_checkpoints(run_dir / "checkpoints")] == [8, 12]  # keep=2
+    loaded = load(run_dir)
     model, tok = loaded.model, loaded.tokenizer
     assert loaded.objective == "glm" and loaded.format == "glmkit" and loaded.path.name == "step-000012"
-    assert tok.hash == corpus.tokenizer.hash
-    ck = C.load_checkpoint(tmp_path)
+    assert tok.hash == toy_corpus.tokenizer.hash
+    ck = C.load_checkpoint(run_dir)
     assert ck.step == 12 and set(ck.train_state["data"]) == {0}
     for k, v in model.state_dict().items():
         assert torch.equal(v, ck.model_state[k]), k
-    # in-process resume continues from step 12 and logs only the new steps
-    T.train(tiny_cfg(corpus.directory, tmp_path, max_steps=14, resume=True))
-    assert sorted(losses(tmp_path)) == list(range(1, 15))
-    # `glmkit plot` draws the curves
+
+
+def test_in_process_resume_logs_only_the_new_steps_and_plot_draws_them(toy_corpus, tiny_run_copy):
+    T.train(tiny_train_config(toy_corpus.directory, tiny_run_copy, max_steps=14, resume=True))
+    assert sorted(losses(tiny_run_copy)) == list(range(1, 15))
     from glmkit.cli import main
-    assert main(["plot", str(tmp_path), "--out", str(tmp_path / "loss.png")]) == 0
-    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["plot", str(tiny_run_copy), "--out", str(tiny_run_copy / "loss.png")]) == 0
+    assert (tiny_run_copy / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def _cli(corpus_dir, out_dir, *extra):
@@ -138,12 +103,13 @@ def _env():
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 
-def test_sigkill_and_resume_logs_identical_losses(corpus, tmp_path):
+@pytest.mark.slow
+def test_sigkill_and_resume_logs_identical_losses(toy_corpus, tmp_path):
     steps = "40"
-    full = subprocess.Popen(_cli(corpus.directory, tmp_path / "full", "--max-steps", steps), env=_env(),
+    full = subprocess.Popen(_cli(toy_corpus.directory, tmp_path / "full", "--max-steps", steps), env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_cli(corpus.directory, killed, "--max-steps", steps), env=_env(),
+    proc = subprocess.Popen(_cli(toy_corpus.directory, killed, "--max-steps", steps), env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     latest = killed / "checkpoints" / "latest"
     deadline = time.time() + 60
@@ -155,7 +121,7 @@ def test_sigkill_and_resume_logs_identical_losses(corpus, tmp_path):
     assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
     resumed_from = C.load_checkpoint(killed, with_train_state=False).step
     assert 10 <= resumed_from < int(steps)
-    again = subprocess.run(_cli(corpus.directory, killed, "--max-steps", steps, "--resume"), env=_env(),
+    again = subprocess.run(_cli(toy_corpus.directory, killed, "--max-steps", steps, "--resume"), env=_env(),
                            capture_output=True, text=True, timeout=120)
     assert again.returncode == 0, again.stderr
     assert full.wait(timeout=120) == 0, full.stderr.read()
@@ -168,8 +134,9 @@ def test_sigkill_and_resume_logs_identical_losses(corpus, tmp_path):
     assert va == vb
 
 
-def test_sigint_saves_a_checkpoint_and_exits_cleanly(corpus, tmp_path):
-    proc = subprocess.Popen(_cli(corpus.directory, tmp_path, "--max-steps", "100000", "--save-every", "100000"),
+@pytest.mark.slow
+def test_sigint_saves_a_checkpoint_and_exits_cleanly(toy_corpus, tmp_path):
+    proc = subprocess.Popen(_cli(toy_corpus.directory, tmp_path, "--max-steps", "100000", "--save-every", "100000"),
                             env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
     while time.time() < deadline and not (tmp_path / "metrics.jsonl").is_file():
@@ -184,7 +151,7 @@ def test_sigint_saves_a_checkpoint_and_exits_cleanly(corpus, tmp_path):
     assert step == max(losses(tmp_path)) >= 3
 
 
-def test_nonfinite_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(corpus, tmp_path, monkeypatch):
+def test_nonfinite_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(toy_corpus, tmp_path, monkeypatch):
     from glmkit.model.glm import GLM
     real, calls = GLM.loss, {"n": 0}
 
@@ -195,13 +162,13 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(cor
 
     monkeypatch.setattr(GLM, "loss", loss)
     with pytest.raises(GlmkitError, match="non-finite loss nan at step 6"):
-        T.train(tiny_cfg(corpus.directory, tmp_path, eval_every=0))
+        T.train(tiny_train_config(toy_corpus.directory, tmp_path, eval_every=0))
     ck = C.load_checkpoint(tmp_path)
     assert ck.step == 4 and all(torch.isfinite(v).all() for v in ck.model_state.values())
     assert max(losses(tmp_path)) == 5
 
 
-def test_out_of_memory_gives_advice(corpus, tmp_path, monkeypatch):
+def test_out_of_memory_gives_advice(toy_corpus, tmp_path, monkeypatch):
     from glmkit.model.glm import GLM
 
     def loss(self, batch, attn=None):
@@ -209,19 +176,18 @@ def test_out_of_memory_gives_advice(corpus, tmp_path, monkeypatch):
 
     monkeypatch.setattr(GLM, "loss", loss)
     with pytest.raises(GlmkitError, match=r"smaller --batch-size \(e.g. 2\) with more --grad-accum"):
-        T.train(tiny_cfg(corpus.directory, tmp_path))
+        T.train(tiny_train_config(toy_corpus.directory, tmp_path))
 
 
-def test_corpus_with_another_tokenizer_is_refused_on_resume(corpus, tmp_path):
-    T.train(tiny_cfg(corpus.directory, tmp_path / "run", max_steps=4))
+def test_corpus_with_another_tokenizer_is_refused_on_resume(toy_corpus, tiny_run_copy, tmp_path):
     other = build_toy_corpus(tmp_path / "other", seed=1)
-    assert other.tokenizer.hash != corpus.tokenizer.hash
+    assert other.tokenizer.hash != toy_corpus.tokenizer.hash
     with pytest.raises(GlmkitError, match="another tokenizer"):
-        T.train(tiny_cfg(other.directory, tmp_path / "run", max_steps=8, resume=True))
+        T.train(tiny_train_config(other.directory, tiny_run_copy, max_steps=14, resume=True))
 
 
-def test_out_dir_holding_another_run_needs_resume_or_overwrite(corpus, tmp_path):
-    cfg = tiny_cfg(corpus.directory, tmp_path, max_steps=2, save_every=0, eval_every=0)
+def test_out_dir_holding_another_run_needs_resume_or_overwrite(toy_corpus, tmp_path):
+    cfg = tiny_train_config(toy_corpus.directory, tmp_path, max_steps=2, save_every=0, eval_every=0)
     T.train(cfg)
     with pytest.raises(GlmkitError, match=r"already holds a training run with a different configuration "
                                           r"\(train.seq_len: 64 -> 32"):
@@ -244,8 +210,8 @@ def test_help_text_comes_from_field_docstrings():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_gpu_bf16_training_checkpoint_and_resume(corpus, tmp_path):
-    cfg = tiny_cfg(corpus.directory, tmp_path, device="cuda", max_steps=8, save_every=4, eval_every=4,
+def test_gpu_bf16_training_checkpoint_and_resume(toy_corpus, tmp_path):
+    cfg = tiny_train_config(toy_corpus.directory, tmp_path, device="cuda", max_steps=8, save_every=4, eval_every=4,
                    seq_len=256)
     res = T.train(cfg)
     assert res["step"] == 8 and math.isfinite(res["loss"]) and res["mfu_vs_measured_peak"] > 0
