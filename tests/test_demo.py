@@ -9,7 +9,8 @@ import torch
 
 from glmkit.batch import Batch, dense_mask
 from glmkit.cli import main
-from glmkit.data.objectives import SpecialIds, glm_sample
+from glmkit.data.objective_config import SpecialIds
+from glmkit.data.objectives import glm_sample
 from glmkit.data.tokenizer import GLMTokenizer
 from glmkit.eval.blank_probe import WordBlank, read_blanks, summarize, unigram_readings, word_blanks
 from glmkit.model.attention import AttentionMask

@@ -130,7 +130,7 @@ def recorded(out_dir: str | Path, recipe: dict) -> dict | None:
 
 def measure(model, tok, corpus, blanks, counts) -> tuple[dict, list]:
     """Bits per byte, span token accuracy and the word-blank probe of one model: (numbers, readings)."""
-    from glmkit.data.objectives import SpecialIds
+    from glmkit.data.objective_config import SpecialIds
     from glmkit.eval import tasks
     from glmkit.eval.blank_probe import read_blanks, summarize
     from glmkit.eval.evaluate import bits_per_byte

@@ -112,7 +112,7 @@ def word_blanks(docs, tok, n_latin: int, n_cjk: int, seed: int = 0, min_letters:
 @torch.no_grad()
 def first_token_probs(model, tok, blanks: list[WordBlank]) -> torch.Tensor:
     """(len(blanks), vocab) probabilities of the first token of each blank at its `<sop>` (fp32)."""
-    from glmkit.data.objectives import SpecialIds
+    from glmkit.data.objective_config import SpecialIds
     sp = SpecialIds.from_tokenizer(tok)
     rows = build_rows([Choice(b.left, b.right, [b.answer], 0) for b in blanks], "glm", sp,
                       model.config.max_position_embeddings)
