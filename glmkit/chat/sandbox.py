@@ -64,7 +64,7 @@ SANDBOX_PYTHON = "/usr/bin/python3"  # Debian's, outside root's home (see script
 UID_BASE = 900_000  # sandbox uids: no account uses them; each sandbox leases one
 UID_COUNT = 1000
 LOCK_DIR = Path("/run/glmkit-sandbox")  # root-only: uid leases and the synthetic /etc files
-KERNEL_DIR = ".kernel"  # inside the workspace: connection file, IPC sockets, IPython and mpl state
+KERNEL_DIR = ".kernel"  # inside the workspace: connection file, IPC sockets, IPython state, log
 FIGURE_DIR = "figures"  # inside the workspace
 # /etc files that Python, numpy and matplotlib read; nothing else of /etc is visible
 ETC_FILES = ("/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/localtime",
@@ -256,8 +256,9 @@ def _kernel_env(workspace: Path, kernel_dir: Path) -> dict[str, str]:
     return {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(workspace), "TMPDIR": str(workspace),
             "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1", "PYDEVD_DISABLE_FILE_VALIDATION": "1",
             "MPLBACKEND": "module://matplotlib_inline.backend_inline",
-            "MPLCONFIGDIR": str(kernel_dir / "matplotlib"), "IPYTHONDIR": str(kernel_dir / "ipython"),
-            "XDG_CACHE_HOME": str(kernel_dir / "cache"), "XDG_CONFIG_HOME": str(kernel_dir / "config"),
+            # caches outlive a restart (matplotlib's font list takes a second or more to build)
+            "MPLCONFIGDIR": str(workspace / ".cache" / "matplotlib"), "XDG_CACHE_HOME": str(workspace / ".cache"),
+            "IPYTHONDIR": str(kernel_dir / "ipython"), "XDG_CONFIG_HOME": str(kernel_dir / "config"),
             # one thread per library and two malloc arenas keep the address space within RLIMIT_AS
             "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
             "MALLOC_ARENA_MAX": "2"}
