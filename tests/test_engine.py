@@ -268,3 +268,23 @@ def test_compiled_decode_equals_eager(tok):
     eager = [r.tokens for r in Engine(model, tok, max_batch=3).generate(reqs)]
     compiled = [r.tokens for r in Engine(model, tok, max_batch=3, compile=True).generate(reqs)]
     assert compiled == eager
+
+
+def test_bench_engine_reports_what_it_measured(capsys):
+    """`glmkit bench engine` on a tiny workload: every request produced its tokens on all three sides,
+    the same greedy tokens as HF continuous batching, and ratios that are the quotients of the rates."""
+    pytest.importorskip("transformers")
+    import json
+
+    from glmkit.cli import main
+    assert main(["bench", "engine", "--preset", "tiny", "--requests", "5", "--min-prompt", "4", "--max-prompt", "30",
+                 "--min-new", "2", "--max-new", "9", "--max-batch", "3", "--patterns", "burst"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    r = out["burst"]
+    assert r["match"] == 1.0
+    assert out["ratio_vs_hf_continuous"] == pytest.approx(r["engine_tokens_per_s"] / r["hf_continuous_tokens_per_s"])
+    assert out["ratio_vs_hf_sequential"] == pytest.approx(r["engine_tokens_per_s"] / r["hf_sequential_tokens_per_s"])
+    for side in ("engine", "hf_continuous", "hf_sequential"):
+        assert r[f"{side}_tokens_per_s"] == pytest.approx(out["new_tokens"] / r[f"{side}_wall_s"])
+        assert 0 < r[f"{side}_p50_ms"] <= r[f"{side}_p99_ms"] <= r[f"{side}_wall_s"] * 1e3 + 1e-6
+    assert 5 * 2 <= out["new_tokens"] <= 5 * 9 and 5 * 4 <= out["prompt_tokens"] <= 5 * 30

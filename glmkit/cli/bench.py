@@ -3,6 +3,7 @@
     glmkit bench data                      # objective corruption + packing vs pure Python
     glmkit bench train --device cuda       # training steps vs HF transformers
     glmkit bench generate                  # decode tokens/s vs HF generate
+    glmkit bench engine                    # 64 mixed requests: continuous batching vs HF's
 
 Each prints its numbers as it measures them and, as its last line, one JSON object: the result dict
 of `glmkit.bench.{data,train,generate}`. The bench modules are imported only when their bench runs.
@@ -24,6 +25,8 @@ BENCHES: dict[str, tuple[str, str, str, str]] = {
               "training steps of a glmkit model vs the same HF transformers model"),
     "generate": ("glmkit.bench.generate", "bench_generate", "GenerateBench",
                  "decode tokens/s of glmkit vs HF transformers generate, same weights"),
+    "engine": ("glmkit.bench.engine", "bench_engine", "EngineBench",
+               "many mixed requests: glmkit's engine vs HF continuous batching vs HF generate one at a time"),
 }
 
 
@@ -79,7 +82,25 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
-ARGUMENTS = {"data": _data_arguments, "train": _train_arguments, "generate": _generate_arguments}
+def _engine_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="small", help="model preset (glmkit.model.config PRESETS)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--requests", type=positive_int, default=64)
+    p.add_argument("--min-prompt", type=positive_int, default=16)
+    p.add_argument("--max-prompt", type=positive_int, default=512)
+    p.add_argument("--min-new", type=positive_int, default=8)
+    p.add_argument("--max-new", type=positive_int, default=128)
+    p.add_argument("--max-batch", type=positive_int, default=32, help="glmkit engine rows (running requests)")
+    p.add_argument("--prefill-chunk", type=positive_int, default=256, help="most prompt tokens fed per request per step")
+    p.add_argument("--patterns", default="burst,spread", help="arrival patterns: burst (all at once), spread")
+    p.add_argument("--no-sequential", dest="sequential", action="store_false",
+                   help="skip HF generate one request at a time")
+    p.add_argument("--seed", type=int, default=0)
+
+
+ARGUMENTS = {"data": _data_arguments, "train": _train_arguments, "generate": _generate_arguments,
+             "engine": _engine_arguments}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
