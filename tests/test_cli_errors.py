@@ -252,6 +252,7 @@ def test_inputs_refused_before_are_accepted_now(paths, in_tmp, capsys):
     assert capsys.readouterr().out.strip() == f"glmkit {glmkit.__version__}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argv, expected", [
     (["train", "--corpus", "{corpus}", "--save-every", "-1"], "--save-every"),
     (["tokenizer", "decode", "-1", "--tokenizer", "{corpus}"], "ID"),

@@ -189,6 +189,7 @@ def test_file_size_is_limited(box, other):
     assert_unaffected(box, other)
 
 
+@pytest.mark.slow
 @needs_sandbox
 @pytest.mark.parametrize("code", ["while True:\n    pass", "import time\ntime.sleep(100)"])
 def test_wall_time_interrupts_and_keeps_state(box, other, code):
@@ -201,6 +202,7 @@ def test_wall_time_interrupts_and_keeps_state(box, other, code):
     assert_unaffected(box, other)
 
 
+@pytest.mark.slow
 @needs_sandbox
 def test_code_that_ignores_the_interrupt_gets_a_fresh_kernel(box, other):
     box.run("x = 5")
@@ -232,6 +234,7 @@ def test_fork_bomb_is_contained(box, other):
     assert_unaffected(box, other)
 
 
+@pytest.mark.slow
 @needs_sandbox
 def test_a_kernel_that_exits_is_restarted(box, other):
     result = box.run("import os\nos._exit(3)")
@@ -249,6 +252,7 @@ def test_reset_gives_a_fresh_kernel_and_keeps_files(box, other):
     assert_unaffected(box, other)
 
 
+@pytest.mark.slow
 @needs_sandbox
 def test_pool_keeps_one_kernel_per_conversation_and_closes_idle_ones(tmp_path):
     pool = SandboxPool(tmp_path, LIMITS, idle_timeout_s=3600)
