@@ -3,7 +3,6 @@ streaming, seeds, sampling filters, bad input."""
 
 import pytest
 import torch
-from helpers import train_tokenizer
 
 from glmkit.batch import Batch, dense_mask
 from glmkit.errors import GlmkitError
@@ -13,13 +12,10 @@ from glmkit.infer.text import generate, infill, parse_prompt, run_fill, stream
 from glmkit.model.config import GLMConfig
 from glmkit.model.glm import GLM
 
-TEXTS = ["The quick brown fox jumps over the lazy dog. A small cat sat on the warm mat. " * 2,
-         "北京是中国的首都。上海是一个大城市。我们今天去公园散步。" * 2]
-
 
 @pytest.fixture(scope="module")
-def tok():
-    return train_tokenizer(TEXTS * 4, vocab_size=400)
+def tok(bilingual_tokenizer):
+    return bilingual_tokenizer
 
 
 @pytest.fixture(scope="module", params=["tiny", "tiny-chatglm"])   # 1-D RoPE; 2D RoPE
