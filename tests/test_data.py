@@ -154,7 +154,11 @@ def test_samples_and_bench_verbs(tiny_corpus, capsys, tmp_path):
                      "--baseline-tokens", "5000", "--batch-size", "2", "--seq-len", "128"]) == 0
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert last["glm_tokens_per_s_per_core"] > 0 and last["python_baseline_tokens_per_s_per_core"] > 0
-    assert last["ratio"] > 0 and last["text"] == "synthetic"
+    assert last["ratio"] == pytest.approx(last["glm_tokens_per_s_per_core"]
+                                          / last["python_baseline_tokens_per_s_per_core"], abs=0.006)
+    assert last["glm-large_tokens_per_s_per_core"] == last["glm_tokens_per_s_per_core"]   # the headline preset
+    assert all(0 < last[f"{p}_packing_efficiency"] <= 1 for p in ("glm-large", "glm-10b", "glm-130b", "bert", "gpt"))
+    assert (last["text"], last["batch_size"], last["seq_len"]) == ("synthetic", 2, 128)
 
 
 @settings(max_examples=25, deadline=None)

@@ -141,14 +141,26 @@ def test_pet_finetuning_fits_the_verbalizers(model, tok):
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))   # the original is untouched
 
 
-def test_cli_infill_and_generate_on_a_checkpoint(model, tok, tmp_path, capsys):
+def test_cli_infill_and_generate_print_what_the_library_fills(model, tok, tmp_path, capsys):
+    """`glmkit infill` (streamed: each blank, then the whole text) and `glmkit generate --no-stream`
+    on a saved checkpoint print exactly the library's greedy results; bad input exits 2."""
     from glmkit.checkpoint.store import save_checkpoint
     from glmkit.cli import main
+    from glmkit.infer.sampling import SamplingConfig
+    from glmkit.infer.text import generate, infill
     save_checkpoint(tmp_path, 1, model_state=model.state_dict(), save_config=model.config.save,
                     save_tokenizer=lambda p: tok.save(p.parent), train_state={},
                     fingerprint={"objective": {"kind": "glm"}})
-    assert main(["infill", str(tmp_path), "The quick [MASK] fox", "--max-new-tokens", "3"]) == 0
+    cfg = SamplingConfig(max_new_tokens=3)
+    [filled] = infill(model, tok, "The quick [MASK] fox [MASK].", cfg)
+    [continued] = generate(model, tok, "北京是", cfg)
+    capsys.readouterr()
+    assert main(["infill", str(tmp_path), "The quick [MASK] fox [MASK].", "--max-new-tokens", "3"]) == 0
+    out = capsys.readouterr().out.split("\n")
+    assert out[:2] == [f"[blank 1] {filled.fills[0]}", f"[blank 2] {filled.fills[1]}"]
+    assert out[2:] == [filled.text, ""]
     assert main(["generate", str(tmp_path), "北京是", "--max-new-tokens", "3", "--no-stream"]) == 0
+    assert capsys.readouterr().out == continued + "\n"
     assert main(["infill", str(tmp_path), "no blank at all"]) == 2
     assert "put [MASK] where" in capsys.readouterr().err
     assert main(["generate", str(tmp_path), "x", "--top-p", "0"]) == 2

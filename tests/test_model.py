@@ -267,6 +267,11 @@ def test_bench_train_smoke(capsys):
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     for key in ("glmkit_tokens_per_s", "hf_tokens_per_s", "ratio", "mfu", "device", "glm_vs_clm"):
         assert out[key] is not None
+    assert out["glmkit_tokens_per_s"] > 0 and out["hf_tokens_per_s"] > 0
+    assert out["ratio"] == pytest.approx(out["glmkit_tokens_per_s"] / out["hf_tokens_per_s"], rel=1e-3)
+    # GLM rates scale the positions/s by each count's share: loss tokens are a part of the processed ones
+    assert 0 < out["loss_tokens_per_s"] < out["processed_per_s"] and 0 < out["text_tokens_per_s"]
+    assert (out["batch_size"], out["seq_len"], out["steps"], out["preset"]) == (2, 64, 1, "tiny")
     first = out["first_loss"]
     assert abs(first["glmkit"] - first["hf"]) < 1e-4
 
