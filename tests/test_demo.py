@@ -78,6 +78,37 @@ def test_probe_numbers_equal_a_direct_forward_with_the_dense_mask(model, tok):
     assert s["all"]["median_rank"] == float(np.median([r.rank_first for r in readings]))
 
 
+def _direct_greedy_next(model, tok, b: WordBlank, fill: list[int]) -> int:
+    """argmax after `<sop> fill` in Part B of `left [MASK] right`, one full forward, dense mask."""
+    a = b.left + [tok.mask_id] + b.right
+    ids = a + [tok.sop_id] + fill
+    sep, n = len(a), len(fill) + 1
+    t = lambda x: torch.as_tensor(np.asarray(x, dtype=np.int64))[None]        # noqa: E731
+    batch = Batch(input_ids=t(ids), targets=t([0] * len(ids)), loss_mask=t([0] * len(ids)).bool(),
+                  position_ids=t(list(range(sep)) + [len(b.left)] * n), block_position_ids=t([0] * sep + list(range(1, n + 1))),
+                  segment_ids=t([0] * len(ids)), sep=t([sep] * len(ids)), span_ids=t([0] * sep + [1] * n))
+    with torch.no_grad():
+        h = model(batch.input_ids, batch.position_ids, batch.block_position_ids,
+                  AttentionMask("sdpa", dense=dense_mask(batch)[:, None]))
+        return int(model.logits(h[0, -1]).argmax())
+
+
+def test_probe_greedy_fills_follow_the_argmax_and_stop_where_they_cannot_match(model, tok):
+    docs = [np.asarray(tok.encode(t)) for t in TEXTS]
+    blanks = word_blanks(docs, tok, 3, 3, seed=0)
+    readings = read_blanks(model, tok, blanks, max_new_tokens=5, shown={0, 4})
+    for i, (b, r) in enumerate(zip(blanks, readings)):
+        assert (r.fill[0] if r.fill else tok.eop_id) == _direct_greedy_next(model, tok, b, [])
+        assert r.fill_complete == (i in (0, 4) or r.fill[0] == b.answer[0])
+        if r.fill_complete:             # every token the argmax after the ones before; <eop> or the limit ends it
+            for k in range(1, len(r.fill)):
+                assert r.fill[k] == _direct_greedy_next(model, tok, b, r.fill[:k])
+            limit = 5 if i in (0, 4) else min(5, len(b.answer) + 2)
+            assert len(r.fill) == limit or _direct_greedy_next(model, tok, b, r.fill) == tok.eop_id
+        else:
+            assert r.fill == [r.fill[0]] and r.fill[0] != b.answer[0]
+
+
 def test_unigram_readings_rank_by_training_frequency():
     blanks = [WordBlank([5] * 8, [6] * 4, [2, 3], "latin"), WordBlank([5] * 8, [6] * 4, [0], "cjk")]
     counts = {0: 5, 1: 9, 2: 1}                 # add-one: 6, 10, 2, 1 over 19

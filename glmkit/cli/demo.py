@@ -141,7 +141,7 @@ def measure(model, tok, corpus, blanks, counts) -> tuple[dict, list]:
     spans = tasks.infill_examples([[int(x) for x in d] for d in val], SPANS, seed=0)
     correct, total = fill_token_accuracy(model, [tasks.Choice(b.left, b.right, [b.answer], 0) for b in spans],
                                          "glm", SpecialIds.from_tokenizer(tok))
-    readings = read_blanks(model, tok, blanks)
+    readings = read_blanks(model, tok, blanks, shown=set(_shown(blanks)))
     return {"bits_per_byte": bpb["bits_per_byte"], "unigram_bits_per_byte": bpb["unigram_bits_per_byte"],
             "bpb_tokens": bpb["tokens"], "span_token_accuracy": correct / total, "spans": len(spans),
             "blanks": summarize(blanks, readings)}, readings
@@ -169,10 +169,14 @@ def _reading_line(tok, label: str, r) -> str:
     return f"      {label:<10} p {r.p_first:<8.2g} rank {r.rank_first:>6,}   fill {fill:<18} top: {top}"
 
 
+def _shown(blanks) -> list[int]:
+    """Indices of the blanks printed one by one: the first SHOWN of each language."""
+    return [i for s in ("latin", "cjk") for i in [j for j, b in enumerate(blanks) if b.script == s][:SHOWN]]
+
+
 def show_blanks(tok, blanks, before, after=None) -> None:
     """The first SHOWN blanks of each language, with the untrained (and trained) model's reading."""
-    shown = [i for s in ("latin", "cjk") for i in [j for j, b in enumerate(blanks) if b.script == s][:SHOWN]]
-    for i in shown:
+    for i in _shown(blanks):
         b = blanks[i]
         print(f"  …{_text(tok, b.left[-24:])}[____]{_text(tok, b.right[:8])}…")
         first = f"   (p and rank: of its first token {_text(tok, b.answer[:1])!r})" if len(b.answer) > 1 else ""
@@ -321,7 +325,8 @@ def run(args: argparse.Namespace) -> int:
            "unigram": unigram, "before": before, "after": after,
            "blanks": [{"script": b.script, "left": tok.decode(b.left), "answer": tok.decode(b.answer),
                        "right": tok.decode(b.right),
-                       **{name: {"fill": tok.decode(r.fill), "p_first": r.p_first, "rank_first": r.rank_first,
+                       **{name: {"fill": tok.decode(r.fill), "fill_complete": r.fill_complete,
+                                 "p_first": r.p_first, "rank_first": r.rank_first,
                                  "top": [[tok.decode([i]), p] for i, p in r.top]}
                           for name, r in (("before", rb), ("after", ra))}}
                       for b, rb, ra in zip(blanks, before_readings, after_readings)],

@@ -16,7 +16,8 @@ pretraining (DESIGN.md §1). `read_blanks` reports
 - the probability of the true first token of the word there, and its rank among the whole
   vocabulary (1 = the model's first choice; 1 + the number of tokens given a higher probability),
 - the top-k candidates with their probabilities,
-- the greedy fill, decoded with the KV cache until `<eop>` (`glmkit.infer.engine.Engine`).
+- the greedy fill, decoded with the KV cache until `<eop>` (`glmkit.infer.engine.Engine`) where it
+  can still match the answer or is shown (`read_blanks`).
 The numbers come from a batched forward over scoring rows (`glmkit.eval.scoring.build_rows`); the
 test compares them with a direct forward of one GLM sample under the dense reference mask.
 """
@@ -56,6 +57,7 @@ class BlankReading:
     p_first: float                  # probability of the true first token at <sop>
     rank_first: int                 # its rank among the vocabulary, 1 = most probable
     top: list[tuple[int, float]]    # the top-k (token id, probability), most probable first
+    fill_complete: bool = True      # False: `fill` is only the greedy first token (see read_blanks)
 
 
 def _token_kinds(tok) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -124,28 +126,42 @@ def first_token_probs(model, tok, blanks: list[WordBlank]) -> torch.Tensor:
     return torch.softmax(model.logits(hidden).float(), dim=-1)
 
 
-def greedy_fills(model, tok, blanks: list[WordBlank], max_new_tokens: int = 8) -> list[list[int]]:
-    """Each blank filled greedily with the KV cache until `<eop>` (at most `max_new_tokens`)."""
+def greedy_fills(model, tok, blanks: list[WordBlank], limits: list[int]) -> list[list[int]]:
+    """Each blank filled greedily with the KV cache until `<eop>` or `limits[i]` tokens."""
     from glmkit.infer.engine import Engine, Request
     from glmkit.infer.sampling import SamplingConfig
-    cfg = SamplingConfig(max_new_tokens=max_new_tokens)
-    reqs = [Request.infill(b.left + [tok.mask_id] + b.right, [len(b.left)], cfg) for b in blanks]
-    return [r.tokens[0] for r in Engine(model, tok, max_batch=len(blanks)).generate(reqs)]
+    if not blanks:
+        return []
+    cfg = SamplingConfig(max_new_tokens=max(limits))
+    reqs = [Request.infill(b.left + [tok.mask_id] + b.right, [len(b.left)], cfg, max_new_tokens=n)
+            for b, n in zip(blanks, limits)]
+    engine = Engine(model, tok, max_batch=len(blanks), max_len=max(len(r.prompt) for r in reqs) + max(limits) + 1)
+    return [r.tokens[0] for r in engine.generate(reqs)]
 
 
 def read_blanks(model, tok, blanks: list[WordBlank], top_k: int = 5, batch_size: int = 32,
-                max_new_tokens: int = 8) -> list[BlankReading]:
-    """The model's reading of every blank (module docstring), `batch_size` blanks per forward."""
+                max_new_tokens: int = 8, shown: set[int] | frozenset = frozenset()) -> list[BlankReading]:
+    """The model's reading of every blank (module docstring), `batch_size` blanks per forward.
+
+    The greedy fill's first token is the argmax of the first-token distribution. The fill is decoded
+    further (until `<eop>`, at most `max_new_tokens`) only where it could still be the answer (that
+    first token is the answer's; then at most two tokens past the answer's length) and for the blanks
+    whose indices are in `shown`; elsewhere `fill` is that first token alone and `fill_complete` False:
+    decoding is most of the probe's cost, and it cannot change an exact-match count."""
     model.eval()
     out = []
     for s in range(0, len(blanks), batch_size):
         part = blanks[s:s + batch_size]
         probs = first_token_probs(model, tok, part)
-        fills = greedy_fills(model, tok, part, max_new_tokens)
+        first = probs.argmax(-1).tolist()
+        limits = {i: max_new_tokens if s + i in shown else min(max_new_tokens, len(b.answer) + 2)
+                  for i, b in enumerate(part) if s + i in shown or first[i] == b.answer[0]}
+        decoded = dict(zip(limits, greedy_fills(model, tok, [part[i] for i in limits], list(limits.values()))))
         top_p, top_i = probs.topk(top_k, dim=-1)
-        for b, p, fill, tp, ti in zip(part, probs, fills, top_p.tolist(), top_i.tolist()):
+        for i, (b, p, tp, ti) in enumerate(zip(part, probs, top_p.tolist(), top_i.tolist())):
             p_true = p[b.answer[0]]
-            out.append(BlankReading(fill, float(p_true), int((p > p_true).sum()) + 1, list(zip(ti, tp))))
+            out.append(BlankReading(decoded.get(i, [first[i]]), float(p_true), int((p > p_true).sum()) + 1,
+                                    list(zip(ti, tp)), i in decoded))
     return out
 
 
