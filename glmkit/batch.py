@@ -90,6 +90,15 @@ class Batch:
         return int(self.loss_mask.sum())
 
 
+def loss_positions(batch: Batch) -> torch.Tensor:
+    """Flat indices (into the B*T positions) of the loss positions, (N,) int64, in row-major order.
+    From a numpy batch: a CPU tensor made on the host (the trainer ships it to the device with the
+    batch); from a torch batch: on its device (`nonzero` reads the mask back from a GPU)."""
+    if isinstance(batch.loss_mask, np.ndarray):
+        return torch.from_numpy(np.flatnonzero(batch.loss_mask.reshape(-1)).astype(np.int64))
+    return batch.loss_mask.reshape(-1).nonzero().squeeze(-1)
+
+
 def dense_mask(batch: Batch) -> torch.Tensor:
     """The reference attention mask, (B, T, T) bool, True where query q (dim 1) may see key k (dim 2).
 

@@ -116,17 +116,31 @@ def test_auto_picks_split_only_for_long_rows(monkeypatch):
 def test_flex_kernel_options_are_checked_and_leave_cpu_results_alone():
     import glmkit.model.attention as att
     with pytest.raises(GlmkitError, match="BLOK_M.*BLOCK_M"):
-        att.set_flex_options('{"BLOK_M": 64}')
+        att.check_flex_options('{"BLOK_M": 64}')
     with pytest.raises(GlmkitError, match="not JSON"):
-        att.set_flex_options("{BLOCK_M: 64}")
+        att.check_flex_options("{BLOCK_M: 64}")
+    assert att.check_flex_options(None) is att.check_flex_options("") is att.check_flex_options({}) is None
     batch = make_batch(ROWS["packed"], T=24)
     q, k, v = _qkv(*batch.shape)
-    try:
-        assert att.set_flex_options('{"BLOCK_M": 64, "BLOCK_N": 64}') == {"BLOCK_M": 64, "BLOCK_N": 64}
-        out = attend(q, k, v, make_attention_mask(batch, "flex"))      # CPU: options are for the GPU kernel
-    finally:
-        assert att.set_flex_options(None) is None
+    options = att.check_flex_options('{"BLOCK_M": 64, "BLOCK_N": 64}')
+    assert options == {"BLOCK_M": 64, "BLOCK_N": 64}
+    mask = make_attention_mask(batch, "flex", flex_options=options)
+    assert mask.flex_options == options
+    out = attend(q, k, v, mask)                                        # CPU: options are for the GPU kernel
     torch.testing.assert_close(out, _reference(q, k, v, batch), atol=2e-5, rtol=1e-4)
+
+
+def test_backend_and_flex_options_are_the_models_not_the_process():
+    """Two models in one process keep their own run-time choices; the config holds none of them."""
+    from glmkit.model.glm import GLM
+    a = GLM(GLMConfig.from_name("tiny")).set_runtime(attention_backend="flex", flex_options='{"BLOCK_M": 64}')
+    b = GLM(GLMConfig.from_name("tiny"))
+    batch = make_batch(ROWS["packed"], T=24)
+    assert (a.attention_mask(batch).backend, a.attention_mask(batch).flex_options) == ("flex", {"BLOCK_M": 64})
+    assert (b.attention_mask(batch).backend, b.attention_mask(batch).flex_options) == ("sdpa", None)   # auto, CPU
+    assert "attention_backend" not in a.config.to_dict()
+    with pytest.raises(GlmkitError, match="unknown attention backend 'fast'"):
+        b.set_runtime(attention_backend="fast")
 
 
 def _varlen_math(q, k, v, cu_q, cu_k, causal, scale=None, gqa=False):

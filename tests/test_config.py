@@ -19,6 +19,16 @@ def test_presets_validate_and_round_trip(name, tmp_path):
     assert GLMConfig.load(tmp_path / name) == c
 
 
+def test_config_holds_the_architecture_only_and_reads_old_files_with_a_backend(tmp_path):
+    """attention_backend is a run-time choice: not saved; an older config.json that has it still loads."""
+    c = GLMConfig.from_name("tiny")
+    assert "attention_backend" not in c.to_dict()
+    (tmp_path / "config.json").write_text(json.dumps({**c.to_dict(), "attention_backend": "split"}))
+    assert GLMConfig.load(tmp_path) == c
+    with pytest.raises(GlmkitError, match="unknown GLMConfig key 'attention_kernel'"):
+        GLMConfig.from_dict({**c.to_dict(), "attention_kernel": "split"})
+
+
 # (preset, published total, published active or None, tolerance). Active counts exclude the embedding
 # and output matrices, as the GLM-4.5 release's "A12B" / "A32B" do.
 PUBLISHED = [
@@ -84,7 +94,6 @@ def test_training_flops_moe_last_layer_runs_everywhere():
     (dict(residual="post"), "residual"),
     (dict(mlp="relu"), "mlp"),
     (dict(position_embedding="alibi"), "position_embedding"),
-    (dict(attention_backend="xformers"), "attention_backend"),
     (dict(head_dim=15), "head_dim"),
     (dict(partial_rotary_factor=0.0), "partial_rotary_factor"),
     (dict(hidden_size=0), "hidden_size"),

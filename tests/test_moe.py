@@ -117,8 +117,9 @@ def test_path_switch(monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(Experts, "forward_grouped", lambda *a: pytest.fail("grouped path used"))
         moe(x)
-    monkeypatch.setenv("GLMKIT_MOE_IMPL", "loop")
     model = GLM(moe_config(num_layers=3))
+    assert {m.experts.impl for m in model.moe_layers()} == {"auto"}
+    assert model.set_runtime(moe_impl="loop") is model
     assert {m.experts.impl for m in model.moe_layers()} == {"loop"}
     set_moe_impl(model, "grouped")
     assert {m.experts.impl for m in model.moe_layers()} == {"grouped"}

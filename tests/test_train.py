@@ -186,6 +186,28 @@ def test_corpus_with_another_tokenizer_is_refused_on_resume(toy_corpus, tiny_run
         T.train(tiny_train_config(other.directory, tiny_run_copy, max_steps=14, resume=True))
 
 
+def test_resume_under_another_attention_backend_continues(toy_corpus, tmp_path):
+    """The attention backend, Flex options and MoE path are run-time choices, not part of the run's
+    fingerprint: a run trained with sdpa resumes under flex (setup) and auto (trained on), and a checkpoint
+    whose fingerprint still holds the backend inside the model config (older runs) resumes too."""
+    cfg = tiny_train_config(toy_corpus.directory, tmp_path, max_steps=2, save_every=2, eval_every=0, attention_backend="sdpa")
+    T.train(cfg)
+    run, found = S.setup(replace(cfg, max_steps=4, resume=True, attention_backend="flex",
+                                 flex_options='{"BLOCK_M": 64}', moe_impl="loop"))
+    assert found.name == "step-000002" and run.model.attention_backend == "flex"
+    assert run.model.flex_options == {"BLOCK_M": 64}
+    assert T.train(replace(cfg, max_steps=4, resume=True, attention_backend="auto"))["step"] == 4
+    manifest_path = tmp_path / "checkpoints" / "step-000004" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    assert "attention_backend" not in manifest["fingerprint"]["model"]
+    manifest["fingerprint"]["model"]["attention_backend"] = "split"
+    manifest_path.write_text(json.dumps(manifest))
+    assert T.train(replace(cfg, max_steps=5, resume=True))["step"] == 5
+    assert sorted(losses(tmp_path)) == [1, 2, 3, 4, 5]
+    with pytest.raises(GlmkitError, match="--attention-backend must be one of auto, sdpa, flex, split"):
+        replace(cfg, attention_backend="fast").validate()
+
+
 def test_out_dir_holding_another_run_needs_resume_or_overwrite(toy_corpus, tmp_path):
     cfg = tiny_train_config(toy_corpus.directory, tmp_path, max_steps=2, save_every=0, eval_every=0)
     T.train(cfg)

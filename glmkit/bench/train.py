@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from glmkit.batch import Batch, float_mask
 from glmkit.errors import GlmkitError
-from glmkit.model.attention import set_flex_options
+from glmkit.model.attention import check_flex_options
 from glmkit.model.config import GLMConfig, human
 from glmkit.train.metrics import datasheet_peak, measured_matmul_peak
 
@@ -48,7 +48,7 @@ class TrainBench:
     warmup: int | None = None           # untimed steps first (default: 5 cuda/compile, 1 cpu)
     compile: bool = False               # torch.compile both models (glmkit: per block)
     objective: str = "glm"              # glm | clm | both
-    backend: str | None = None          # glmkit attention backend (default: the config's, auto)
+    backend: str | None = None          # glmkit attention backend (default: auto)
     hf_arch: str = "glm4"               # glm4 (Glm4ForCausalLM, sandwich) | glm (GlmForCausalLM)
     no_hf: bool = False                 # time glmkit only (ratio null)
     seed: int = 0
@@ -106,8 +106,9 @@ def hf_model_like(model):
     return hf
 
 
-def glm_loss(model, batch: Batch, backend: str | None):
-    return model.loss(batch, model.attention_mask(batch, backend))
+def glm_loss(model, batch: Batch):
+    """The loss in the model's own attention backend (`model.set_runtime`)."""
+    return model.loss(batch, model.attention_mask(batch))
 
 
 def hf_loss(hf, batch: Batch, causal: bool):
@@ -181,9 +182,9 @@ def attention_table(device, dtype, shapes=((16, 16, 1024), (4, 16, 4096)), parts
     """fwd+bwd milliseconds of `attend` per backend on GLM rows, against flash causal attention (the
     DESIGN.md §4 kernel table). head dim 64, GQA off. Each JSON text in `flex_variants` adds a column:
     Flex with those kernel options. `log` gets each row as it is measured."""
-    from glmkit.model import attention
-    log = log or (lambda line: None)
     from glmkit.model.attention import attend, make_attention_mask
+
+    log = log or (lambda line: None)
 
     rows = []
     for B, H, T in shapes:
@@ -196,8 +197,8 @@ def attention_table(device, dtype, shapes=((16, 16, 1024), (4, 16, 4096)), parts
             for name in ("causal", "sdpa", "flex", "split", *(f"flex{v}" for v in flex_variants)):
                 backend = "flex" if name.startswith("flex") else name
                 try:
-                    attention.set_flex_options(name[4:] if name.startswith("flex{") else None)
-                    mask = None if name == "causal" else make_attention_mask(batch, backend, dtype)
+                    options = check_flex_options(name[4:] if name.startswith("flex{") else None)
+                    mask = None if name == "causal" else make_attention_mask(batch, backend, dtype, options)
                 except GlmkitError as e:          # split unavailable here
                     log(f"{name}: {e}")
                     row[name] = None
@@ -216,7 +217,6 @@ def attention_table(device, dtype, shapes=((16, 16, 1024), (4, 16, 4096)), parts
                 row[name] = round(statistics.median(ms), 3)
             rows.append(row)
             log("  ".join(f"{k} {v}" for k, v in row.items()))
-    attention.set_flex_options(None)
     return rows
 
 
@@ -231,16 +231,14 @@ def bench_train(args: TrainBench, log: Callable[[str], None] | None = None) -> d
         device = torch.device(args.device)
         shapes = ((16, 16, 1024), (4, 16, 4096)) if device.type == "cuda" else ((2, 4, 256),)
         for v in args.flex_options:              # bad JSON or an unknown option: say so before timing anything
-            set_flex_options(v)
+            check_flex_options(v)
         rows = attention_table(device, getattr(torch, args.dtype), shapes, flex_variants=args.flex_options, log=log)
         g = rows[0]
         best = min(x for name, x in g.items() if name in ("sdpa", "split") or name.startswith("flex") if x)
         return {"device": args.device, "dtype": args.dtype, "rows": rows,
                 "ratio": round(g["causal"] / best, 4)}   # causal ms / best GLM-mask ms, first row
-    if args.flex_options:
-        if len(args.flex_options) > 1:
-            raise GlmkitError("give one --flex-options for a training bench (several are for --attention-table)")
-        set_flex_options(args.flex_options[0])
+    if len(args.flex_options) > 1:
+        raise GlmkitError("give one --flex-options for a training bench (several are for --attention-table)")
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     torch.manual_seed(args.seed)
     config = GLMConfig.from_name(args.preset)
@@ -250,6 +248,7 @@ def bench_train(args: TrainBench, log: Callable[[str], None] | None = None) -> d
     if not config.is_moe and args.hf_arch == "glm4":
         config = config.with_(residual="sandwich")          # = Glm4ForCausalLM
     model = GLM(config).to(device=device, dtype=dtype)
+    model.set_runtime(attention_backend=args.backend or "auto", flex_options=(args.flex_options or [""])[0])
     hf = None if args.no_hf else hf_model_like(model).to(device=device, dtype=dtype)
 
     kinds = {"glm": ["glm"], "clm": ["clm"], "both": ["glm", "clm"]}[args.objective]
@@ -258,8 +257,7 @@ def bench_train(args: TrainBench, log: Callable[[str], None] | None = None) -> d
         b, counts = make_batch(k, args.batch_size, args.seq_len, config.vocab_size, args.seed)
         batches[k] = (b.to(device), counts)
     main_batch, counts = batches[kinds[0]]
-    backend = args.backend or config.attention_backend
-    resolved = model.attention_mask(main_batch, backend).backend     # what glmkit really runs (incl. no mask)
+    resolved = model.attention_mask(main_batch).backend     # what glmkit really runs (incl. no mask)
 
     if args.compile:
         for block in model.layers:
@@ -267,10 +265,10 @@ def bench_train(args: TrainBench, log: Callable[[str], None] | None = None) -> d
         if hf is not None:
             hf = torch.compile(hf)
 
-    contestants = {"glmkit": make_step(model, lambda: glm_loss(model, main_batch, backend))}
+    contestants = {"glmkit": make_step(model, lambda: glm_loss(model, main_batch))}
     if "clm" in batches and len(kinds) == 2:
         clm_batch = batches["clm"][0]
-        contestants["glmkit_clm"] = make_step(model, lambda: glm_loss(model, clm_batch, backend))
+        contestants["glmkit_clm"] = make_step(model, lambda: glm_loss(model, clm_batch))
     if hf is not None:
         contestants["hf"] = make_step(hf, lambda: hf_loss(hf, main_batch, kinds[0] == "clm"))
 
@@ -333,7 +331,8 @@ def _loop_share(args, config, log) -> dict:
     from glmkit.train.loop import TrainConfig, measure_data_share
     dtype = {"float32": "fp32", "bfloat16": "bf16"}.get(args.dtype, "auto")
     cfg = TrainConfig(model=config.name, seq_len=args.seq_len, batch_size=args.batch_size, device=args.device,
-                      dtype=dtype, compile=args.compile, objective="glm", progress=False, tensorboard=False)
+                      dtype=dtype, compile=args.compile, objective="glm", progress=False, tensorboard=False,
+                      attention_backend=args.backend or "auto", flex_options=(args.flex_options or [""])[0])
     r = measure_data_share(cfg, steps=args.loop_steps)
     log(f"whole training loop ({args.loop_steps} steps, default corpus): {r['tok_per_s']:,.0f} positions/s, "
         f"data pipeline {100 * r['data_share']:.2f}% of step time")

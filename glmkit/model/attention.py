@@ -2,14 +2,20 @@
 the one `attend` call every layer makes.
 
 Contract
-- `make_attention_mask(batch, backend)` is called ONCE per batch (outside any compiled region: it
-  reads the batch on the host for `split`) and the returned `AttentionMask` is handed to every layer.
-  The rule it encodes is `glmkit.batch`'s: query q sees key k iff same segment and
-  (k < sep[q] or (k <= q and same span id)).
+- `make_attention_mask(batch, backend)` is called ONCE per batch (outside any compiled region) and the
+  returned `AttentionMask` is handed to every layer. The rule it encodes is `glmkit.batch`'s: query q
+  sees key k iff same segment and (k < sep[q] or (k <= q and same span id)).
+- What must be read on the host (which backend runs, whether any row needs a mask at all, the split
+  backend's flat-token plan) is a `MaskPlan`: `plan_mask(batch, ...)` builds it from the numpy batch
+  before the batch reaches the device (the trainer does it in its data prefetcher), `MaskPlan.to`
+  ships it with the batch, and `make_attention_mask(batch, plan=plan)` then builds the rest on the
+  device without reading anything back. Without a plan, `make_attention_mask` makes one from `batch`
+  itself (a device-to-host copy when the batch is on a GPU: fine for inference and tests).
 - `attend(q, k, v, mask)` takes q (B, T, H, D) and k, v (B, S, Hkv, D) (GQA: H a multiple of Hkv),
   and returns (B, T, H, D). `mask=None` means plain causal attention.
 
-Backends (chosen once by name: `GLMConfig.attention_backend`, or an override):
+Backends (`BACKENDS`, chosen by name: a run's option, set on the model with
+`GLM.set_runtime(attention_backend=...)`, or an argument of `make_attention_mask`):
 - `sdpa`  the REFERENCE: a dense (B, 1, T, T) boolean mask (`glmkit.batch.dense_mask`) through
           `F.scaled_dot_product_attention`. Any layout, packed rows; O(T^2) mask memory. CPU training.
 - `flex`  FlexAttention with a `BlockMask` built once per batch from segment_ids / sep / span_ids;
@@ -40,7 +46,6 @@ import functools
 import inspect
 import json
 import math
-import os
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -124,6 +129,31 @@ class SplitPlan:
     cu_k: torch.Tensor       # (S+1,) int32 cumulative sample lengths (Part B keys: the whole sample)
     max_len: int             # T: an upper bound for every max_q / max_k (constant: no recompiles)
 
+    def _map(self, fn) -> SplitPlan:
+        tensors = (self.a_idx, self.b_idx, self.inverse, self.cu_a, self.cu_b, self.cu_k)
+        return SplitPlan(*(fn(t) for t in tensors), self.max_len)
+
+    def to(self, device: str | torch.device, non_blocking: bool = False) -> SplitPlan:
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> SplitPlan:
+        return self._map(torch.Tensor.pin_memory)
+
+
+@dataclass
+class MaskPlan:
+    """The host-side part of a batch's mask: the backend that runs ("causal" / "full" when no row needs
+    a mask) and, for split, the flat-token plan (CPU tensors until `to` moves them)."""
+    backend: str                          # "sdpa" | "flex" | "split" | "causal" | "full"
+    split: SplitPlan | None = None
+
+    def to(self, device: str | torch.device, non_blocking: bool = False) -> MaskPlan:
+        split = self.split.to(device, non_blocking) if self.split is not None else None
+        return MaskPlan(self.backend, split)
+
+    def pin_memory(self) -> MaskPlan:
+        return MaskPlan(self.backend, self.split.pin_memory() if self.split is not None else None)
+
 
 @dataclass
 class AttentionMask:
@@ -133,6 +163,7 @@ class AttentionMask:
     plan: SplitPlan | None = None         # split
     kv_len: int | None = None             # attend to the first kv_len keys only (a KV cache's filled
                                           # slots, eager decoding); None = every key
+    flex_options: dict | None = None      # flex on CUDA: FlexKernelOptions (see `check_flex_options`)
 
 
 def resolve_backend(backend: str, device: torch.device | str, dtype: torch.dtype | None = None,
@@ -158,20 +189,39 @@ def resolve_backend(backend: str, device: torch.device | str, dtype: torch.dtype
     return backend
 
 
-def make_attention_mask(batch: Batch, backend: str = "sdpa", dtype: torch.dtype | None = None) -> AttentionMask:
-    """Build the mask for `batch` (torch tensors, on the model's device) once; reuse it in every layer."""
-    device = batch.input_ids.device if isinstance(batch.input_ids, torch.Tensor) else torch.device("cpu")
+def plan_mask(batch: Batch, backend: str = "sdpa", device: str | torch.device = "cpu",
+              dtype: torch.dtype | None = None) -> MaskPlan:
+    """The host-side decisions for `batch`'s mask, read from its arrays (numpy: no device involved):
+    the backend (`resolve_backend` for a model on `device` computing in `dtype`), no mask at all for
+    plain rows, and the split plan (CPU tensors)."""
     backend = resolve_backend(backend, device, dtype, batch)
     plain = _plain_rows(batch)
     if plain:                       # every row one unpadded causal (CLM) or bidirectional (MLM) sample
-        return AttentionMask(plain)
+        return MaskPlan(plain)
     if backend == "flex" and batch.input_ids.shape[1] < 16:      # below Flex's smallest block: dense
         backend = "sdpa"
-    if backend == "sdpa":
+    if backend == "split":
+        return MaskPlan("split", split_plan(batch, device="cpu"))
+    return MaskPlan(backend)
+
+
+def make_attention_mask(batch: Batch, backend: str = "sdpa", dtype: torch.dtype | None = None,
+                        flex_options: dict | None = None, plan: MaskPlan | None = None) -> AttentionMask:
+    """Build the mask for `batch` (torch tensors, on the model's device) once; reuse it in every layer.
+    With `plan` (from `plan_mask`, already on the device) nothing is read back from the device and
+    `backend` is the plan's; without, the plan is made here from `batch`."""
+    if plan is None:
+        device = batch.input_ids.device if isinstance(batch.input_ids, torch.Tensor) else torch.device("cpu")
+        plan = plan_mask(batch, backend, device, dtype)
+        if plan.split is not None:
+            plan = plan.to(device)
+    if plan.backend in ("causal", "full"):
+        return AttentionMask(plan.backend)
+    if plan.backend == "sdpa":
         return AttentionMask("sdpa", dense=dense_mask(batch)[:, None])
-    if backend == "flex":
-        return AttentionMask("flex", block_mask=_block_mask(batch))
-    return AttentionMask("split", plan=split_plan(batch))
+    if plan.backend == "flex":
+        return AttentionMask("flex", block_mask=_block_mask(batch), flex_options=flex_options)
+    return AttentionMask("split", plan=plan.split)
 
 
 def _plain_rows(batch: Batch) -> str | None:
@@ -227,7 +277,8 @@ def split_applies(batch: Batch) -> bool:
     return True
 
 
-def split_plan(batch: Batch) -> SplitPlan:
+def split_plan(batch: Batch, device: str | torch.device | None = None) -> SplitPlan:
+    """The split backend's flat-token plan for `batch`, on `device` (default: the batch's)."""
     seg, sep = _host(batch.segment_ids), _host(batch.sep)
     B, T = seg.shape
     a_idx, b_idx, la, lb, lk = [], [], [], [], []
@@ -241,7 +292,8 @@ def split_plan(batch: Batch) -> SplitPlan:
     order = np.concatenate(a_idx + b_idx)
     inverse = np.empty(B * T, dtype=np.int64)
     inverse[order] = np.arange(B * T)
-    device = batch.input_ids.device if isinstance(batch.input_ids, torch.Tensor) else "cpu"
+    if device is None:
+        device = batch.input_ids.device if isinstance(batch.input_ids, torch.Tensor) else "cpu"
 
     def cu(lengths):
         return torch.tensor(np.concatenate(([0], np.cumsum(lengths))), dtype=torch.int32, device=device)
@@ -293,18 +345,16 @@ def _split_self_check() -> bool:
 # ------------------------------------------------------------------------------------------------
 # attend
 # ------------------------------------------------------------------------------------------------
+# The compiled flex_attention, shared by every model in the process (compiling is slow; the kernel
+# options are an argument of each call, not of the compiled function).
 _compiled_flex = None
-# FlexAttention kernel options (torch's FlexKernelOptions: BLOCK_M, BLOCK_N, num_warps, num_stages,
-# USE_TMA, ROWS_GUARANTEED_SAFE, ...) for every flex call; None = torch's defaults. Set from the
-# environment as JSON (GLMKIT_FLEX_OPTIONS='{"BLOCK_M": 64, "BLOCK_N": 64}') or `set_flex_options`.
-# `glmkit bench train --attention-table --flex-options JSON` times candidates beside the defaults.
-FLEX_OPTIONS: dict | None = None
 
 
-def set_flex_options(options: dict | str | None) -> dict | None:
-    """Set the Flex kernel options (a dict, its JSON text, or None for the defaults); returns them.
-    Unknown names are an error that lists the known ones."""
-    global FLEX_OPTIONS
+def check_flex_options(options: dict | str | None) -> dict | None:
+    """FlexAttention kernel options (torch's FlexKernelOptions: BLOCK_M, BLOCK_N, num_warps, num_stages,
+    USE_TMA, ROWS_GUARANTEED_SAFE, ...) from a dict, its JSON text, or None / "" / {} for torch's
+    defaults (returned as None). Unknown names are an error that lists the known ones.
+    `glmkit bench train --attention-table --flex-options JSON` times candidates beside the defaults."""
     if isinstance(options, str):
         try:
             options = json.loads(options) if options.strip() else None
@@ -320,20 +370,16 @@ def set_flex_options(options: dict | str | None) -> dict | None:
         if unknown:
             raise GlmkitError(f"unknown Flex kernel option(s) {', '.join(unknown)}; this torch knows "
                               f"{', '.join(sorted(known))}")
-    FLEX_OPTIONS = dict(options) if options else None
-    return FLEX_OPTIONS
+    return dict(options) if options else None
 
 
-if os.environ.get("GLMKIT_FLEX_OPTIONS"):
-    set_flex_options(os.environ["GLMKIT_FLEX_OPTIONS"])
-
-
-def _flex(q, k, v, block_mask, gqa):
-    """q (B, H, T, D). Compiled on CUDA (the fused kernel); eager on the CPU (reference math)."""
+def _flex(q, k, v, block_mask, gqa, options: dict | None = None):
+    """q (B, H, T, D). Compiled on CUDA (the fused kernel); eager on the CPU (reference math).
+    options: Flex kernel options, used by the CUDA kernel only."""
     global _compiled_flex
     from torch.nn.attention.flex_attention import flex_attention
 
-    kw = {"kernel_options": FLEX_OPTIONS} if FLEX_OPTIONS and q.device.type == "cuda" else {}
+    kw = {"kernel_options": options} if options and q.device.type == "cuda" else {}
     if torch.compiler.is_compiling():       # inside a compiled block: dynamo lowers flex itself
         return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa, **kw)
     if q.device.type == "cuda":
@@ -361,7 +407,7 @@ def attend(q, k, v, mask: AttentionMask | None = None, scale: float | None = Non
         # contiguous inputs: compiled Flex (torch 2.13, inductor CPU at least) returns wrong values when
         # v is a slice of the fused qkv output and q, k are not (a storage-offset view)
         qt, kt, vt = (x.contiguous().transpose(1, 2) for x in (q, k, v))
-        out = _flex(qt, kt, vt, mask.block_mask, gqa)
+        out = _flex(qt, kt, vt, mask.block_mask, gqa, mask.flex_options)
     else:
         if gqa and q.device.type == "cuda" and q.shape[1] > 1:   # masked CUDA kernels prefer explicit heads
             kt, vt = (x.repeat_interleave(H // Hkv, dim=1) for x in (kt, vt))

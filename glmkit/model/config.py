@@ -19,8 +19,12 @@ published shapes `glm-base`, `glm-large`, `glm-130b`, `chatglm-6b`, `glm-4-9b`, 
 Parameter counts come from the config alone (`num_params`), so a 355B preset is checked without
 building it. `num_params(active=True)` counts only the experts a token runs through (MoE).
 
-Serialisation: `to_dict`/`from_dict` (an unknown key is a `GlmkitError` naming it), `save(path)` writes
-`config.json` (next to the weights when `path` is a folder), `load(path)` reads it back.
+The config is the architecture only: how a run computes it (attention backend, Flex kernel options,
+MoE implementation) is set on the model (`GLM.set_runtime`), never saved here.
+
+Serialisation: `to_dict`/`from_dict` (an unknown key is a `GlmkitError` naming it; `RUNTIME_KEYS` that
+older files carry are ignored), `save(path)` writes `config.json` (next to the weights when `path` is
+a folder), `load(path)` reads it back.
 """
 
 from __future__ import annotations
@@ -36,7 +40,9 @@ NORMS = ("layernorm", "rmsnorm")
 RESIDUALS = ("pre", "deepnorm", "sandwich")
 MLPS = ("gelu", "geglu", "swiglu")
 POSITIONS = ("learned_2d", "rope", "rope_2d")
-BACKENDS = ("auto", "sdpa", "flex", "split")
+# Keys that older config.json files carry but that are run-time choices, not architecture (the
+# attention backend is an option of a run: `GLM.set_runtime`). Read and ignored.
+RUNTIME_KEYS = ("attention_backend",)
 
 
 @dataclass
@@ -79,9 +85,8 @@ class GLMConfig:
     n_group: int = 1                       # expert groups; top `topk_group` groups are eligible (HF semantics)
     topk_group: int = 1
     router_aux_loss_coef: float = 0.0      # >0: add a switch-style balance loss (GLM-4.5 uses 0: bias balancing)
-    # training / runtime
+    # initialisation
     initializer_range: float = 0.02
-    attention_backend: str = "auto"        # auto | sdpa | flex | split (see glmkit/attention.py)
 
     # -- derived ---------------------------------------------------------------------------------
     def __post_init__(self):
@@ -110,7 +115,7 @@ class GLMConfig:
             raise GlmkitError(f"config {self.name!r}: {field} {msg}")
 
         for field, allowed in (("norm", NORMS), ("residual", RESIDUALS), ("mlp", MLPS),
-                               ("position_embedding", POSITIONS), ("attention_backend", BACKENDS),
+                               ("position_embedding", POSITIONS),
                                ("gelu_approximate", ("tanh", "none"))):
             if getattr(self, field) not in allowed:
                 bad(field, f"= {getattr(self, field)!r} is not one of {', '.join(allowed)}")
@@ -253,6 +258,7 @@ class GLMConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> GLMConfig:
+        d = {k: v for k, v in d.items() if k not in RUNTIME_KEYS}
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:

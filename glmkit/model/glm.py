@@ -1,6 +1,7 @@
 """The GLM transformer, every generation in one module (DESIGN.md §2), for one device.
 
     model = GLM(GLMConfig.from_name("tiny"))
+    model.set_runtime(attention_backend="sdpa")      # run-time choices (not in the config)
     loss = model.loss(batch)                         # batch: glmkit.batch.Batch of torch tensors
     h = model(input_ids, position_ids, block_position_ids, attn=mask)  # (B, T, hidden) final-normed
     logits = model.logits(h)                         # (..., vocab)
@@ -10,14 +11,18 @@ Contract
   the vocabulary only at loss positions (`loss`), inference only at the last position. `attn` is an
   `AttentionMask` from `glmkit.model.attention.make_attention_mask(batch, backend)`, built once per batch;
   `attn=None` is plain causal attention over the row.
+- Run-time choices live on the model, never in `GLMConfig`: `set_runtime(attention_backend=...,
+  flex_options=..., moe_impl=...)` (defaults auto, torch's Flex defaults, auto); `attention_mask`
+  uses them. No module globals: two models in one process can run different backends.
 - Positions are always GLM's 2D pair. `learned_2d` adds two embedding tables; `rope_2d` rotates half
   of each head by each; the 1-D RoPE families (GLM-130B, GLM-4, GLM-4.5) use
   `position_ids + block_position_ids`, which is the running index for causal text and makes blank
   infilling work on them too.
-- `loss(batch)`: mean cross-entropy over `batch.loss_mask`; hidden states are gathered at those
-  positions right after the last block's attention (`forward(..., select=idx)`), so that block's MLP,
-  the final norm and the output projection run only there; + MoE balance terms if
-  `router_aux_loss_coef > 0`.
+- `loss(batch, attn, loss_index)`: mean cross-entropy over `batch.loss_mask`; hidden states are
+  gathered at those positions right after the last block's attention (`forward(..., select=idx)`),
+  so that block's MLP, the final norm and the output projection run only there; + MoE balance terms
+  if `router_aux_loss_coef > 0`. `loss_index` (`glmkit.batch.loss_positions`, built on the host by the
+  trainer) saves the `nonzero` that would otherwise read the mask back from the device.
 - KV cache (`glmkit.model.kv_cache`): `forward(..., cache=cache, input_pos=slots)` writes this call's keys
   and values at `input_pos` and attends over the whole cache with `attn.dense` (B, 1, T, S), or over
   its first `attn.kv_len` slots when that is set (eager decoding reads only the filled slots).
@@ -39,11 +44,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from glmkit.batch import Batch
+from glmkit.batch import Batch, loss_positions
 from glmkit.errors import GlmkitError
-from glmkit.model.attention import AttentionMask, Rotary, attend, make_attention_mask
+from glmkit.model.attention import (
+    BACKENDS,
+    AttentionMask,
+    MaskPlan,
+    Rotary,
+    attend,
+    check_flex_options,
+    make_attention_mask,
+)
 from glmkit.model.config import GLMConfig
-from glmkit.model.moe import MoE
+from glmkit.model.moe import MoE, set_moe_impl
 
 
 class RMSNorm(nn.Module):
@@ -172,7 +185,25 @@ class GLM(nn.Module):
         self.norm = make_norm(c)
         self.lm_head = None if c.tie_word_embeddings else nn.Linear(c.hidden_size, c.vocab_size, bias=False)
         self.checkpointing = False
+        self.attention_backend = "auto"          # run-time choices: set_runtime
+        self.flex_options: dict | None = None
         self.reset_parameters()
+
+    def set_runtime(self, attention_backend: str | None = None, flex_options: dict | str | None = None,
+                    moe_impl: str | None = None) -> GLM:
+        """How this model computes, never part of its config: the attention backend (`BACKENDS`), the
+        Flex kernel options (a dict or its JSON; "" or {} for torch's defaults), the MoE expert path
+        (auto | loop | grouped). None leaves a choice as it is. Returns the model."""
+        if attention_backend is not None:
+            if attention_backend not in BACKENDS:
+                raise GlmkitError(f"unknown attention backend {attention_backend!r}; choose one of "
+                                  f"{', '.join(BACKENDS)}")
+            self.attention_backend = attention_backend
+        if flex_options is not None:
+            self.flex_options = check_flex_options(flex_options)
+        if moe_impl is not None:
+            set_moe_impl(self, moe_impl)
+        return self
 
     # -- init ------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -219,7 +250,10 @@ class GLM(nn.Module):
         x = self.embed_tokens(input_ids)
         if self.rotary is None:
             n = self.config.max_position_embeddings
-            if max(int(position_ids.max()), int(block_position_ids.max())) >= n:
+            # not while training on a GPU, where reading the maximum back would stall every step: the
+            # trainer raises max_position_embeddings to its row length, so no position exceeds it
+            check = not (self.training and position_ids.is_cuda)
+            if check and max(int(position_ids.max()), int(block_position_ids.max())) >= n:
                 raise GlmkitError(f"a position id is >= max_position_embeddings = {n} of this learned-position "
                                   "model; use shorter rows or a config with more positions")
             x = x + self.position_embeddings(position_ids) + self.block_position_embeddings(block_position_ids)
@@ -248,17 +282,23 @@ class GLM(nn.Module):
         w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(hidden, w)
 
-    def attention_mask(self, batch: Batch, backend: str | None = None) -> AttentionMask:
-        dtype = self.embed_tokens.weight.dtype
-        return make_attention_mask(batch, backend or self.config.attention_backend, dtype)
+    def attention_mask(self, batch: Batch, backend: str | None = None, plan: MaskPlan | None = None,
+                       dtype: torch.dtype | None = None) -> AttentionMask:
+        """The mask of `batch` for every layer, in this model's backend (or `backend`); `plan` (from
+        `glmkit.model.attention.plan_mask`, on this device) holds what was decided on the host. dtype:
+        the compute dtype (default: the weights'; under autocast pass the autocast dtype)."""
+        return make_attention_mask(batch, backend or self.attention_backend, dtype or self.embed_tokens.weight.dtype,
+                                   flex_options=self.flex_options, plan=plan)
 
-    def loss(self, batch: Batch, attn: AttentionMask | None = None) -> torch.Tensor:
+    def loss(self, batch: Batch, attn: AttentionMask | None = None,
+             loss_index: torch.Tensor | None = None) -> torch.Tensor:
         """Mean cross-entropy over batch.loss_mask. Hidden states are gathered at those positions inside
         the last block (after its attention), so its MLP, the final norm and the vocabulary projection
-        run only there."""
+        run only there. loss_index: `glmkit.batch.loss_positions(batch)` made on the host (default: made
+        here from the device's loss_mask, which reads it back)."""
         if attn is None:
             attn = self.attention_mask(batch)
-        sel = batch.loss_mask.reshape(-1).nonzero().squeeze(-1)                  # (N_loss,)
+        sel = loss_positions(batch) if loss_index is None else loss_index               # (N_loss,)
         h = self(batch.input_ids, batch.position_ids, batch.block_position_ids, attn, select=sel)
         if sel.numel() == 0:                      # nothing to score: a zero that keeps the graph
             return h.sum() * 0.0

@@ -32,15 +32,14 @@ device, dtype and shapes, no device work):
 Both paths scale each expert output by its routing weight (in fp32, rounded back to the activation
 dtype) and add it into the token's output with `index_add_` in the activation dtype, in expert order (on
 the CPU; CUDA's index_add_ adds atomically), so they agree to the rounding of the matmul kernels.
-Force a path with the environment variable `GLMKIT_MOE_IMPL=loop|grouped|auto` (read when each `Experts`
-is built) or per module, `experts.impl = "loop"` (`set_moe_impl(model, impl)` sets every layer's).
-Forcing `grouped` where it cannot run raises `GlmkitError` with the reason.
+The path is a run-time choice, never part of the config: `model.set_runtime(moe_impl="loop")` (or
+`set_moe_impl(model, impl)`) sets every layer's, `experts.impl = "loop"` one module's; the default is
+`auto`. Forcing `grouped` where it cannot run raises `GlmkitError` with the reason.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import torch.nn as nn
@@ -129,7 +128,7 @@ class Experts(nn.Module):
         E, h, f = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * f, h))
         self.down_proj = nn.Parameter(torch.empty(E, h, f))
-        self.impl = os.environ.get("GLMKIT_MOE_IMPL", "auto")
+        self.impl = "auto"          # a run-time choice: set_moe_impl / GLM.set_runtime
 
     def forward(self, x, idx, weights):
         """x (N, h), idx/weights (N, k) -> (N, h)."""
@@ -243,7 +242,6 @@ class MoE(nn.Module):
 
     @torch.no_grad()
     def update_bias(self, rate: float) -> None:
-        load = self.expert_load
-        if load.sum() > 0:
-            self.gate.e_score_correction_bias += rate * torch.sign(load.mean() - load)
+        load = self.expert_load      # all zero (nothing counted): sign(0) = 0 leaves the bias as it is
+        self.gate.e_score_correction_bias += rate * torch.sign(load.mean() - load)
         load.zero_()

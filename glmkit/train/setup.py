@@ -2,7 +2,8 @@
 
 `TrainConfig` holds every option of `glmkit train` (the string under each field is its `--help` text);
 `setup(cfg)` turns one into a `Run` in every process: the corpus and tokenizer, the model config
-(a preset or a config.json, with overrides), the objective, the parallelized model, AdamW over
+(a preset or a config.json, with overrides), the objective, the parallelized model (with the run's
+attention backend, Flex kernel options and MoE implementation set on it), AdamW over
 `param_groups` with the warmup + cosine `lr_factor`, this process's data shards and its fixed
 validation batches. It also checks the run directory against `--resume` / `--overwrite`, comparing
 the setup's fingerprint (tokenizer, model, objective, `MUST_MATCH` options, data shards) with the
@@ -78,6 +79,13 @@ class TrainConfig:
     """auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16"""
     compile: bool = False
     """torch.compile each transformer block"""
+    attention_backend: str = "auto"
+    """attention kernel: auto | sdpa | flex | split (glmkit.model.attention; a run-time choice: a run
+    resumes under another one)"""
+    flex_options: str = ""
+    """FlexAttention kernel options as JSON, e.g. '{"BLOCK_M": 64, "BLOCK_N": 64}' (default: torch's)"""
+    moe_impl: str = "auto"
+    """MoE expert computation: auto | loop | grouped (glmkit.model.moe)"""
     activation_checkpointing: bool = False
     """recompute each block's activations in backward (less memory, ~30% more compute)"""
     parallel: str = "auto"
@@ -128,6 +136,16 @@ class TrainConfig:
         for ok, msg in checks:
             if not ok:
                 raise GlmkitError(msg)
+        from glmkit.model.attention import BACKENDS, check_flex_options
+        from glmkit.model.moe import IMPLS
+        if self.attention_backend not in BACKENDS:
+            raise GlmkitError(f"--attention-backend must be one of {', '.join(BACKENDS)}")
+        if self.moe_impl not in IMPLS:
+            raise GlmkitError(f"--moe-impl must be one of {', '.join(IMPLS)}")
+        try:
+            check_flex_options(self.flex_options)
+        except GlmkitError as e:
+            raise GlmkitError(f"--flex-options: {e}") from None
         D.resolve_device(self.device)          # cuda on a machine without CUDA
         out = Path(self.out_dir)
         if out.exists() and not out.is_dir():
@@ -138,12 +156,14 @@ class TrainConfig:
         parse_model_overrides(self.model_overrides)
         build_objective(self)                  # --objective and --mixture
         return self
+
     @property
     def warmup(self) -> int:
         return self.warmup_steps if self.warmup_steps is not None else max(1, round(0.05 * self.max_steps))
 
 
-# fields a resumed run must share with its checkpoint (the rest: schedule length, logging, saving, speed)
+# fields a resumed run must share with its checkpoint (the rest: schedule length, logging, saving, speed,
+# and the run-time choices attention_backend / flex_options / moe_impl, which change no result's meaning)
 MUST_MATCH = ("seq_len", "batch_size", "grad_accum", "lr", "min_lr_ratio", "warmup_steps", "weight_decay",
               "beta1", "beta2", "eps", "grad_clip", "seed", "router_bias_rate")
 
@@ -367,9 +387,13 @@ def _prepare_run_dir(cfg: TrainConfig, run_dir: Path, fingerprint: dict) -> Path
 
 
 def _fingerprint_diff(old: dict, new: dict) -> str:
+    from glmkit.model.config import RUNTIME_KEYS
+
     out = []
     for part in ("tokenizer", "model", "objective", "train", "data_shards"):
         a, b = old.get(part), new.get(part)
+        if part == "model" and isinstance(a, dict):      # older runs saved run-time keys in the config
+            a = {k: v for k, v in a.items() if k not in RUNTIME_KEYS}
         if a == b:
             continue
         if isinstance(a, dict) and isinstance(b, dict):
@@ -425,6 +449,7 @@ def setup(cfg: TrainConfig) -> tuple[Run, Path | None]:
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (FSDP2 does not broadcast)
     model = GLM(model_config).to(info.device)
+    model.set_runtime(attention_backend=cfg.attention_backend, flex_options=cfg.flex_options, moe_impl=cfg.moe_impl)
     module = D.parallelize(model, info, cfg.parallel, cfg.compile, cfg.activation_checkpointing)
     optimizer = torch.optim.AdamW(param_groups(module, cfg.weight_decay), lr=cfg.lr,
                                   betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
