@@ -75,6 +75,10 @@ class Batch:
             out[name] = v.to(device=device, dtype=dtype, non_blocking=non_blocking)
         return Batch(**out)
 
+    def pin_memory(self) -> Batch:
+        """CPU torch tensors in page-locked memory (needs CUDA), so a copy to the GPU can be asynchronous."""
+        return Batch(**{n: getattr(self, n).pin_memory() for n in FIELDS})
+
     def numpy(self) -> Batch:
         return Batch(**{n: (v.cpu().numpy() if isinstance(v, torch.Tensor) else v)
                         for n, v in ((n, getattr(self, n)) for n in FIELDS)})

@@ -104,3 +104,35 @@ def test_kv_cache_decode_bf16():
         for t in range(1, 40):
             h = forward_rows(model, cache, 0, ids[:, t:t + 1].tolist(), [[t]] * 2, [[0]] * 2, [[t]] * 2, [0, 0])
             torch.testing.assert_close(model.logits(h[:, -1]).float(), want[:, t], atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "flex", "split"])
+def test_training_step_does_not_wait_for_the_gpu(backend):
+    """What a training step runs between the prefetcher and its two deliberate reads (the loss, the
+    gradient norm; see glmkit.train.loop.train_step) never makes the host wait for the GPU:
+    `torch.cuda.set_sync_debug_mode("error")` turns any synchronizing call into an error."""
+    from glmkit.train.prefetch import prepare
+
+    if backend == "split" and not split_available():
+        pytest.skip("split unavailable on this GPU")
+    torch.manual_seed(0)
+    model = GLM(GLMConfig.from_name("tiny")).cuda().set_runtime(attention_backend=backend)
+    batch = make_batch(ROWS["packed"], T=256)                           # numpy, as the data iterator gives
+
+    def step(item):
+        item = item.to("cuda")
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            attn = model.attention_mask(item.batch, plan=item.plan, dtype=torch.bfloat16)
+            loss = model.loss(item.batch, attn, loss_index=item.loss_index)
+        loss.float().backward()
+        return attn.backend
+
+    item = prepare(batch, backend, "cuda", torch.bfloat16)              # the prefetch thread's work
+    assert step(item) == backend                                         # warm-up: compilation, allocator
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step(item)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()

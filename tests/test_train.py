@@ -30,7 +30,7 @@ def test_each_objective_learns_a_repeated_batch(toy_corpus, tmp_path, objective)
     run, _ = S.setup(tiny_train_config(toy_corpus.directory, tmp_path, objective=objective, lr=2e-2, warmup_steps=1,
                               max_steps=12))
     batch = next(run.iterators[0])
-    curve = [T.train_step(run, [batch])["loss"] for _ in range(12)]
+    curve = [T.train_step(run, T.prepare_batches(run, [batch]))["loss"] for _ in range(12)]
     assert math.isfinite(curve[0]) and curve[-1] < 0.6 * curve[0], (objective, curve)
 
 
@@ -38,14 +38,14 @@ def test_activation_checkpointing_changes_nothing_but_memory(toy_corpus, tmp_pat
     runs = [S.setup(tiny_train_config(toy_corpus.directory, tmp_path / str(ac), activation_checkpointing=ac))[0]
             for ac in (False, True)]
     batch = next(runs[0].iterators[0])
-    a, b = (T.train_step(r, [batch]) for r in runs)
+    a, b = (T.train_step(r, T.prepare_batches(r, [batch])) for r in runs)
     assert a["loss"] == b["loss"] and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-6)
 
 
 def test_moe_model_trains_and_balances_its_router(toy_corpus, tmp_path):
     run, _ = S.setup(tiny_train_config(toy_corpus.directory, tmp_path, model="tiny-moe", router_bias_rate=1e-2))
     batch = next(run.iterators[0])
-    res = T.train_step(run, [batch])
+    res = T.train_step(run, T.prepare_batches(run, [batch]))
     biases = [m.gate.e_score_correction_bias for m in run.model.moe_layers()]
     assert math.isfinite(res["loss"]) and biases and all(b.abs().max() > 0 for b in biases)
 
@@ -155,9 +155,9 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(toy
     from glmkit.model.glm import GLM
     real, calls = GLM.loss, {"n": 0}
 
-    def loss(self, batch, attn=None):
+    def loss(self, batch, attn=None, loss_index=None):
         calls["n"] += 1
-        out = real(self, batch, attn)
+        out = real(self, batch, attn, loss_index)
         return out * float("nan") if calls["n"] == 6 else out
 
     monkeypatch.setattr(GLM, "loss", loss)
@@ -171,7 +171,7 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(toy
 def test_out_of_memory_gives_advice(toy_corpus, tmp_path, monkeypatch):
     from glmkit.model.glm import GLM
 
-    def loss(self, batch, attn=None):
+    def loss(self, batch, attn=None, loss_index=None):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
 
     monkeypatch.setattr(GLM, "loss", loss)

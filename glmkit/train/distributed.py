@@ -86,14 +86,15 @@ def shutdown() -> None:
 # ---------------------------------------------------------------------------------------- parallelise
 
 class LossModule(nn.Module):
-    """`forward(batch) -> model.loss(batch)`, so DDP / FSDP2 see the call through their hooks."""
+    """`forward(batch, attn, loss_index) -> model.loss(batch, attn, loss_index=loss_index)`, so DDP /
+    FSDP2 see the call through their hooks."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, batch):
-        return self.model.loss(batch)
+    def forward(self, batch, attn=None, loss_index=None):
+        return self.model.loss(batch, attn, loss_index=loss_index)
 
 
 def parallelize(model: nn.Module, info: DistInfo, mode: str = "auto", compile: bool = False,

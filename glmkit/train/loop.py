@@ -21,18 +21,18 @@ Resume is exact: a checkpoint holds the weights, optimizer and scheduler state, 
 each data shard's iterator state, so a resumed run logs the same losses as an uninterrupted one (bit
 for bit on the CPU). Ctrl-C / SIGTERM finish the current step, save, and exit.
 
-This file holds the loop: the data prefetcher, one optimizer step, validation, checkpoint save /
-restore, the run with its logging and throughput. The options (`TrainConfig`, whose field docstrings
+This file holds the loop: one optimizer step, validation, checkpoint save / restore, the run with its
+logging and throughput. The data prefetcher, which also builds on the host what a step would otherwise
+read back from the device (mask metadata, loss positions), is `glmkit.train.prefetch`. The options (`TrainConfig`, whose field docstrings
 are the `--help` text of `glmkit.cli.train`) and the building of a run (`setup`) are in
 `glmkit.train.setup`; `glmkit.train.loop.TrainConfig` stays importable from here.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
+import functools
 import math
-import queue
 import random
 import signal
 import tempfile
@@ -49,56 +49,9 @@ from glmkit.checkpoint import store as ckpt_io
 from glmkit.errors import GlmkitError
 from glmkit.train import distributed as D
 from glmkit.train.metrics import MetricsLogger, Progress, measured_matmul_peak, peak_flops
+from glmkit.train.prefetch import Prefetcher, StepBatch, prepare
 from glmkit.train.setup import Run, TrainConfig, on_main, setup
 from glmkit.train.setup import build_model_config as build_model_config  # re-exported (public API)
-
-# ------------------------------------------------------------------------------------------ data
-
-class Prefetcher:
-    """Yields one step's micro-batches at a time, built `depth` steps ahead in a daemon thread.
-
-    Each item carries the data-iterator states *after* its batches were drawn, so a checkpoint stores
-    exactly where the consumed stream stands, not where the read-ahead got to.
-    """
-
-    def __init__(self, iterators: dict[int, object], grad_accum: int, start_micro: int, depth: int):
-        self.its, self.grad_accum, self.micro = iterators, grad_accum, start_micro
-        self.order = sorted(iterators)
-        self.depth, self.stop = depth, threading.Event()
-        if depth > 0:
-            self.queue = queue.Queue(maxsize=depth)
-            self.thread = threading.Thread(target=self._run, daemon=True, name="glmkit-data")
-            self.thread.start()
-
-    def _make(self):
-        batches = []
-        for _ in range(self.grad_accum):
-            batches.append(next(self.its[self.order[self.micro % len(self.order)]]))
-            self.micro += 1
-        return batches, {s: copy.deepcopy(it.state_dict()) for s, it in self.its.items()}
-
-    def _run(self):
-        try:
-            while not self.stop.is_set():
-                item = self._make()
-                while not self.stop.is_set():
-                    with contextlib.suppress(queue.Full):
-                        self.queue.put(item, timeout=0.1)
-                        break
-        except BaseException as e:  # hand the error to the training thread
-            self.queue.put(e)
-
-    def next(self):
-        if self.depth == 0:
-            return self._make()
-        item = self.queue.get()
-        if isinstance(item, BaseException):
-            raise item
-        return item
-
-    def close(self):
-        self.stop.set()
-
 
 # ------------------------------------------------------------------------------------------ one step
 
@@ -108,31 +61,56 @@ def _is_oom(e: BaseException) -> bool:
         s in text for s in ("can't allocate memory", "not enough memory", "out of memory"))
 
 
-def train_step(run: Run, batches: list, stop_requested: bool = False) -> dict:
-    """Forward/backward over this process's micro-batches, then one optimizer step.
+def prepare_batches(run: Run, batches: list) -> list[StepBatch]:
+    """Numpy micro-batches as `StepBatch`es for this run's model (what the prefetcher hands the loop)."""
+    return [_preparer(run)(b) for b in batches]
+
+
+def _preparer(run: Run):
+    return functools.partial(prepare, backend=run.model.attention_backend, device=run.info.device,
+                             dtype=run.compute_dtype)
+
+
+def _scalar(value: float, device) -> torch.Tensor:
+    """A (1,) float64 tensor filled on `device`: `torch.tensor(x, device="cuda")` would be a blocking
+    copy from the host, which waits for the GPU."""
+    return torch.full((1,), value, dtype=torch.float64, device=device)
+
+
+def train_step(run: Run, batches: list[StepBatch], stop_requested: bool = False) -> dict:
+    """Forward/backward over this process's micro-batches (from the prefetcher, or `prepare_batches`),
+    then one optimizer step.
 
     Returns {"loss", "lr", "grad_norm", "loss_tokens", "stop"}: `loss` is the global token-weighted mean
     over `loss_tokens` loss positions (all processes); `stop` is
     True when any process was asked to stop (all ranks see the same value). Raises GlmkitError on a
     non-finite loss or gradient norm, without touching the weights.
+
+    On a GPU the step waits for the device exactly twice, both deliberate and marked below: reading the
+    loss (with the global loss-token count and the stop flag) and reading the gradient norm. Whatever
+    else depends on the batch was computed on the host by `glmkit.train.prefetch.prepare`.
     """
     dev, world = run.info.device, run.info.world_size
-    counts = [int(b.loss_mask.sum()) for b in batches]
-    n_global = D.all_reduce_sum(torch.tensor([float(sum(counts))], dtype=torch.float64, device=dev)).item()
-    if n_global == 0:
-        raise GlmkitError(f"step {run.step + 1}: the batch has no loss positions; check the corpus and objective")
+    # loss positions of every rank, summed on the device: the micro-batches' weights without a read-back
+    n_global = D.all_reduce_sum(_scalar(float(sum(b.n_loss for b in batches)), dev))[0]
     loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
-    for i, (batch, n) in enumerate(zip(batches, counts)):
-        batch = batch.to(dev, non_blocking=True)
+    for i, item in enumerate(batches):
+        item = item.to(dev)
+        attn = run.model.attention_mask(item.batch, plan=item.plan, dtype=run.compute_dtype)
         with D.gradient_sync(run.module, enabled=i == len(batches) - 1):
             with run.autocast:
-                loss = run.module(batch)
+                loss = run.module(item.batch, attn, item.loss_index)
             # DDP / FSDP2 average gradients over ranks: scale so the result is sum(loss * n) / n_global
-            (loss.float() * (n * world / n_global)).backward()
-        loss_sum += loss.detach().double() * n
-    totals = D.all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(stop_requested), dtype=torch.float64,
-                                                                    device=dev)]))
-    loss_value = totals[0].item() / n_global
+            (loss.float() * (item.n_loss * world / n_global).float()).backward()
+        loss_sum += loss.detach().double() * item.n_loss
+    totals = D.all_reduce_sum(torch.cat([loss_sum[None], _scalar(float(stop_requested), dev)]))
+    # deliberate device-to-host sync 1 of 2: the loss (checked for non-finite values below), read
+    # together with the stop flag and the global loss-token count
+    loss_total, stop, n_global = torch.cat([totals, n_global[None]]).tolist()
+    if n_global == 0:
+        raise GlmkitError(f"step {run.step + 1}: the batch has no loss positions; check the corpus and objective")
+    loss_value = loss_total / n_global
+    # deliberate device-to-host sync 2 of 2: the gradient norm (returned as a float, checked below)
     grad_norm = D.clip_grad_norm(run.module, run.cfg.grad_clip)
     if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
         what = f"loss {loss_value}" if not math.isfinite(loss_value) else f"gradient norm {grad_norm}"
@@ -152,8 +130,7 @@ def train_step(run: Run, batches: list, stop_requested: bool = False) -> dict:
         for m in moe:  # every rank applies the same update: from the load counted on all ranks
             D.all_reduce_sum(m.expert_load)
         run.model.update_router_bias(run.cfg.router_bias_rate)
-    return {"loss": loss_value, "lr": lr, "grad_norm": grad_norm, "loss_tokens": int(n_global),
-            "stop": totals[1].item() > 0}
+    return {"loss": loss_value, "lr": lr, "grad_norm": grad_norm, "loss_tokens": int(n_global), "stop": stop > 0}
 
 
 def evaluate(run: Run) -> float | None:
@@ -164,11 +141,12 @@ def evaluate(run: Run) -> float | None:
     sums = torch.zeros(2, dtype=torch.float64, device=dev)
     run.module.eval()
     with torch.no_grad():
-        for batch in run.val_batches:
-            n = int(batch.loss_mask.sum())
+        for item in prepare_batches(run, run.val_batches):
+            item = item.to(dev)
+            attn = run.model.attention_mask(item.batch, plan=item.plan, dtype=run.compute_dtype)
             with run.autocast:
-                loss = run.module(batch.to(dev))
-            sums += torch.stack([loss.double() * n, torch.tensor(float(n), dtype=torch.float64, device=dev)])
+                loss = run.module(item.batch, attn, item.loss_index)
+            sums += torch.cat([loss.double()[None] * item.n_loss, _scalar(float(item.n_loss), dev)])
     run.module.train()
     sums = D.all_reduce_sum(sums)
     return (sums[0] / sums[1]).item()
@@ -277,7 +255,7 @@ def _loop(run: Run, resumed: bool, log: Callable[[str], None] | None = None) -> 
         if info.device.type == "cuda" else peak
     positions = cfg.batch_size * cfg.seq_len * cfg.grad_accum * info.world_size   # per optimizer step
     run.data_states = run.data_states or {s: copy.deepcopy(it.state_dict()) for s, it in run.iterators.items()}
-    prefetch = Prefetcher(run.iterators, cfg.grad_accum, run.step * cfg.grad_accum, cfg.prefetch)
+    prefetch = Prefetcher(run.iterators, cfg.grad_accum, run.step * cfg.grad_accum, cfg.prefetch, _preparer(run))
     progress = Progress(cfg.max_steps, run.step, enabled=cfg.progress and info.is_main, log=log)
     if not resumed:
         logger.log({"kind": "event", "step": 0, "event": "start", "num_params": model.num_params(),
