@@ -55,7 +55,8 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
                    help="untimed steps first (default: 5 cuda/compile, 1 cpu)")
     p.add_argument("--compile", action="store_true", help="torch.compile both models (glmkit: per block)")
     p.add_argument("--objective", choices=["glm", "clm", "both"], default="glm")
-    p.add_argument("--backend", default=None, help="glmkit attention backend: auto | sdpa | flex | split (default: auto)")
+    p.add_argument("--backend", default=None,
+                   help="glmkit attention backend: auto | sdpa | flex | split (default: auto)")
     p.add_argument("--hf-arch", choices=["glm4", "glm"], default="glm4",
                    help="peer architecture for dense presets: Glm4ForCausalLM (sandwich) or GlmForCausalLM")
     p.add_argument("--no-hf", action="store_true", help="time glmkit only (ratio null)")
