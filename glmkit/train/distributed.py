@@ -8,9 +8,9 @@ then on the root so the embeddings, final norm and head are sharded too).
 Process groups come from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK): gloo on the CPU,
 NCCL on GPUs. A single process (no torchrun) runs the same code with every collective a no-op.
 
-Everything the trainer calls goes through a `LossModule` whose `forward(batch, attn, loss_index)` is `model.loss`:
-DDP and FSDP2 hook a module's `__call__`, so calling `model.loss` directly would skip the gradient
-all-reduce (DDP) or the root's parameter all-gather (FSDP2).
+Everything the trainer calls goes through a `LossModule` whose `forward(batch, attn, loss_index)` is
+`model.loss`: DDP and FSDP2 hook a module's `__call__`, so calling `model.loss` directly would skip the
+gradient all-reduce (DDP) or the root's parameter all-gather (FSDP2).
 
 State dicts (`model_state_dict`, `optimizer_state_dict`) are always *full* (unsharded, CPU, keyed by
 parameter name) and the same in every mode, so a checkpoint written by an FSDP2 run resumes in a

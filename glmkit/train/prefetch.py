@@ -85,13 +85,16 @@ class Prefetcher:
     def _run(self):
         try:
             while not self.stop.is_set():
-                item = self._make()
-                while not self.stop.is_set():
-                    with contextlib.suppress(queue.Full):
-                        self.queue.put(item, timeout=0.1)
-                        break
+                self._put(self._make())
         except BaseException as e:  # hand the error to the training thread
-            self.queue.put(e)
+            self._put(e)
+
+    def _put(self, item) -> None:
+        """Queue `item`, giving up once the consumer has closed the prefetcher."""
+        while not self.stop.is_set():
+            with contextlib.suppress(queue.Full):
+                self.queue.put(item, timeout=0.1)
+                return
 
     def next(self):
         if self.depth == 0:
@@ -102,4 +105,8 @@ class Prefetcher:
         return item
 
     def close(self):
+        """Stop the thread and wait for it: it runs torch code (`prepare`), which must not be cut off by
+        the interpreter's exit (a daemon thread inside torch at exit can abort the process)."""
         self.stop.set()
+        if self.depth > 0:
+            self.thread.join()
