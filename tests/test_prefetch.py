@@ -7,7 +7,7 @@ import torch
 
 import glmkit.model.attention as att
 from glmkit.batch import Batch
-from glmkit.data.objectives import ObjectiveConfig, SpecialIds
+from glmkit.data.objective_config import ObjectiveConfig, SpecialIds
 from glmkit.data.packing import chunk_length, pack_documents
 from glmkit.model.config import GLMConfig
 from glmkit.model.glm import GLM

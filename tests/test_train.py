@@ -190,7 +190,8 @@ def test_resume_under_another_attention_backend_continues(toy_corpus, tmp_path):
     """The attention backend, Flex options and MoE path are run-time choices, not part of the run's
     fingerprint: a run trained with sdpa resumes under flex (setup) and auto (trained on), and a checkpoint
     whose fingerprint still holds the backend inside the model config (older runs) resumes too."""
-    cfg = tiny_train_config(toy_corpus.directory, tmp_path, max_steps=2, save_every=2, eval_every=0, attention_backend="sdpa")
+    cfg = tiny_train_config(toy_corpus.directory, tmp_path, max_steps=2, save_every=2, eval_every=0,
+                            attention_backend="sdpa")
     T.train(cfg)
     run, found = S.setup(replace(cfg, max_steps=4, resume=True, attention_backend="flex",
                                  flex_options='{"BLOCK_M": 64}', moe_impl="loop"))
