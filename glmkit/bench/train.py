@@ -13,8 +13,10 @@ Batches come from the real objective code (`glmkit.data.packing.pack_documents` 
 batches of the same shape: DESIGN.md §4's "GLM step vs causal step"). HF is timed on the first.
 
 Rates: positions/s (all B*T row positions; the headline `*_tokens_per_s`), and for GLM the text
-tokens/s (original document tokens) and loss tokens/s. MFU = flops_per_token(T) * positions/s over the
-bf16/fp32 matmul peak measured in this run (and, on known GPUs, over the data-sheet peak).
+tokens/s (original document tokens) and loss tokens/s. MFU = the FLOPs each contestant performs per
+step over its step time, over the matmul peak measured in this run (the best of several square sizes;
+and, on known GPUs, over the data-sheet peak): glmkit projects to the vocabulary only at loss
+positions (`GLMConfig.training_flops`), HF at every position (`flops_per_token(T)` per position).
 `bench_train` returns the numbers as a dict.
 """
 
@@ -149,8 +151,8 @@ def make_step(model, loss_fn):
 
 
 def matmul_peak(device, dtype) -> float:
-    """Measured matmul FLOP/s of this device in this dtype (a square matmul, best of three rounds)."""
-    return measured_matmul_peak(device, dtype, n=8192 if device.type == "cuda" else 1024)
+    """Measured matmul FLOP/s of this device in this dtype (the best of several square sizes)."""
+    return measured_matmul_peak(device, dtype)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -257,6 +259,12 @@ def bench_train(args: TrainBench, log: Callable[[str], None] | None = None) -> d
         b, counts = make_batch(k, args.batch_size, args.seq_len, config.vocab_size, args.seed)
         batches[k] = (b.to(device), counts)
     main_batch, counts = batches[kinds[0]]
+    # FLOPs of one step as each contestant computes it (glmkit: the vocabulary only at loss positions)
+    positions = args.batch_size * args.seq_len
+    flops = {"glmkit": config.training_flops(positions, counts["loss_tokens"], args.seq_len),
+             "hf": config.flops_per_token(args.seq_len) * positions}
+    if "clm" in batches:
+        flops["glmkit_clm"] = config.training_flops(positions, batches["clm"][1]["loss_tokens"], args.seq_len)
     resolved = model.attention_mask(main_batch).backend     # what glmkit really runs (incl. no mask)
 
     if args.compile:
@@ -286,27 +294,27 @@ def bench_train(args: TrainBench, log: Callable[[str], None] | None = None) -> d
         for name, (step, _) in contestants.items():
             times[name].append(timed(step, 1, device))
     seconds = {name: statistics.median(t) for name, t in times.items()}       # per step
-    return _report(args, config, device, dtype, contestants, seconds, counts, resolved, log)
+    return _report(args, config, device, dtype, contestants, seconds, counts, resolved, log, flops)
 
 
-def _report(args, config, device, dtype, contestants, seconds, counts, resolved, log) -> dict:
+def _report(args, config, device, dtype, contestants, seconds, counts, resolved, log, flops) -> dict:
     rate = {n: counts["positions"] / s for n, s in seconds.items()}
     peak = matmul_peak(device, dtype)
     sheet = datasheet_peak(device)
-    fpt = config.flops_per_token(args.seq_len)
+    mfu = {n: flops[n] / s / peak for n, s in seconds.items()}
     for name, r in rate.items():
         first = contestants[name][1]
         log(f"{name:>11}: {r:12,.0f} positions/s  {1e3 * seconds[name]:8.1f} ms/step (median)  "
-            f"MFU {100 * fpt * r / peak:5.1f}% of measured peak  first loss {first[0]:.4f}")
+            f"MFU {100 * mfu[name]:5.1f}% of measured peak  first loss {first[0]:.4f}")
     g = rate["glmkit"]
     scale = lambda key: g * counts[key] / counts["positions"]
     log(f"glmkit GLM rates: {scale('text_tokens'):,.0f} text tokens/s, {scale('processed'):,.0f} processed "
         f"positions/s, {scale('loss_tokens'):,.0f} loss tokens/s")
     ratio = g / rate["hf"] if "hf" in rate else None
     out = {"glmkit_tokens_per_s": round(g, 1), "hf_tokens_per_s": round(rate["hf"], 1) if "hf" in rate else None,
-           "ratio": round(ratio, 4) if ratio else None, "mfu": round(fpt * g / peak, 4),
-           "mfu_datasheet": round(fpt * g / sheet, 4) if sheet else None,
-           "hf_mfu": round(fpt * rate["hf"] / peak, 4) if "hf" in rate else None,
+           "ratio": round(ratio, 4) if ratio else None, "mfu": round(mfu["glmkit"], 4),
+           "mfu_datasheet": round(mfu["glmkit"] * peak / sheet, 4) if sheet else None,
+           "hf_mfu": round(mfu["hf"], 4) if "hf" in rate else None,
            "peak_tflops_measured": round(peak / 1e12, 2), "peak_tflops_datasheet": sheet / 1e12 if sheet else None,
            "device": args.device, "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
            "dtype": args.dtype, "preset": config.name, "objective": args.objective, "attention": resolved,
