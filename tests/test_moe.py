@@ -91,6 +91,34 @@ def test_grouped_bf16_forward_close_to_loop_and_to_fp32():
     assert (grouped.float() - ref).abs().mean() < 1.5 * (loop.float() - ref).abs().mean() + 1e-3 * scale
 
 
+def test_grouped_under_autocast_computes_in_the_autocast_dtype_like_the_loop():
+    """bf16-autocast training hands the experts an fp32 residual stream and fp32 weights: the loop's
+    F.linear runs in bf16 (autocast casts it), so the grouped path casts itself to match. On CUDA this is
+    what lets such a step take the grouped, sync-free path."""
+    moe = random_moe(moe_config(top_k=4))
+    x, target = torch.randn(64, 64), torch.randn(64, 64)
+    ref, ref_grads = run(moe, "grouped", x, target)                    # fp32, no autocast
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert moe.experts.compute_dtype(x) == torch.bfloat16 and moe.experts.use_grouped(x)
+        loop, loop_grads = run(moe, "loop", x, target)
+        grouped, grouped_grads = run(moe, "grouped", x, target)
+    assert moe.experts.compute_dtype(x) == torch.float32
+    scale = ref.abs().mean()
+    assert (grouped.float() - loop.float()).abs().mean() < 0.01 * scale
+    # the routed experts alone: the grouped path's bf16 result is the loop's, not the fp32 one
+    with torch.no_grad():
+        _, idx, weights = moe.gate(x)
+        fp32 = moe.experts.forward_grouped(x, idx, weights)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loop = moe.experts.forward_loop(x, idx, weights)
+            grouped = moe.experts.forward_grouped(x, idx, weights)
+    assert (grouped - loop).abs().mean() < 0.1 * (fp32 - loop).abs().mean()
+    for name in ("x", "experts.gate_up_proj", "experts.down_proj"):
+        g, want = grouped_grads[name].float(), loop_grads[name].float()
+        assert (g - want).abs().mean() < 0.02 * want.abs().mean(), name
+        assert grouped_grads[name].dtype == ref_grads[name].dtype == torch.float32
+
+
 def test_expert_load_and_aux_loss_do_not_depend_on_the_path():
     moe = random_moe(moe_config(top_k=3, router_aux_loss_coef=0.01)).train()
     x = torch.randn(4, 6, 64)

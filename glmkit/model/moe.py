@@ -28,7 +28,9 @@ device, dtype and shapes, no device work):
              Needs `torch._grouped_mm`, fp32/bf16/fp16 on the CPU or bf16 on CUDA compute capability
              >= 9.0 (H100/H200), and hidden / moe_intermediate sizes whose rows are multiples of 16 bytes.
              Under torch.compile only bf16 (torch 2.13's meta kernel for grouped_mm accepts nothing else).
-- `auto`     grouped where it is supported, else loop (the default).
+- `auto`     grouped where it is supported, else loop (the default). Under autocast the grouped path
+             runs in autocast's dtype, as the loop's F.linear does (bf16 autocast on an H100/H200 takes
+             the grouped path even though the residual stream reaching the experts is fp32).
 Both paths scale each expert output by its routing weight (in fp32, rounded back to the activation
 dtype) and add it into the token's output with `index_add_` in the activation dtype, in expert order (on
 the CPU; CUDA's index_add_ adds atomically), so they agree to the rounding of the matmul kernels.
@@ -142,12 +144,19 @@ class Experts(nn.Module):
         if self.impl == "loop":
             return False
         _, h, f = self.down_proj.shape
-        why = grouped_unsupported(x.device, x.dtype, h, f)
+        why = grouped_unsupported(x.device, self.compute_dtype(x), h, f)
         if why is None and not (self.gate_up_proj.is_contiguous() and self.down_proj.is_contiguous()):
             why = "expert weights are not contiguous"
         if why is not None and self.impl == "grouped":
             raise GlmkitError(f"MoE impl 'grouped' cannot run: {why}; use 'auto' or 'loop'")
         return why is None
+
+    def compute_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The dtype of the expert matmuls: autocast's when it is on (F.linear, in the loop, is cast by
+        autocast; torch._grouped_mm is not, so the grouped path casts itself), else x's."""
+        if torch.is_autocast_enabled(x.device.type):
+            return torch.get_autocast_dtype(x.device.type)
+        return x.dtype
 
     def forward_loop(self, x, idx, weights):
         """The reference. Loops over the experts that received tokens; each expert's output is scaled by
@@ -178,10 +187,12 @@ class Experts(nn.Module):
         ends = torch.arange(1, E + 1, device=idx.device, dtype=expert_sorted.dtype)
         offs = torch.searchsorted(expert_sorted, ends, out_int32=True)                  # (E,) cumulative counts
         token_of = order // k                                                             # (N*k,)
-        xs = x.index_select(0, token_of)                                                  # (N*k, h)
+        dtype = self.compute_dtype(x)           # under autocast: cast as autocast casts F.linear's inputs
+        xs = x.index_select(0, token_of).to(dtype)                                        # (N*k, h)
+        w_gate_up, w_down = self.gate_up_proj.to(dtype), self.down_proj.to(dtype)
         # weights are (E, out, in); grouped_mm wants (E, in, out): the transposed view, no copy
-        gate, up = torch._grouped_mm(xs, self.gate_up_proj.transpose(-2, -1), offs=offs).chunk(2, dim=-1)
-        y = torch._grouped_mm(F.silu(gate) * up, self.down_proj.transpose(-2, -1), offs=offs)  # (N*k, h)
+        gate, up = torch._grouped_mm(xs, w_gate_up.transpose(-2, -1), offs=offs).chunk(2, dim=-1)
+        y = torch._grouped_mm(F.silu(gate) * up, w_down.transpose(-2, -1), offs=offs)  # (N*k, h)
         y = y * weights.flatten()[order][:, None]
         return torch.zeros_like(x).index_add_(0, token_of, y.to(x.dtype))
 
