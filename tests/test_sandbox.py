@@ -108,6 +108,14 @@ def test_runs_as_an_unprivileged_user_without_capabilities(box):
 
 
 @needs_sandbox
+def test_host_environment_is_not_passed_on(box):
+    assert "PATH" in os.environ  # the host's; PYTHONPATH, tokens and the like are not passed on either
+    kernel_env = box.run("import os\nsorted(os.environ)").value
+    assert "PYTHONPATH" not in kernel_env and "VIRTUAL_ENV" not in kernel_env
+    assert box.run("print(os.environ['HOME'], os.environ['TMPDIR'], os.getcwd())").stdout == f"{box.workspace} " * 2 + f"{box.workspace}\n"
+
+
+@needs_sandbox
 def test_matplotlib_figure_saved_as_png_in_the_workspace(box):
     # the first import builds matplotlib's font cache, which takes seconds on a loaded machine
     result = box.run("import matplotlib.pyplot as plt\nplt.plot([1, 2, 3], [3, 1, 2])\nplt.show()", timeout=60)
