@@ -15,7 +15,9 @@ sequential is one `generate` call per request in arrival order. HF continuous ba
 workload and unpadded (`hf_continuous_config`; its CUDA-graph defaults are far slower on the CPU), with a
 token budget per step equal to glmkit's (a prefill chunk plus a token per row). `match` is the share of requests
 whose glmkit tokens equal HF continuous batching's (greedy on the same weights: 1.0 up to float ties).
-The result's top-level ratios are for the burst pattern.
+The result's top-level ratios are for the burst pattern. Every side runs with the same number of torch
+threads (`threads`, default 1: on a small shared CPU, two OpenMP threads that wait on each other under
+load slow every op many times over, which would measure the machine's load rather than the engines).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class EngineBench:
     prefill_chunk: int = 256
     patterns: str = "burst,spread"
     sequential: bool = True             # also time HF generate one request at a time
+    threads: int | None = 1             # torch intra-op threads for every side (None: torch's default)
     seed: int = 0
 
 
@@ -159,6 +162,10 @@ def bench_engine(b: EngineBench, log: Callable[[str], None] | None = None) -> di
         raise GlmkitError(f"--patterns {b.patterns!r}: choose from burst, spread (comma-separated)")
     if b.device.startswith("cuda") and not torch.cuda.is_available():
         raise GlmkitError("--device cuda asked for but CUDA is not available; use --device cpu")
+    if b.threads is not None:
+        if b.threads < 1:
+            raise GlmkitError(f"--threads must be >= 1, got {b.threads}")
+        torch.set_num_threads(b.threads)
     with tempfile.TemporaryDirectory():
         model, hf = build(b.preset, b.device, DTYPES[b.dtype], b.seed)
     prompts, news = _workload(b, model.config.vocab_size)
@@ -169,7 +176,7 @@ def bench_engine(b: EngineBench, log: Callable[[str], None] | None = None) -> di
     log(f"glmkit engine vs HF continuous batching vs HF generate one at a time: preset {b.preset} "
         f"({model.num_params() / 1e6:.1f}M params), {b.dtype}, {b.device}, {b.requests} requests, prompts "
         f"{b.min_prompt}-{b.max_prompt}, new tokens {b.min_new}-{b.max_new} ({sum(news)} in all), "
-        f"glmkit rows {b.max_batch}, threads {torch.get_num_threads()}")
+        f"glmkit rows {b.max_batch}, torch threads {torch.get_num_threads()}")
     with torch.inference_mode():                       # warm-up: first calls allocate and pick kernels
         run_glmkit(model, prompts[:2], [4, 4], [0.0, 0.0], b)
     out: dict = {"preset": b.preset, "device": b.device, "dtype": b.dtype, "requests": b.requests,

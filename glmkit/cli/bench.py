@@ -97,6 +97,8 @@ def _engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--patterns", default="burst,spread", help="arrival patterns: burst (all at once), spread")
     p.add_argument("--no-sequential", dest="sequential", action="store_false",
                    help="skip HF generate one request at a time")
+    p.add_argument("--threads", type=positive_int, default=1,
+                   help="torch threads for every side (default 1: steadier on a small shared CPU)")
     p.add_argument("--seed", type=int, default=0)
 
 
