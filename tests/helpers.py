@@ -283,15 +283,17 @@ HF_CASES = {
 }
 
 
-def build_hf(case: str, seed: int = 0):
-    """A tiny random HF model of `case`, every tensor randomised, eager attention, fp32."""
+def build_hf(case: str, seed: int = 0, **overrides):
+    """A tiny random HF model of `case` (config keys in `overrides` replace the case's), every tensor
+    randomised, eager attention, fp32."""
     import transformers
 
     arch, extra = HF_CASES[case]
+    extra = {"max_position_embeddings": 256, **extra, **overrides}
     cls = getattr(transformers, arch)
     cfg_cls = getattr(transformers, arch.replace("ForCausalLM", "Config"))
     cfg = cfg_cls(vocab_size=HF_VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
-                  num_attention_heads=4, max_position_embeddings=256, pad_token_id=None, eos_token_id=None,
+                  num_attention_heads=4, pad_token_id=None, eos_token_id=None,
                   bos_token_id=None, **extra)
     torch.manual_seed(seed)
     model = cls._from_config(cfg, attn_implementation="eager").eval()
@@ -309,6 +311,28 @@ def build_hf(case: str, seed: int = 0):
 def hf_logits(model, ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids=ids).logits.float()
+
+
+def glmkit_greedy(model, ids: torch.Tensor, n: int) -> torch.Tensor:
+    """Greedy decoding with a full recompute per token (the reference the KV cache is tested against)."""
+    for _ in range(n):
+        ids = torch.cat([ids, glmkit_logits(model, ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids
+
+
+def glmkit_greedy_cached(model, ids: torch.Tensor, n: int) -> torch.Tensor:
+    """Greedy decoding on glmkit's engine: every row a causal request in one continuous batch."""
+    from types import SimpleNamespace
+
+    from glmkit.infer.engine import Engine, Request
+    from glmkit.infer.sampling import SamplingConfig
+
+    v = model.config.vocab_size
+    specials = SimpleNamespace(sop_id=v - 1, eop_id=v - 2, eot_id=v - 3, gmask_id=v - 4)
+    engine = Engine(model, specials, max_batch=ids.shape[0], max_len=ids.shape[1] + n)
+    cfg = SamplingConfig(max_new_tokens=n)
+    res = engine.generate([Request.causal(row.tolist(), cfg, ignore_stop=True) for row in ids])
+    return torch.cat([ids, torch.tensor([r.tokens[0] for r in res])], dim=1)
 
 
 # ---------------------------------------------------------------------------------------------- chat

@@ -11,11 +11,19 @@ import json
 import os
 import shutil
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import HF_CASES, HF_VOCAB, build_hf, glmkit_logits, hf_logits, random_glmkit
+from helpers import (
+    HF_CASES,
+    HF_VOCAB,
+    build_hf,
+    glmkit_greedy,
+    glmkit_greedy_cached,
+    glmkit_logits,
+    hf_logits,
+    random_glmkit,
+)
 
 from glmkit.checkpoint.hf import (
     INDEX_FILE,
@@ -125,8 +133,9 @@ def test_config_legacy_rope_keys():
     (dict(architectures=["LlamaForCausalLM"], model_type="llama"), "model_type 'llama'.*GlmForCausalLM"),
     (dict(architectures=["ChatGLMForConditionalGeneration"]), "ChatGLMForConditionalGeneration.*Glm4MoeForCausalLM"),
     (dict(architectures=["GlmForSequenceClassification"], model_type="glm"), "GlmForSequenceClassification"),
-    (dict(model_type="glm4", rope_parameters=dict(rope_type="yarn", factor=4.0, rope_theta=1e4)), "yarn"),
-    (dict(model_type="glm", rope_scaling=dict(type="linear", factor=2.0)), "linear"),
+    (dict(model_type="glm4", rope_parameters=dict(rope_type="longrope", factor=4.0, rope_theta=1e4)), "longrope"),
+    (dict(model_type="glm", rope_scaling=dict(type="linear", factor=0.5)), "linear.*factor = 0.5"),
+    (dict(model_type="glm", rope_scaling=dict(type="dynamic", factor=2.0, beta_fast=4)), "unknown key.*beta_fast"),
     (dict(model_type="glm", hidden_act="gelu"), "hidden_act 'gelu'"),
     (dict(model_type="glm4_moe", quantization_config=dict(quant_method="fp8")), "quantized.*fp8"),
     (dict(model_type="glm", num_attention_heads=5, num_key_value_heads=2), "num_kv_heads"),
@@ -160,26 +169,6 @@ def test_sizes_and_shard_plan():
 
 
 # ------------------------------------------------------------------------------------------- helpers
-
-def glmkit_greedy(model, ids: torch.Tensor, n: int) -> torch.Tensor:
-    """Greedy decoding with a full recompute per token (the reference the KV cache is tested against)."""
-    for _ in range(n):
-        ids = torch.cat([ids, glmkit_logits(model, ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
-    return ids
-
-
-def glmkit_greedy_cached(model, ids: torch.Tensor, n: int) -> torch.Tensor:
-    """Greedy decoding on glmkit's engine: every row a causal request in one continuous batch."""
-    from glmkit.infer.engine import Engine, Request
-    from glmkit.infer.sampling import SamplingConfig
-
-    v = model.config.vocab_size
-    specials = SimpleNamespace(sop_id=v - 1, eop_id=v - 2, eot_id=v - 3, gmask_id=v - 4)
-    engine = Engine(model, specials, max_batch=ids.shape[0], max_len=ids.shape[1] + n)
-    cfg = SamplingConfig(max_new_tokens=n)
-    res = engine.generate([Request.causal(row.tolist(), cfg, ignore_stop=True) for row in ids])
-    return torch.cat([ids, torch.tensor([r.tokens[0] for r in res])], dim=1)
-
 
 def tensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file

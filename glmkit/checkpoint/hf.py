@@ -217,19 +217,18 @@ def hf_model_type(hf: dict) -> str:
     return model_type
 
 
-def _rope(hf: dict) -> tuple[float, float]:
-    """(rope_theta, partial_rotary_factor) with transformers' precedence: `rope_parameters` (or the
-    legacy `rope_scaling`), then top-level keys, then defaults (10000, and 0.5 for all three)."""
+def _rope(hf: dict) -> tuple[float, float, dict | None]:
+    """(rope_theta, partial_rotary_factor, rope_scaling) with transformers' precedence: `rope_parameters`
+    (or the legacy `rope_scaling`), then top-level keys, then defaults (10000, and 0.5 for all three).
+    GLM-4's `rope_ratio` (ChatGLM's remote code: base = rope_theta · rope_ratio) scales the base."""
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     if not isinstance(rope, dict) or any(isinstance(v, dict) for v in rope.values()):
         raise GlmkitError(f"HF rope_parameters {rope!r}: per-layer-type RoPE settings are not supported")
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        raise GlmkitError(f"HF rope type {rope_type!r} (rope_parameters {rope}) is not implemented in glmkit; "
-                          "only plain RoPE ('default') is, so the logits would be wrong")
-    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))) * float(hf.get("rope_ratio") or 1)
     factor = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 0.5))
-    return float(theta), float(factor)
+    if rope.get("rope_type", rope.get("type")) == "yarn" and "original_max_position_embeddings" in hf:
+        rope = {**rope, "original_max_position_embeddings": hf["original_max_position_embeddings"]}
+    return theta, float(factor), rope
 
 
 def config_from_hf(hf: dict, name: str | None = None):
@@ -245,7 +244,7 @@ def config_from_hf(hf: dict, name: str | None = None):
         c["num_key_value_heads"] = c["num_attention_heads"]      # null: one KV head per query head
     if c["hidden_act"] != "silu":
         raise GlmkitError(f"HF hidden_act {c['hidden_act']!r} is not supported: GLM-4 MLPs are SwiGLU ('silu')")
-    theta, factor = _rope(hf)
+    theta, factor, scaling = _rope(hf)
     heads = c["num_attention_heads"]
     kw = dict(name=name or f"hf-{model_type}", vocab_size=c["vocab_size"], hidden_size=c["hidden_size"],
               num_layers=c["num_hidden_layers"], num_heads=heads, num_kv_heads=c["num_key_value_heads"],
@@ -253,7 +252,7 @@ def config_from_hf(hf: dict, name: str | None = None):
               norm="rmsnorm", norm_eps=float(c["rms_norm_eps"]), residual="sandwich" if model_type == "glm4" else "pre",
               mlp="swiglu", mlp_bias=False, qkv_bias=bool(c["attention_bias"]), out_bias=False,
               position_embedding="rope", rope_interleaved=model_type != "glm4_moe", partial_rotary_factor=factor,
-              rope_theta=theta, max_position_embeddings=c["max_position_embeddings"],
+              rope_theta=theta, rope_scaling=scaling, max_position_embeddings=c["max_position_embeddings"],
               tie_word_embeddings=bool(c["tie_word_embeddings"]), initializer_range=c["initializer_range"])
     if model_type == "glm4_moe" and c["first_k_dense_replace"] >= c["num_hidden_layers"]:
         kw.update(qk_norm=bool(c["use_qk_norm"]))     # every layer dense: no experts anywhere
@@ -276,8 +275,8 @@ def config_to_hf(config, dtype: torch.dtype | None = None) -> dict:
               attention_bias=config.qkv_bias, attention_dropout=0.0, rms_norm_eps=config.norm_eps,
               max_position_embeddings=config.max_position_embeddings,
               tie_word_embeddings=config.tie_word_embeddings, initializer_range=config.initializer_range,
-              rope_parameters=dict(rope_type="default", rope_theta=config.rope_theta,
-                                   partial_rotary_factor=config.partial_rotary_factor),
+              rope_parameters={"rope_type": "default", **(config.rope_scaling or {}), "rope_theta": config.rope_theta,
+                               "partial_rotary_factor": config.partial_rotary_factor},
               use_cache=True,
               # token ids belong to the tokenizer, not to GLMConfig; None keeps HF from assuming GLM-4's
               # 151k vocabulary (its default pad id would not fit a smaller embedding)

@@ -57,6 +57,7 @@ import torch.nn.functional as F
 
 from glmkit.batch import Batch, dense_mask
 from glmkit.errors import GlmkitError
+from glmkit.model import rope_scaling
 
 BACKENDS = ("auto", "sdpa", "flex", "split")
 SPLIT_MIN_LEN = 2048     # `auto` picks split only for rows at least this long (see the docstring)
@@ -71,14 +72,19 @@ class Rotary(nn.Module):
     (position_ids + block_position_ids), interleaved pairs (GLM-4) or rotate-half (GLM-4.5, 130B);
     `rope_2d` (ChatGLM-6B) rotates the first half of each head by position_ids and the second half by
     block_position_ids, rotate-half within each half. Frequencies and dtype handling follow HF
-    transformers (cos/sin in fp32, rounded to the activation dtype before use)."""
+    transformers (cos/sin in fp32, rounded to the activation dtype before use).
+    `rope` takes `GLMConfig.rope_scaling` (linear, dynamic NTK, YaRN: `glmkit.model.rope_scaling`);
+    dynamic NTK's frequencies depend on each row's largest position in the call."""
 
     def __init__(self, config):
         super().__init__()
         self.kind = config.position_embedding
         self.interleaved = config.rope_interleaved if self.kind == "rope" else False
-        dim = config.rotary_dim
-        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+        self.dim = dim = config.rotary_dim
+        scaling = config.rope_scaling if self.kind == "rope" else None
+        inv_freq, self.attention_scaling = rope_scaling.static_inv_freq(scaling, config.rope_theta, dim)
+        self.dynamic = scaling if scaling and scaling["rope_type"] == "dynamic" else None
+        self.theta, self.max_positions = config.rope_theta, config.max_position_embeddings
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self._inv_freq_fp32 = inv_freq.clone()      # computed on the CPU as HF does; survives model.to(bf16)
 
@@ -88,11 +94,18 @@ class Rotary(nn.Module):
         if inv_freq.dtype != torch.float32:           # the module was cast: use the exact fp32 values
             inv_freq = self._inv_freq_fp32.to(inv_freq.device)
         if self.kind == "rope":
-            pos = (position_ids + block_position_ids)[..., None].float()        # (B, T, 1)
+            pos = position_ids + block_position_ids
+            if self.dynamic is not None:              # (B, R/2): each row's own base
+                inv_freq = rope_scaling.dynamic_inv_freq(self.dynamic["factor"], self.theta, self.dim,
+                                                         self.max_positions, pos.amax(1) + 1)[:, None]
+            pos = pos[..., None].float()                                        # (B, T, 1)
         else:
             pos = torch.stack((position_ids, block_position_ids), -1)[..., None].float()  # (B, T, 2, 1)
         freqs = (pos * inv_freq)[:, :, None]                                    # (B, T, 1, [2,] R/2)
-        return freqs.cos().to(dtype), freqs.sin().to(dtype)
+        cos, sin = freqs.cos(), freqs.sin()
+        if self.attention_scaling != 1.0:             # YaRN: scales q.k by attention_scaling^2
+            cos, sin = cos * self.attention_scaling, sin * self.attention_scaling
+        return cos.to(dtype), sin.to(dtype)
 
     def rotate(self, x, cos, sin):
         """Rotate x (B, T, H, D) in place of its rotary dims; the rest passes through."""

@@ -11,6 +11,9 @@ The families of DESIGN.md §2 differ only in a handful of switches:
 | GLM-4-0414 `glm-4-9b-0414` (HF `Glm4`) | rmsnorm / sandwich | swiglu | as GLM-4 | |
 | GLM-4.5/4.6 (HF `Glm4MoeForCausalLM`) | rmsnorm / pre | swiglu dense first, then MoE | rope, rotate-half, half of the head | optional QK norm |
 
+`rope_scaling` (1-D `rope` only) stretches the context window: linear, dynamic NTK or YaRN, the
+dicts of `glmkit/model/rope_scaling.py` (as transformers' `rope_parameters` spell them).
+
 Presets (`GLMConfig.from_name`): `tiny`, `tiny-moe` and one tiny config per family for tests
 (`tiny-glm`, `tiny-glm130b`, `tiny-chatglm`, `tiny-0414`); `small` for CPU benchmarks; the
 published shapes `glm-base`, `glm-large`, `glm-130b`, `chatglm-6b`, `glm-4-9b`, `glm-4-9b-0414`,
@@ -35,6 +38,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from glmkit.errors import GlmkitError
+from glmkit.model import rope_scaling
 
 NORMS = ("layernorm", "rmsnorm")
 RESIDUALS = ("pre", "deepnorm", "sandwich")
@@ -72,7 +76,8 @@ class GLMConfig:
     rope_interleaved: bool = True          # GLM-4: rotate (x0,x1),(x2,x3)..; False: rotate-half (GLM-4.5, 130B)
     partial_rotary_factor: float = 0.5     # share of each head that is rotated (rope only)
     rope_theta: float = 10000.0
-    max_position_embeddings: int = 8192
+    rope_scaling: dict | None = None       # rope only: None | {"rope_type": linear | dynamic | yarn, "factor": ..}
+    max_position_embeddings: int = 8192    # (glmkit/model/rope_scaling.py: the keys of each type)
     tie_word_embeddings: bool = False
     # mixture of experts (n_routed_experts == 0: dense model)
     n_routed_experts: int = 0
@@ -94,6 +99,7 @@ class GLMConfig:
             self.num_kv_heads = self.num_heads
         if self.head_dim is None and self.num_heads > 0 and self.hidden_size % self.num_heads == 0:
             self.head_dim = self.hidden_size // self.num_heads     # else validate() names the problem
+        self.rope_scaling = rope_scaling.normalize(self.rope_scaling, self.max_position_embeddings)
 
     @property
     def is_moe(self) -> bool:
@@ -137,6 +143,8 @@ class GLMConfig:
             if self.rotary_dim % 2:
                 bad("partial_rotary_factor", f"gives an odd rotary dim {self.rotary_dim}; choose a factor "
                     f"that makes head_dim * factor even (head_dim = {self.head_dim})")
+        if self.rope_scaling is not None and self.position_embedding != "rope":
+            bad("rope_scaling", f"needs position_embedding = 'rope' (this config has {self.position_embedding!r})")
         if self.position_embedding == "rope_2d" and self.head_dim % 4:
             bad("head_dim", f"= {self.head_dim} must be a multiple of 4 for rope_2d (two rotated halves)")
         if self.is_moe:
