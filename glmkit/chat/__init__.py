@@ -17,6 +17,9 @@ tool calling, the tools themselves and the agent loop.
 - `browser`: the GLM-4-style browser (search / open / find, citations checked), one per
   conversation; `docstore`: its SQLite FTS5 document store (Chinese as character bigrams; the
   default corpus or a user's folder); `webpage`: allowlisted URL fetching and HTML to text.
+- `agent`: the agent loop (`Agent`: render, generate on the engine, parse, run the tools, append the
+  observations, until an answer or a cap; a JSONL transcript), `Toolbox` (a conversation's tools),
+  `ScriptedModel` (a logits processor that makes the engine generate fixed replies, for tests).
 - `sandbox`: the `python` tool's interpreter, a stateful IPython kernel per conversation in a
   bubblewrap sandbox (`Sandbox`, `SandboxPool`, `Limits`, `ExecResult`).
 
