@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plot": ("glmkit.cli.plot", "draw training / validation loss curves of runs to a PNG"),
     "infill": ("glmkit.cli.infer", "fill [MASK] / [sMASK] / [gMASK] blanks in text with a model, streaming"),
     "generate": ("glmkit.cli.infer", "continue a prompt ([gMASK] at its end), streaming"),
+    "chat": ("glmkit.cli.chat", "chat with a model that calls tools: python (sandboxed), a browser, your functions"),
     "eval": ("glmkit.cli.eval", "evaluate a checkpoint: bits/byte, infilling, cloze, Chinese sentiment"),
     "experiment": ("glmkit.cli.experiment", "GLM vs BERT (MLM) vs GPT (CLM) pretrained alike, on every eval task"),
     "bench": ("glmkit.cli.bench", "measure speed against a named peer in the same run"),

@@ -1,0 +1,144 @@
+"""`glmkit chat` end to end: converted HF GLM-4 (Glm4ForCausalLM) and GLM-4.5 (Glm4MoeForCausalLM)
+folders with random tiny weights, built from transformers configs here and saved with a glmkit-trained
+tokenizer (which has GLM-4.5's structural tokens), chat with tools enabled; a scripted model forces
+tool calls through the command's own code (`glmkit.cli.chat.run`)."""
+
+import builtins
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from glmkit.chat.agent import ScriptedModel, read_transcript
+from glmkit.chat.render import chat_template
+from glmkit.cli import chat as chat_cli
+from glmkit.cli import main, verb_parser
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _sandbox_ok() -> bool:
+    from glmkit.chat.sandbox import sandbox_problem
+    return sandbox_problem() is None
+
+
+def save_hf(folder: Path, arch: str, tok, **extra) -> Path:
+    import transformers
+    cfg = getattr(transformers, arch.replace("ForCausalLM", "Config"))(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=4096, pad_token_id=None, eos_token_id=None,
+        bos_token_id=None, **extra)
+    torch.manual_seed(0)
+    model = getattr(transformers, arch)._from_config(cfg).eval()
+    model.save_pretrained(folder)
+    tok.save(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def folders(chat_tok, tmp_path_factory):
+    root = tmp_path_factory.mktemp("chat_cli")
+    glm4 = save_hf(root / "glm4", "Glm4ForCausalLM", chat_tok, attention_bias=True)
+    (glm4 / "chat_template.jinja").write_text(chat_template("glm4"), encoding="utf-8")   # auto: the template
+    moe = save_hf(root / "glm45", "Glm4MoeForCausalLM", chat_tok, n_routed_experts=4, num_experts_per_tok=2,
+                  moe_intermediate_size=16, n_shared_experts=1, first_k_dense_replace=1, use_qk_norm=True)
+    notes = root / "notes"
+    notes.mkdir()
+    (notes / "weather.txt").write_text("Weather report\n\nThe weather in Beijing is sunny, 3 degrees.\n")
+    (root / "my_tools.py").write_text(
+        'def get_weather(city: str) -> dict:\n    """Look up the weather of a city."""\n'
+        '    return {"city": city, "temp": 3}\n')
+    return {"glm4": glm4, "glm45": moe, "notes": notes, "functions": root / "my_tools.py", "root": root}
+
+
+def tools_args(folders, workspace: Path) -> list[str]:
+    python = ["--tools", "python,browser", "--workspace", str(workspace)] if _sandbox_ok() else ["--tools", "browser"]
+    return [*python, "--browse-dir", str(folders["notes"]), "--functions", str(folders["functions"])]
+
+
+@pytest.mark.slow
+def test_glm4_hf_chat_in_a_subprocess(folders, tmp_path):
+    transcript = tmp_path / "t.jsonl"
+    argv = [sys.executable, "-m", "glmkit", "chat", str(folders["glm4"]), "--prompt", "Weather in Beijing?",
+            "--max-new-tokens", "6", "--max-rounds", "2", "--seed", "0", "--transcript", str(transcript),
+            *tools_args(folders, tmp_path / "ws")]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "Traceback" not in out.stderr
+    assert "format template (glm4)" in out.stderr
+    events = read_transcript(transcript)
+    assert events[0] == {"event": "user", "content": "Weather in Beijing?"}
+    assert events[-1]["event"] == "end" and events[-1]["reason"] in ("answer", "length", "max_rounds", "max_calls")
+    replies = [e for e in events if e["event"] == "assistant"]
+    assert replies and all(1 <= e["tokens"] <= 6 for e in replies)
+    assert out.stdout == "".join(e["message"]["content"] or "" for e in replies) + "\n"    # the replies, streamed
+
+
+def test_glm45_moe_chat_prompt_on_stdin(folders, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("你好\n"))
+    transcript = tmp_path / "t.jsonl"
+    rc = main(["chat", str(folders["glm45"]), "--max-new-tokens", "5", "--max-rounds", "2", "--temperature", "0",
+               "--thinking", "off", "--transcript", str(transcript), *tools_args(folders, tmp_path / "ws")])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "format glm45" in err
+    events = read_transcript(transcript)
+    assert events[0] == {"event": "user", "content": "你好"}
+    assert events[-1]["event"] == "end"
+    replies = [e for e in events if e["event"] == "assistant"]
+    assert replies and all(1 <= e["tokens"] <= 5 for e in replies)
+    assert out == "".join(e["message"]["content"] or "" for e in replies) + "\n"
+
+
+def parsed(folder, *extra):
+    return verb_parser("chat").parse_args([str(folder), "--temperature", "0", "--max-new-tokens", "64", *extra])
+
+
+def test_scripted_tool_calls_through_the_command(folders, chat_tok, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)                  # the browser's index cache goes to ./data/browser
+    call = "<tool_call>{}\n<arg_key>{}</arg_key>\n<arg_value>{}</arg_value>\n</tool_call><|observation|>"
+    python = _sandbox_ok()
+    texts = ([call.format("python", "code", "print(6 * 7)")] if python else []) + [
+        call.format("browser_search", "query", "weather Beijing"),
+        call.format("get_weather", "city", "北京"),
+        "<think>all known</think>\nSunny, 3 degrees 【0†Weather report】.<|user|>"]
+    transcript = tmp_path / "t.jsonl"
+    args = parsed(folders["glm45"], "--prompt", "Weather?", "--transcript", str(transcript), *tools_args(folders, tmp_path / "ws"))
+    assert chat_cli.run(args, logits_processor=ScriptedModel.from_texts(chat_tok, texts)) == 0
+    out, err = capsys.readouterr()
+    assert out == "Sunny, 3 degrees 【0†Weather report】.\n"
+    assert ("[python] print(6 * 7)\n  => 42\n" in err) == python
+    assert "[browser_search] weather Beijing\n  =>  # 【0†Weather report†weather.txt】" in err
+    assert '[get_weather] 北京\n  => {"city": "北京", "temp": 3}\n' in err
+    assert "[thinking] all known" in err
+    assert f"format glm45, tools: {'python, ' if python else ''}browser_search, browser_open, browser_find, get_weather]" in err
+    tools = [e for e in read_transcript(transcript) if e["event"] == "tool"]
+    assert [t["name"] for t in tools] == (["python"] if python else []) + ["browser_search", "get_weather"]
+    assert all(t["error"] is None for t in tools)
+
+
+def test_interactive_reset_save_exit(folders, chat_tok, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    save = tmp_path / "conv.json"
+    lines = iter(["hello", f"/save {save}", "/reset", "again", "/exit"])
+    monkeypatch.setattr(builtins, "input", lambda prompt="": next(lines))
+    args = parsed(folders["glm4"], "--format", "glm4", "--system", "Be brief.")
+    toolbox = chat_cli.build_toolbox(args, chat_cli.check(args))
+    agent = chat_cli.make_agent(args, toolbox, ScriptedModel.from_texts(chat_tok, ["\nhi<|user|>", "\nbye<|user|>"]))
+    assert chat_cli.interactive(agent) == 0
+    out, err = capsys.readouterr()
+    assert out.count("glm> ") == 2 and "hi\n" in out and "bye\n" in out
+    assert json.loads(save.read_text()) == [{"role": "system", "content": "Be brief."},
+                                            {"role": "user", "content": "hello"},
+                                            {"role": "assistant", "content": "hi"}]
+    assert "[conversation reset]" in err
+    assert [m.to_dict() for m in agent.messages] == [{"role": "system", "content": "Be brief."},
+                                                     {"role": "user", "content": "again"},
+                                                     {"role": "assistant", "content": "bye"}]
