@@ -124,21 +124,39 @@ def test_scripted_tool_calls_through_the_command(folders, chat_tok, tmp_path, mo
     assert all(t["error"] is None for t in tools)
 
 
-def test_interactive_reset_save_exit(folders, chat_tok, tmp_path, monkeypatch, capsys):
+class Interrupting(ScriptedModel):
+    """Scripted replies, but Ctrl-C arrives while the turn numbered `at` is generated."""
+
+    def __init__(self, tok, texts, at: int):
+        other = ScriptedModel.from_texts(tok, texts)
+        super().__init__(other.turns, other.end_id)
+        self.at = at
+
+    def __call__(self, produced, logits):
+        out = super().__call__(produced, logits)
+        if self.turn == self.at and len(produced) == 1:
+            raise KeyboardInterrupt
+        return out
+
+
+def test_interactive_reset_save_interrupt_exit(folders, chat_tok, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     save = tmp_path / "conv.json"
-    lines = iter(["hello", f"/save {save}", "/reset", "again", "/exit"])
+    lines = iter(["hello", f"/save {save}", "/reset", "stop this", "again", "/exit"])
     monkeypatch.setattr(builtins, "input", lambda prompt="": next(lines))
     args = parsed(folders["glm4"], "--format", "glm4", "--system", "Be brief.")
     toolbox = chat_cli.build_toolbox(args, chat_cli.check(args))
-    agent = chat_cli.make_agent(args, toolbox, ScriptedModel.from_texts(chat_tok, ["\nhi<|user|>", "\nbye<|user|>"]))
+    script = Interrupting(chat_tok, ["\nhi<|user|>", "\nnever shown<|user|>", "\nbye<|user|>"], at=1)
+    agent = chat_cli.make_agent(args, toolbox, script)
     assert chat_cli.interactive(agent) == 0
     out, err = capsys.readouterr()
-    assert out.count("glm> ") == 2 and "hi\n" in out and "bye\n" in out
+    assert out.count("glm> ") == 3 and "hi\n" in out and "bye\n" in out
     assert json.loads(save.read_text()) == [{"role": "system", "content": "Be brief."},
                                             {"role": "user", "content": "hello"},
                                             {"role": "assistant", "content": "hi"}]
-    assert "[conversation reset]" in err
+    assert "[conversation reset]" in err and "[interrupted]" in err
+    assert not agent.engine.has_work()                    # the interrupted request was cancelled and its row freed
     assert [m.to_dict() for m in agent.messages] == [{"role": "system", "content": "Be brief."},
+                                                     {"role": "user", "content": "stop this"},
                                                      {"role": "user", "content": "again"},
                                                      {"role": "assistant", "content": "bye"}]

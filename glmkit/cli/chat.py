@@ -161,7 +161,9 @@ def make_agent(args: argparse.Namespace, toolbox, logits_processor=None):
 
 
 def interactive(agent) -> int:
-    _trace("[/reset starts over, /save FILE writes the conversation, /exit quits]")
+    """Read messages and commands until /exit or end of input. Ctrl-C stops the reply being generated;
+    a conversation grown too long for the model is reported and the chat goes on (/reset)."""
+    _trace("[/reset starts over, /save FILE writes the conversation, /exit quits; Ctrl-C stops a reply]")
     while True:
         try:
             line = input("\nyou> ")
@@ -184,7 +186,12 @@ def interactive(agent) -> int:
                 _trace(f"[cannot save: {e}]")
         elif line.strip():
             print("glm> ", end="", flush=True)
-            show(agent.send(line))
+            try:
+                show(agent.send(line))
+            except KeyboardInterrupt:          # Ctrl-C stops this reply, not the chat
+                _trace("\n[interrupted]")
+            except GlmkitError as e:           # e.g. the conversation outgrew the model's positions
+                _trace(f"\n[error: {e}; /reset starts over]")
 
 
 def show(events) -> None:
@@ -193,7 +200,7 @@ def show(events) -> None:
     where = None                                   # what the last printed piece was: content / reasoning
     for e in events:
         if isinstance(e, ToolRun):
-            _trace(f"\n[{e.name}] {_arguments(e.arguments)}")
+            _trace(f"[{e.name}] " + "\n    ".join(_arguments(e.arguments).splitlines() or [""]))
             lines = e.result.splitlines() or [""]
             more = f"\n  ... {len(lines) - TRACE_LINES} more lines" if len(lines) > TRACE_LINES else ""
             _trace("  => " + "\n     ".join(lines[:TRACE_LINES]) + more)
@@ -210,7 +217,7 @@ def show(events) -> None:
             _trace(e.reasoning_content, end="")
             where = "reasoning"
         elif e.tool_call is not None and e.tool_call.name is not None:
-            _trace(f"\n[calling {e.tool_call.name} ...]", end="")
+            _trace(f"\n[calling {e.tool_call.name} ...]")
             where = None
         elif e.content:
             if where == "reasoning":
