@@ -148,6 +148,14 @@ CASES = [
     ("bench-train-steps", ["bench", "train", "--steps", "-1"], "--steps"),
     ("bench-train-flex-options", ["bench", "train", "--device", "cpu", "--flex-options", "{{", "--flex-options", "{{"],
      "--flex-options"),
+    # serve
+    ("serve-checkpoint-missing", ["serve", "{missing}"], "checkpoint"),
+    ("serve-port-type", ["serve", "{run}", "--port", "http"], "--port"),
+    ("serve-max-concurrency-zero", ["serve", "{run}", "--max-concurrency", "0"], "--max-concurrency"),
+    ("serve-max-queue-negative", ["serve", "{run}", "--max-queue", "-1"], "--max-queue"),
+    ("serve-format-unknown", ["serve", "{run}", "--format", "chatml"], "--format"),
+    ("serve-tools-unknown", ["serve", "{run}", "--tools", "python,shell"], "--tools"),
+    ("serve-device-name", ["serve", "{run}", "--device", "tpu"], "--device"),
     # demo (its own checks of the run are the demo's; a wrong type is refused before any work)
     ("demo-max-steps-type", ["demo", "--max-steps", "many"], "--max-steps"),
     # the command itself
@@ -162,6 +170,7 @@ CUDA_CASES = [   # on a machine without CUDA
     ("experiment-cuda", ["experiment", "compare", "--device", "cuda"], "--device"),
     ("bench-generate-cuda", ["bench", "generate", "--device", "cuda"], "--device"),
     ("bench-train-cuda", ["bench", "train", "--device", "cuda"], "--device"),
+    ("serve-cuda", ["serve", "{run}", "--device", "cuda"], "--device"),
 ]
 
 

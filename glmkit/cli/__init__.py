@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("glmkit.cli.chat", "chat with a model that calls tools: python (sandboxed), a browser, your functions"),
     "eval": ("glmkit.cli.eval", "evaluate a checkpoint: bits/byte, infilling, cloze, Chinese sentiment"),
     "experiment": ("glmkit.cli.experiment", "GLM vs BERT (MLM) vs GPT (CLM) pretrained alike, on every eval task"),
+    "serve": ("glmkit.cli.serve", "an OpenAI-compatible HTTP server (chat, tool calls, streaming, continuous batching)"),
     "bench": ("glmkit.cli.bench", "measure speed against a named peer in the same run"),
 }
 

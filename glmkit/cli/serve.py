@@ -1,0 +1,101 @@
+"""`glmkit serve`: an OpenAI-compatible HTTP server for a checkpoint (docs/serve.md).
+
+    glmkit serve runs/chat                                   # http://127.0.0.1:8000/v1
+    glmkit serve GLM-4-9B-0414 --device cuda --port 8080 --api-key s3cret --max-concurrency 32
+
+Binds 127.0.0.1 unless --host says otherwise (another host without --api-key gets a warning). Every
+request joins the engine's continuous batch: --max-concurrency requests run at once (KV rows),
+--max-queue more wait, beyond that the server answers 429.
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import sys
+from pathlib import Path
+
+from glmkit.cli.options import check_device, existing_dir, nonnegative_int, positive_int
+from glmkit.errors import GlmkitError
+
+TOOLS = ("python", "browser")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", type=existing_dir,
+                        help="a glmkit run / checkpoint directory, or an HF GLM-4 folder")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=positive_int, default=8000)
+    parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 and /metrics")
+    parser.add_argument("--model-name", default=None, help="the model id clients send (default: the folder's name)")
+    parser.add_argument("--max-concurrency", type=positive_int, default=16, help="requests decoded at once (KV rows)")
+    parser.add_argument("--max-queue", type=nonnegative_int, default=64,
+                        help="requests waiting for a row; more are refused with 429")
+    parser.add_argument("--max-len", type=positive_int, default=None,
+                        help="tokens per request, prompt and reply (default: the model's positions, at most 4096)")
+    parser.add_argument("--max-tokens", type=positive_int, default=4096, help="the most tokens one request may ask for")
+    parser.add_argument("--format", default="auto", choices=("auto", "glm4", "glm45"),
+                        help="chat format (auto: glm45 for MoE GLM-4.5 models, else glm4)")
+    parser.add_argument("--tools", default="", help="server-side tools, comma-separated: python,browser")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
+
+
+def check(args: argparse.Namespace) -> list[str]:
+    """Options checked before the model is read; returns the server-side tools asked for."""
+    tools = [t for t in args.tools.split(",") if t]
+    bad = [t for t in tools if t not in TOOLS]
+    if bad:
+        raise GlmkitError(f"--tools {args.tools}: unknown tool {bad[0]!r}; choose from {', '.join(TOOLS)}")
+    if tools:
+        raise GlmkitError("--tools: server-side tools need glmkit's agent loop (glmkit.chat.agent), which this "
+                          "version lacks; serve without --tools and run tools in the client")
+    check_device(args.device)
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise GlmkitError("glmkit serve needs FastAPI and uvicorn: pip install 'glmkit[serve]'") from None
+    with socket.socket() as s:
+        try:
+            s.bind((args.host, args.port))
+        except OSError as e:
+            raise GlmkitError(f"--host {args.host} --port {args.port}: cannot listen there ({e.strerror}); "
+                              "choose another --port") from None
+    return tools
+
+
+def snippet(url: str, model: str, api_key: str | None) -> str:
+    return (f"from openai import OpenAI\n"
+            f"client = OpenAI(base_url=\"{url}\", api_key=\"{api_key or 'none'}\")\n"
+            f"reply = client.chat.completions.create(model=\"{model}\", "
+            f"messages=[{{\"role\": \"user\", \"content\": \"Hello!\"}}])\n"
+            f"print(reply.choices[0].message.content)")
+
+
+def run(args: argparse.Namespace) -> int:
+    check(args)
+    import uvicorn
+
+    from glmkit.chat.render import stop_ids
+    from glmkit.checkpoint.loader import load
+    from glmkit.infer.engine import Engine
+    from glmkit.serve.app import ServeConfig, Server, create_app
+
+    loaded = load(args.checkpoint, args.device)
+    model, tok = loaded.model, loaded.tokenizer
+    fmt = args.format if args.format != "auto" else ("glm45" if model.config.is_moe else "glm4")
+    stop_ids(fmt, tok)                            # the tokenizer has the format's special tokens
+    name = args.model_name or Path(args.checkpoint).resolve().name
+    engine = Engine(model, tok, max_batch=args.max_concurrency, max_len=args.max_len)
+    config = ServeConfig(model_name=name, fmt=fmt, causal=loaded.objective == "clm", api_key=args.api_key,
+                         max_waiting=args.max_queue, max_tokens=args.max_tokens)
+    app = create_app(Server(engine, tok, config))
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    url = f"http://{host}:{args.port}/v1"
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        print(f"warning: listening on {args.host} without --api-key: anyone who can reach it may use it",
+              file=sys.stderr)
+    print(f"glmkit serve: {name} ({fmt} chat format, {engine.max_len} tokens per request, "
+          f"{args.max_concurrency} at once) at {url}\n\n{snippet(url, name, args.api_key)}\n", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
