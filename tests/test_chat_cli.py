@@ -160,3 +160,21 @@ def test_interactive_reset_save_interrupt_exit(folders, chat_tok, tmp_path, monk
                                                      {"role": "user", "content": "stop this"},
                                                      {"role": "user", "content": "again"},
                                                      {"role": "assistant", "content": "bye"}]
+
+
+def test_python_without_a_sandbox_needs_unsafe_python(folders, chat_tok, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("ipykernel")
+    import glmkit.chat.sandbox as sandbox
+    monkeypatch.setattr(sandbox, "sandbox_problem", lambda python=None: "bubblewrap is not installed")
+    argv = ["chat", str(folders["glm4"]), "--tools", "python", "--workspace", str(tmp_path / "ws"), "--prompt", "x"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.strip().endswith("glmkit chat: error: --tools python: cannot sandbox the interpreter: bubblewrap is "
+                                "not installed. Fix that, or pass --unsafe-python to run the model's code without "
+                                "isolation")
+    texts = ["python\nimport os\nprint(os.getpid() > 0)<|observation|>", "\nyes<|user|>"]
+    args = parsed(folders["glm4"], "--format", "glm4", *argv[2:], "--unsafe-python")
+    assert chat_cli.run(args, logits_processor=ScriptedModel.from_texts(chat_tok, texts)) == 0
+    out, err = capsys.readouterr()
+    assert out == "yes\n"
+    assert "NOT sandboxed" in err and "[python] import os\n    print(os.getpid() > 0)\n  => True\n" in err

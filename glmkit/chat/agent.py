@@ -130,12 +130,14 @@ def choose_format(fmt: str, tokenizer, *, template: str | None = None) -> ChatFo
 # ---------------------------------------------------------------------------------------- tools
 class Toolbox:
     """What one conversation can call (see the module docstring). `sandbox` / `browser` None: that tool is
-    not offered. `timeout`: seconds for a user function that sets none."""
+    not offered. `timeout`: seconds for a user function that sets none (a `FunctionRegistry` given keeps its own)."""
 
     def __init__(self, functions: FunctionRegistry | Iterable[Tool | Callable] = (), *, sandbox=None,
                  browser=None, timeout: float | None = 30.0):
-        self.user = ([functions[n] for n in functions.names] if isinstance(functions, FunctionRegistry)
-                     else list(functions))
+        if isinstance(functions, FunctionRegistry):
+            self.user, timeout = [functions[n] for n in functions.names], functions.timeout
+        else:
+            self.user = list(functions)
         self.sandbox = sandbox
         self.browser = browser
         self.timeout = timeout

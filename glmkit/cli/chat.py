@@ -126,6 +126,7 @@ def run(args: argparse.Namespace, logits_processor=None) -> int:
         if not text.strip():
             raise GlmkitError("standard input is empty; give a message (or --prompt TEXT, or run in a terminal)")
     toolbox = build_toolbox(args, tools)
+    agent = None
     try:
         agent = make_agent(args, toolbox, logits_processor)
         if text is not None:
@@ -134,6 +135,8 @@ def run(args: argparse.Namespace, logits_processor=None) -> int:
         return interactive(agent)
     finally:
         toolbox.close()
+        if agent is not None:
+            agent.close()
 
 
 def make_agent(args: argparse.Namespace, toolbox, logits_processor=None):
