@@ -111,8 +111,9 @@ def read_chat_template(folder: str | Path) -> str | None:
 
 
 def choose_format(fmt: str, tokenizer, *, template: str | None = None) -> ChatFormat:
-    """`fmt` glm4 | glm45 | auto. auto: the checkpoint's `template` when it has one (except GLM-4-9B-chat's,
-    which reads GLM-4's own message layout rather than OpenAI messages: glm4 renders it exactly), else glm45
+    """`fmt` glm4 | glm45 | auto. auto: the checkpoint's `template` when it has one (except a template that
+    reads GLM-4's own message layout, `metadata` items, rather than OpenAI messages, as GLM-4-9B-chat's does:
+    glm4 renders that exactly), else glm45
     when the tokenizer has GLM-4.5's structural tokens (GLM-4.5 / 4.6 MoE checkpoints and every
     glmkit-trained tokenizer do), else glm4 (GLM-4-9B's tokenizer cannot spell the glm45 format)."""
     has45 = all(tokenizer.special_id(t) is not None for t in GLM45_TOKENS)
@@ -121,7 +122,7 @@ def choose_format(fmt: str, tokenizer, *, template: str | None = None) -> ChatFo
     if fmt != "auto":
         raise GlmkitError(f"unknown chat format {fmt!r}; use glm4, glm45 or auto")
     if template is not None:
-        if "metadata" in template:           # GLM-4-9B-chat's template
+        if "metadata" in template:           # GLM-4's own message layout (GLM-4-9B-chat's template)
             return ChatFormat("glm4")
         return ChatFormat("glm45" if "<tool_call>" in template and has45 else "glm4", template)
     return ChatFormat("glm45" if has45 else "glm4")
