@@ -335,6 +335,27 @@ def glmkit_greedy_cached(model, ids: torch.Tensor, n: int) -> torch.Tensor:
     return torch.cat([ids, torch.tensor([r.tokens[0] for r in res])], dim=1)
 
 
+# -------------------------------------------------------------------------------------------- memory
+
+def measured_cpu_peak(fn) -> int:
+    """Peak bytes of the CPU tensors `fn()` allocates (those alive before it do not count), from the
+    allocation timeline of torch's memory profiler (`torch.profiler._memory_profiler`, a private API:
+    the one that sees every allocation of torch's CPU allocator, kernel workspaces included)."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import Action
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        fn()
+    now = peak = 0
+    for _, action, _, size in prof._memory_profile().timeline:
+        if action == Action.CREATE:
+            now += size
+        elif action == Action.DESTROY:
+            now -= size
+        peak = max(peak, now)
+    return peak
+
+
 # ---------------------------------------------------------------------------------------------- chat
 
 def call(i: int, name: str, args: dict) -> dict:

@@ -156,6 +156,14 @@ CASES = [
     ("serve-format-unknown", ["serve", "{run}", "--format", "chatml"], "--format"),
     ("serve-tools-unknown", ["serve", "{run}", "--tools", "python,shell"], "--tools"),
     ("serve-device-name", ["serve", "{run}", "--device", "tpu"], "--device"),
+    # plan
+    ("plan-model-unknown", ["plan", "huge-9000"], "huge-9000"),
+    ("plan-model-not-a-model", ["plan", "{emptydir}"], "is not a model folder"),
+    ("plan-rows-zero", ["plan", "tiny", "--rows", "0"], "--rows"),
+    ("plan-max-len-type", ["plan", "tiny", "--max-len", "long"], "--max-len"),
+    ("plan-chunk-longer", ["plan", "tiny", "--max-len", "64", "--chunk", "128"], "--chunk"),
+    ("plan-memory-size", ["plan", "tiny", "--memory", "lots"], "--memory"),
+    ("plan-dtype", ["plan", "tiny", "--dtype", "fp8"], "--dtype"),
     # demo (its own checks of the run are the demo's; a wrong type is refused before any work)
     ("demo-max-steps-type", ["demo", "--max-steps", "many"], "--max-steps"),
     # the command itself

@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "infill": ("glmkit.cli.infer", "fill [MASK] / [sMASK] / [gMASK] blanks in text with a model, streaming"),
     "generate": ("glmkit.cli.infer", "continue a prompt ([gMASK] at its end), streaming"),
     "chat": ("glmkit.cli.chat", "chat with a model that calls tools: python (sandboxed), a browser, your functions"),
+    "plan": ("glmkit.cli.plan", "memory of an inference run: weights, KV cache, activations; does it fit"),
     "eval": ("glmkit.cli.eval", "evaluate a checkpoint: bits/byte, infilling, cloze, Chinese sentiment"),
     "experiment": ("glmkit.cli.experiment", "GLM vs BERT (MLM) vs GPT (CLM) pretrained alike, on every eval task"),
     "serve": ("glmkit.cli.serve", "an OpenAI-compatible HTTP server (chat, tool calls, streaming, continuous batching)"),
