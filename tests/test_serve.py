@@ -488,3 +488,46 @@ def test_metrics(model, chat_tok):
     assert lines['glmkit_time_to_first_token_seconds_bucket{le="+Inf"}'] == "2"
     assert float(lines["glmkit_generation_tokens_per_second"]) == pytest.approx(0.8)
     assert lines["glmkit_requests_running"] == "0" and lines["glmkit_requests_waiting"] == "0"
+
+
+# ------------------------------------------------------------------------------------ the command
+
+@pytest.mark.slow
+def test_glmkit_serve_command(tiny_run):
+    """The command as users run it: prints the URL and a client snippet, answers the client, stops on SIGINT."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "glmkit", "serve", str(tiny_run.directory), "--port", str(port),
+                             "--api-key", "k", "--model-name", "toy"], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        head = [proc.stdout.readline() for _ in range(3)]
+        url = f"http://127.0.0.1:{port}/v1"
+        assert url in head[0] and head[2].startswith("from openai import OpenAI")
+        c = openai.OpenAI(base_url=url, api_key="k", max_retries=5)
+        deadline = time.time() + 60
+        while True:
+            try:
+                models = c.models.list()
+                break
+            except openai.APIConnectionError:
+                assert time.time() < deadline, "the server did not come up"
+                time.sleep(0.2)
+        assert [m.id for m in models.data] == ["toy"]
+        r = c.chat.completions.create(model="toy", messages=USER, max_tokens=3, temperature=0)
+        from glmkit.checkpoint.loader import load
+        from glmkit.infer.engine import Request
+        loaded = load(tiny_run.directory)
+        prompt = render(USER, None, "glm4", tokenizer=loaded.tokenizer).ids
+        [alone] = Engine(loaded.model, loaded.tokenizer, max_batch=1).generate([Request.chat(
+            prompt, SamplingConfig(max_new_tokens=3), stop_ids=tuple(stop_ids("glm4", loaded.tokenizer)))])
+        assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(prompt), len(alone.tokens[0]))
+        assert r.choices[0].finish_reason == ("length" if alone.finish_reason == "length" else "stop")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)

@@ -2,6 +2,11 @@
 
     glmkit convert --from-hf HF_DIR --out DIR [--dtype bf16]         # HF -> glmkit
     glmkit convert --to-hf CKPT --out HF_DIR [--max-shard-size 5GB]   # glmkit -> HF
+
+--to-hf of a model with a tokenizer and no tokenizer_config.json of its own (a glmkit-trained one)
+also writes tokenizer_config.json (the chat template of --chat-format, the special tokens) and
+generation_config.json (the stop ids), so transformers, vLLM and SGLang chat with it unchanged
+(`glmkit.chat.hf_files`). A converted HF model keeps the files it came with.
 """
 
 from __future__ import annotations
@@ -27,6 +32,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="weight dtype of the output (default: that of the source; the MoE router stays fp32)")
     parser.add_argument("--max-shard-size", default="5GB",
                         help="--to-hf: largest safetensors shard, e.g. 5GB, 500MB, 2GiB (default 5GB)")
+    parser.add_argument("--chat-format", choices=("auto", "glm4", "glm45"), default="auto",
+                        help="--to-hf: the chat template written for a glmkit-trained model (auto: glm45 for MoE "
+                             "models whose tokenizer has GLM-4.5's tokens, else glm4; none if it lacks GLM-4's)")
+
+
+def chat_files(model, out: str, chat_format: str) -> tuple[str, list[str]]:
+    """The chat template and stop ids for an exported model whose tokenizer came without them."""
+    from pathlib import Path
+
+    from glmkit.chat.hf_files import write_chat_files
+    from glmkit.data.tokenizer import GLMTokenizer
+    out = Path(out)
+    if not (out / "tokenizer.json").is_file() or (out / "tokenizer_config.json").is_file():
+        return "", []
+    tok = GLMTokenizer.load(out / "tokenizer.json")
+    fmt = chat_format
+    if fmt == "auto":        # glm45 for MoE models whose tokenizer has its tokens, else glm4 where possible
+        fits = [f for f in (("glm45", "glm4") if model.config.is_moe else ("glm4",)) if _has_tokens(f, tok)]
+        if not fits:
+            return "", []
+        fmt = fits[0]
+    return fmt, write_chat_files(out, fmt, tok, model.config.max_position_embeddings)
+
+
+def _has_tokens(fmt: str, tok) -> bool:
+    from glmkit.chat.render import stop_ids
+    from glmkit.errors import GlmkitError
+    try:
+        stop_ids(fmt, tok)
+        return True
+    except GlmkitError:
+        return False
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,6 +83,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         src, direction = args.to_hf, "glmkit -> HF"
         model = to_hf_folder(src, args.out, dtype, args.max_shard_size, overwrite=args.overwrite)
+        fmt, written = chat_files(model, args.out, args.chat_format)
+        if written:
+            print(f"wrote {' and '.join(written)} (the {fmt} chat template, its stop ids) for transformers / vLLM")
     n = sum(p.numel() for p in model.parameters())
     print(f"{direction}: {model.config.name} ({human(n)} parameters, {model.embed_tokens.weight.dtype}) "
           f"from {src} to {args.out} in {time.perf_counter() - t0:.1f}s")
