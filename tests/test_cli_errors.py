@@ -57,6 +57,7 @@ CASES = [
     ("generate-mask-in-prompt", ["generate", "{run}", "In the beginning [MASK] was"], "glmkit infill"),
     ("generate-max-new-tokens-zero", ["generate", "{run}", "x", "--max-new-tokens", "0"], "--max-new-tokens"),
     ("generate-temperature-negative", ["generate", "{run}", "x", "--temperature", "-1"], "--temperature"),
+    ("generate-quantize-unknown", ["generate", "{run}", "x", "--quantize", "int3"], "--quantize"),
     ("generate-top-p-zero", ["generate", "{run}", "x", "--top-p", "0"], "--top-p"),
     ("generate-top-k-type", ["generate", "{run}", "x", "--top-k", "abc"], "--top-k"),
     ("generate-repetition-penalty-zero", ["generate", "{run}", "x", "--repetition-penalty", "0"], "--repetition-penalty"),

@@ -16,7 +16,9 @@
 
 The objective is the one the weights were trained with, read from the manifest's fingerprint (a
 converted HF model counts as "clm"). `dtype` casts every floating weight except the MoE router, which
-stays fp32 (as transformers keeps it). `for_inference=True` (the default) puts the model in eval mode
+stays fp32 (as transformers keeps it). `quantize="int8" | "int4"` replaces the blocks' linear and
+expert weights by weight-only quantized ones (`glmkit.model.quantize`; inference only, checked before
+anything is read). `for_inference=True` (the default) puts the model in eval mode
 and lays its weights out for decoding (`glmkit.model.kv_cache.decode_layout`); False returns the module
 as built, in training mode. `tokenizer=False` skips the tokenizer (weight conversion needs none); with
 True a folder without one is an error. Run-time choices (attention backend, Flex kernel options, MoE
@@ -51,8 +53,15 @@ class Loaded:
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-         for_inference: bool = True, tokenizer: bool = True) -> Loaded:
+         for_inference: bool = True, tokenizer: bool = True, quantize: str | None = None) -> Loaded:
     """Read the model (and tokenizer) in `path`; see the module docstring for what `path` may be."""
+    if quantize is not None:
+        from glmkit.model.quantize import SCHEMES
+
+        if quantize not in SCHEMES:
+            raise GlmkitError(f"unknown quantization {quantize!r}; choose one of {', '.join(SCHEMES)}")
+        if not for_inference:
+            raise GlmkitError("quantize is for inference: load with for_inference=True (the default)")
     folder, fmt = locate(path)
     if fmt == "hf":
         from glmkit.checkpoint.hf import from_hf
@@ -61,6 +70,10 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     else:
         model, objective = _load_glmkit(folder, dtype, device)
     tok = _load_tokenizer(folder) if tokenizer else None
+    if quantize is not None:
+        from glmkit.model.quantize import quantize as quantize_weights
+
+        model = quantize_weights(model, quantize)
     if for_inference:
         from glmkit.model.kv_cache import decode_layout
 

@@ -45,6 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--causal", action="store_true", default=None,
                         help="read the prompt causally and continue it (default: on for CLM-trained and HF models)")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
+    parser.add_argument("--quantize", choices=("int8", "int4"), default=None,
+                        help="weight-only quantized linear layers (int8: ~half the bf16 weight memory)")
     parser.add_argument("--no-stream", action="store_true", help="print each result when complete")
 
 
@@ -72,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     check_device(args.device)
     cfg = SamplingConfig(args.temperature, args.top_k, args.top_p, args.repetition_penalty,
                          args.max_new_tokens, args.seed)
-    loaded = load(args.checkpoint, args.device)
+    loaded = load(args.checkpoint, args.device, quantize=args.quantize)
     model, tok, objective = loaded.model, loaded.tokenizer, loaded.objective
     causal = objective == "clm" if args.causal is None else args.causal
     if causal and not args.generation:

@@ -27,6 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="slots per row: prompt + new tokens (default: the model's max_position_embeddings)")
     parser.add_argument("--chunk", type=positive_int, default=None,
                         help="prefill chunk in tokens (default: --max-len, a one-shot prefill)")
+    parser.add_argument("--quantize", choices=("int8", "int4"), default=None,
+                        help="weight-only quantized linear layers, as `glmkit generate --quantize` loads them")
     parser.add_argument("--memory", default=None, help="device memory to check against, e.g. 24GiB, 80GB")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
 
@@ -43,14 +45,15 @@ def run(args: argparse.Namespace) -> int:
     max_len = args.max_len or config.max_position_embeddings
     if args.chunk and args.chunk > max_len:
         raise GlmkitError(f"--chunk {args.chunk} is longer than --max-len {max_len}; a chunk is part of one row")
-    plan = plan_memory(config, DTYPES[args.dtype], args.rows, max_len, args.chunk)
+    plan = plan_memory(config, DTYPES[args.dtype], args.rows, max_len, args.chunk, args.quantize)
     out = plan.to_dict()
     if memory is not None:
         out.update(memory=memory, fits=plan.fits(memory))
     if args.json:
         print(json.dumps(out))
         return 0
-    print(f"{plan.model}  {plan.dtype}  rows {plan.rows}  max_len {plan.max_len}  prefill chunk {plan.chunk}")
+    weights = plan.dtype + (f" + {plan.quantize} weights" if plan.quantize else "")
+    print(f"{plan.model}  {weights}  rows {plan.rows}  max_len {plan.max_len}  prefill chunk {plan.chunk}")
     rows = [("weights", plan.weights), ("KV cache", plan.kv_cache),
             (f"activations (prefill {human_bytes(plan.prefill_activations)}, decode "
              f"{human_bytes(plan.decode_activations)})", plan.activations), ("total", plan.total)]

@@ -7,7 +7,8 @@ anything is allocated (`glmkit plan`).
 
 The three parts, as the engine (`glmkit.infer.engine`, `glmkit.infer.runner`) allocates them:
 - **weights**: every parameter and buffer of `GLM(config)` (built on the meta device: nothing is
-  allocated), numel x element size, the MoE router in fp32 as the loaders keep it. Exact.
+  allocated), numel x element size, the MoE router in fp32 as the loaders keep it; with `quantize`,
+  the int8 / int4 codes and scales of `glmkit.model.quantize`. Exact.
 - **kv_cache**: the engine's pool (`glmkit.model.kv_cache.KVCache`), allocated once:
   rows x max_len x layers x 2 (k, v) x kv_heads x head_dim x dtype size. Exact.
 - **activations**: the peak of the temporaries of one forward, the larger of
@@ -46,6 +47,7 @@ class MemoryPlan:
     """Bytes of each part (see the module docstring) for one configuration."""
     model: str
     dtype: str
+    quantize: str | None
     rows: int
     max_len: int
     chunk: int
@@ -83,20 +85,33 @@ def human_bytes(n: int) -> str:
     return f"{n} B"
 
 
-def weight_bytes(config: GLMConfig, dtype: torch.dtype) -> int:
-    """Parameters and buffers of GLM(config) in `dtype` (the MoE router in fp32), counted on meta."""
+def weight_bytes(config: GLMConfig, dtype: torch.dtype, quantize: str | None = None) -> int:
+    """Parameters and buffers of GLM(config) in `dtype` (the MoE router in fp32), counted on meta;
+    with `quantize` ("int8" | "int4"), after `glmkit.model.quantize.quantize` (also run on meta)."""
     from glmkit.checkpoint.hf import keep_fp32, meta_parameters
     from glmkit.model.glm import GLM
 
     with meta_parameters():
         model = GLM(config)
-    size = torch.empty((), dtype=dtype).element_size()
-    total = 0
-    for name, t in model.named_parameters():
-        total += t.numel() * (4 if keep_fp32(name) else size)
-    for name, t in model.named_buffers():
-        total += t.numel() * (4 if keep_fp32(name) else size if t.is_floating_point() else t.element_size())
-    return total
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_floating_point() and not keep_fp32(name):
+            t.data = t.data.to(dtype)
+    if quantize is not None:
+        from glmkit.model.quantize import quantize as quantize_weights
+
+        model = quantize_weights(model, quantize)
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+
+
+def largest_matrix(config: GLMConfig) -> int:
+    """Elements of the largest weight a quantized forward dequantizes at once (one layer's, one expert's)."""
+    c, h = config, config.hidden_size
+    sizes = [h * (c.num_heads + 2 * c.num_kv_heads) * c.head_dim, c.num_heads * c.head_dim * h]
+    if any(not c.is_moe_layer(i) for i in range(c.num_layers)):
+        sizes.append(h * c.intermediate_size * (1 if c.mlp == "gelu" else 2))
+    if c.is_moe:
+        sizes.append(2 * h * c.moe_intermediate_size * max(1, c.n_shared_experts))
+    return max(sizes)
 
 
 def kv_cache_bytes(config: GLMConfig, dtype: torch.dtype, rows: int, max_len: int) -> int:
@@ -176,9 +191,11 @@ def model_config(model: str) -> GLMConfig:
 
 
 def plan_memory(config: GLMConfig, dtype: torch.dtype = torch.bfloat16, rows: int = 1, max_len: int = 4096,
-                chunk: int | None = None) -> MemoryPlan:
+                chunk: int | None = None, quantize: str | None = None) -> MemoryPlan:
     """The memory plan of an engine over `config` in `dtype` with `rows` KV rows of `max_len` slots,
-    prefilling `chunk` tokens at a time (default max_len: one shot)."""
+    prefilling `chunk` tokens at a time (default max_len: one shot), weights optionally quantized
+    ("int8" | "int4": their bytes after quantization, and the activations hold the largest weight
+    dequantized at once: its fp32 codes x scales and the copy in `dtype`)."""
     chunk = chunk or max_len
     for name, value in (("rows", rows), ("max_len", max_len), ("chunk", chunk)):
         if value < 1:
@@ -187,7 +204,10 @@ def plan_memory(config: GLMConfig, dtype: torch.dtype = torch.bfloat16, rows: in
         raise GlmkitError(f"chunk = {chunk} is longer than max_len = {max_len}; a prefill chunk fits in a row")
     prefill = forward_activation_bytes(config, dtype, 1, chunk, max_len)
     decode = forward_activation_bytes(config, dtype, rows, 1, max_len)
+    if quantize is not None:
+        dequantized = largest_matrix(config) * (8 + torch.empty((), dtype=dtype).element_size())
+        prefill, decode = prefill + dequantized, decode + dequantized
     name = {v: k for k, v in DTYPES.items()}.get(dtype, str(dtype))
     return MemoryPlan(model=config.name, dtype=name, rows=rows, max_len=max_len, chunk=chunk,
-                      weights=weight_bytes(config, dtype), kv_cache=kv_cache_bytes(config, dtype, rows, max_len),
+                      quantize=quantize, weights=weight_bytes(config, dtype, quantize), kv_cache=kv_cache_bytes(config, dtype, rows, max_len),
                       activations=max(prefill, decode), prefill_activations=prefill, decode_activations=decode)
