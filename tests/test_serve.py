@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import shutil
 import socket
 import threading
 import time
@@ -531,3 +532,114 @@ def test_glmkit_serve_command(tiny_run):
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=30)
+
+
+# ------------------------------------------------------------------------------------ server-side tools
+
+class FakeSandbox:
+    """Stands in for `glmkit.chat.sandbox.Sandbox`: evaluates one expression (no kernel needed)."""
+
+    def __init__(self, folder):
+        self.folder, self.runs, self.closed = folder, [], False
+
+    def run(self, code):
+        self.runs.append(code)
+        text = str(eval(code.removeprefix("print(").removesuffix(")"), {}))
+
+        class Result:
+            def as_observation(self, max_chars):
+                return text
+        return Result()
+
+    def close(self):
+        self.closed = True
+
+
+class TwoRounds:
+    """A hook: a prompt without a tool result gets `first` forced, one with a result gets `then`."""
+
+    def __init__(self, tok, first: list[int], then: list[int]):
+        self.tok, self.first, self.then, self.prompts = tok, first, then, []
+
+    def __call__(self, prompt):
+        self.prompts.append(prompt)
+        ids = self.then if self.tok.special_id("<|observation|>") in prompt else self.first
+        def force(produced, row):
+            out = torch.full_like(row, float("-inf"))
+            out[ids[min(len(produced), len(ids) - 1)]] = 0.0
+            return out
+        return force
+
+
+def test_server_side_python_runs_on_the_server(model, chat_tok, tmp_path):
+    from glmkit.chat.agent import Toolbox
+    from glmkit.serve.tools import ServerTools
+    tok = chat_tok
+    boxes = {}
+
+    def make(folder):
+        boxes[folder.name] = sandbox = FakeSandbox(folder)
+        return Toolbox(sandbox=sandbox)
+    tools = ServerTools(make, tmp_path, "glm4")
+    obs, eot = tok.special_id("<|observation|>"), tok.special_id("<|endoftext|>")
+    hook = TwoRounds(tok, tok.encode("python\nprint(6*7)") + [obs], tok.encode("\nIt is 42.") + [eot])
+    with serving(model, tok, processor_hook=hook, tools=tools) as (_, url):
+        c = openai.OpenAI(base_url=url, api_key="x", max_retries=0)
+        kw = dict(model=MODEL, messages=[{"role": "user", "content": "6*7?"}], temperature=0, user="alice")
+        r = c.chat.completions.create(**kw)
+        chunks = list(c.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    assert (r.choices[0].message.content, r.choices[0].finish_reason) == ("It is 42.", "stop")
+    assert r.choices[0].message.tool_calls is None
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == "It is 42."
+    [box] = boxes.values()                                # one sandbox for alice's conversation
+    assert box.runs == ["print(6*7)", "print(6*7)"]
+    second = render([{"role": "user", "content": "6*7?"},
+                     {"role": "assistant", "content": None, "tool_calls": [
+                         {"id": "x", "type": "function", "function": {"name": "python",
+                                                                      "arguments": '{"code": "print(6*7)"}'}}]},
+                     {"role": "tool", "tool_call_id": "x", "content": "42"}], [{"type": "python"}], "glm4",
+                    tokenizer=tok).ids
+    assert hook.prompts[1] == second                      # the call and its result joined the conversation
+    assert r.usage.prompt_tokens == len(hook.prompts[0]) + len(second)
+    assert chunks[-1].usage.model_dump() == r.usage.model_dump()
+    tools.close()
+    assert box.closed
+
+
+def test_server_tools_return_the_clients_calls(model, chat_tok, tmp_path):
+    from glmkit.chat.agent import Toolbox
+    from glmkit.serve.tools import ServerTools
+    tok = chat_tok
+    tools = ServerTools(lambda folder: Toolbox(sandbox=FakeSandbox(folder)), tmp_path, "glm4")
+    obs = tok.special_id("<|observation|>")
+    hook = TwoRounds(tok, tok.encode('get_weather\n{"city": "北京"}') + [obs], [obs])
+    with serving(model, tok, processor_hook=hook, tools=tools) as (_, url):
+        c = openai.OpenAI(base_url=url, api_key="x", max_retries=0)
+        r = c.chat.completions.create(model=MODEL, messages=USER, tools=[WEATHER], temperature=0)
+    [call] = r.choices[0].message.tool_calls
+    assert (call.function.name, call.function.arguments, r.choices[0].finish_reason) == (
+        "get_weather", '{"city": "北京"}', "tool_calls")
+    assert hook.prompts[0] == render(USER, [{"type": "python"}, WEATHER], "glm4", tokenizer=tok).ids
+
+
+@pytest.mark.slow
+def test_server_side_python_in_the_real_sandbox(model, chat_tok, tmp_path):
+    from glmkit.chat.agent import Toolbox
+    from glmkit.chat.sandbox import Sandbox, sandbox_problem
+    from glmkit.serve.tools import ServerTools
+    if sandbox_problem() is not None:
+        pytest.skip(f"no sandbox here: {sandbox_problem()}")
+    tok = chat_tok
+    import tempfile
+    short = tempfile.mkdtemp(prefix="gks")             # the kernel's socket paths must stay short
+    tools = ServerTools(lambda folder: Toolbox(sandbox=Sandbox(folder)), short, "glm4")
+    obs, eot = tok.special_id("<|observation|>"), tok.special_id("<|endoftext|>")
+    hook = TwoRounds(tok, tok.encode("python\nprint(6*7)") + [obs], tok.encode("\nDone.") + [eot])
+    with serving(model, tok, processor_hook=hook, tools=tools) as (_, url):
+        c = openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=120)
+        r = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "6*7?"}], temperature=0,
+                                      extra_headers={"X-Conversation-Id": "t1"})
+    tools.close()
+    shutil.rmtree(short, ignore_errors=True)
+    assert r.choices[0].message.content == "Done."
+    assert "42" in tok.decode(hook.prompts[1][len(hook.prompts[0]):])      # the kernel's output, read by the model

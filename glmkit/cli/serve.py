@@ -2,6 +2,7 @@
 
     glmkit serve runs/chat                                   # http://127.0.0.1:8000/v1
     glmkit serve GLM-4-9B-0414 --device cuda --port 8080 --api-key s3cret --max-concurrency 32
+    glmkit serve runs/chat --tools python,browser            # the built-in tools run on the server
 
 Binds 127.0.0.1 unless --host says otherwise (another host without --api-key gets a warning). Every
 request joins the engine's continuous batch: --max-concurrency requests run at once (KV rows),
@@ -36,7 +37,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=positive_int, default=4096, help="the most tokens one request may ask for")
     parser.add_argument("--format", default="auto", choices=("auto", "glm4", "glm45"),
                         help="chat format (auto: glm45 for MoE GLM-4.5 models, else glm4)")
-    parser.add_argument("--tools", default="", help="server-side tools, comma-separated: python,browser")
+    parser.add_argument("--tools", default="", help="server-side tools, comma-separated: python,browser "
+                        "(one sandbox and browser per conversation: X-Conversation-Id header, else `user`)")
+    parser.add_argument("--workspace", default=None,
+                        help="--tools python: folder of the conversations' sandboxes (default: a new temporary one)")
+    parser.add_argument("--unsafe-python", action="store_true",
+                        help="--tools python: run the model's code without the sandbox when it cannot be built")
+    parser.add_argument("--tools-idle-timeout", type=positive_int, default=900,
+                        help="seconds after which an idle conversation's sandbox is closed")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
 
 
@@ -46,9 +54,12 @@ def check(args: argparse.Namespace) -> list[str]:
     bad = [t for t in tools if t not in TOOLS]
     if bad:
         raise GlmkitError(f"--tools {args.tools}: unknown tool {bad[0]!r}; choose from {', '.join(TOOLS)}")
-    if tools:
-        raise GlmkitError("--tools: server-side tools need glmkit's agent loop (glmkit.chat.agent), which this "
-                          "version lacks; serve without --tools and run tools in the client")
+    if "python" in tools and not args.unsafe_python:
+        from glmkit.chat.sandbox import sandbox_problem
+        problem = sandbox_problem()
+        if problem is not None:
+            raise GlmkitError(f"--tools python: cannot sandbox the interpreter: {problem}. Fix that, or pass "
+                              "--unsafe-python to run the model's code without isolation")
     check_device(args.device)
     try:
         import fastapi  # noqa: F401
@@ -64,6 +75,30 @@ def check(args: argparse.Namespace) -> list[str]:
     return tools
 
 
+def server_tools(tools: list[str], args: argparse.Namespace, fmt: str):
+    """The conversations' toolboxes: a sandbox each (python), a browser each over one document store."""
+    import tempfile
+
+    from glmkit.chat.agent import Toolbox
+    from glmkit.serve.tools import ServerTools
+    store = None
+    if "browser" in tools:
+        from glmkit.chat.docstore import default_store
+        store = default_store()
+
+    def make(folder: Path) -> Toolbox:
+        sandbox = browser = None
+        if "python" in tools:
+            from glmkit.chat.sandbox import Sandbox
+            sandbox = Sandbox(folder, allow_unsandboxed=args.unsafe_python)
+        if store is not None:
+            from glmkit.chat.browser import Browser
+            browser = Browser(store)
+        return Toolbox(sandbox=sandbox, browser=browser)
+    workspace = Path(args.workspace) if args.workspace else Path(tempfile.mkdtemp(prefix="glmkit-serve-"))
+    return ServerTools(make, workspace, fmt, idle_timeout_s=args.tools_idle_timeout)
+
+
 def snippet(url: str, model: str, api_key: str | None) -> str:
     return (f"from openai import OpenAI\n"
             f"client = OpenAI(base_url=\"{url}\", api_key=\"{api_key or 'none'}\")\n"
@@ -73,7 +108,7 @@ def snippet(url: str, model: str, api_key: str | None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    check(args)
+    tools = check(args)
     import uvicorn
 
     from glmkit.chat.render import stop_ids
@@ -88,7 +123,8 @@ def run(args: argparse.Namespace) -> int:
     name = args.model_name or Path(args.checkpoint).resolve().name
     engine = Engine(model, tok, max_batch=args.max_concurrency, max_len=args.max_len)
     config = ServeConfig(model_name=name, fmt=fmt, causal=loaded.objective == "clm", api_key=args.api_key,
-                         max_waiting=args.max_queue, max_tokens=args.max_tokens)
+                         max_waiting=args.max_queue, max_tokens=args.max_tokens,
+                         tools=server_tools(tools, args, fmt) if tools else None)
     app = create_app(Server(engine, tok, config))
     host = f"[{args.host}]" if ":" in args.host else args.host
     url = f"http://{host}:{args.port}/v1"
@@ -96,6 +132,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"warning: listening on {args.host} without --api-key: anyone who can reach it may use it",
               file=sys.stderr)
     print(f"glmkit serve: {name} ({fmt} chat format, {engine.max_len} tokens per request, "
-          f"{args.max_concurrency} at once) at {url}\n\n{snippet(url, name, args.api_key)}\n", flush=True)
+          f"{args.max_concurrency} at once{', tools ' + ','.join(tools) if tools else ''}) at {url}\n\n{snippet(url, name, args.api_key)}\n", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

@@ -19,6 +19,7 @@ No lock is held around generation: handlers only enqueue into the engine and awa
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -36,10 +37,18 @@ from glmkit.serve import chat, completions
 from glmkit.serve.engine_loop import EngineLoop, QueueFull, Submission
 from glmkit.serve.protocol import (
     APIError,
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
     ChatCompletionRequest,
+    ChatMessage,
+    ChunkChoice,
     CompletionRequest,
+    FunctionCall,
     ModelCard,
     ModelList,
+    ToolCall,
+    Usage,
     new_id,
     now,
 )
@@ -57,6 +66,7 @@ class ServeConfig:
     retry_after_s: int = 1
     # tests: prompt ids -> an extra logits processor for that request (forces a model's output)
     processor_hook: Callable | None = None
+    tools: object | None = None        # glmkit.serve.tools.ServerTools: built-in tools run on the server
 
 
 class Server:
@@ -154,12 +164,35 @@ async def _sse(events: AsyncIterator[str]) -> AsyncIterator[str]:
         yield f"data: {json.dumps(body)}\n\n"
 
 
+async def _tool_chunks(cid: str, created: int, model: str, events, include_usage: bool) -> AsyncIterator[str]:
+    """The SSE events of a chat completion with server-side tools (`glmkit.serve.tools.tool_rounds`)."""
+    def event(choices: list, usage: Usage | None = None) -> str:
+        chunk = ChatCompletionChunk(id=cid, created=created, model=model, choices=choices, usage=usage)
+        return f"data: {chunk.model_dump_json(exclude_none=True)}\n\n"
+
+    yield event([ChunkChoice(index=0, delta={"role": "assistant", "content": ""})])
+    async for kind, x in events:
+        if kind == "keepalive":
+            yield ": keep-alive\n\n"
+        elif kind == "delta":
+            yield event([ChunkChoice(index=0, delta=x)])
+        else:
+            finish, prompt_tokens, done = x
+            yield event([ChunkChoice(index=0, delta={}, finish_reason=finish)])
+            if include_usage:
+                yield event([], Usage(prompt_tokens=prompt_tokens, completion_tokens=done,
+                                      total_tokens=prompt_tokens + done))
+    yield "data: [DONE]\n\n"
+
+
 def create_app(server: Server) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app):
         server.loop.start()
         yield
         server.loop.stop()
+        if server.config.tools is not None:
+            server.config.tools.close()
 
     app = FastAPI(title="glmkit serve", lifespan=lifespan)
     cfg, tok = server.config, server.tok
@@ -213,6 +246,8 @@ def create_app(server: Server) -> FastAPI:
     @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
     async def chat_completions(body: ChatCompletionRequest, request: HTTPRequest):
         server.check_model(body.model)
+        if cfg.tools is not None:
+            return await with_server_tools(body, request)
         plan = chat.plan_chat(body, cfg.fmt, tok, server.table)
         max_tokens = server.budget(len(plan.prompt), body.max_completion_tokens or body.max_tokens, "messages")
         ereq = chat.engine_request(plan, body, max_tokens, cfg.causal, server.hook(plan.prompt))
@@ -231,6 +266,63 @@ def create_app(server: Server) -> FastAPI:
         if any(c.finish is None for c in choices):       # the client went away
             return JSONResponse({}, status_code=499)
         return chat.completion(cid, created, cfg.model_name, len(plan.prompt), choices)
+
+    async def with_server_tools(body: ChatCompletionRequest, request: HTTPRequest):
+        from glmkit.serve.tools import ServerTools, tool_rounds
+        if body.n != 1:
+            raise APIError(400, "n > 1 is not supported when the server runs tools (--tools)", "n")
+        conversation = ServerTools.conversation(request.headers.get("x-conversation-id"), body.user)
+        try:
+            toolbox = await asyncio.to_thread(cfg.tools.get, conversation)
+        except GlmkitError as e:
+            raise APIError(500, f"the server's tools could not start: {e}", None, "tools_unavailable") from None
+        events = tool_rounds(server, body, toolbox, None if body.stream else request)
+        try:
+            first = await anext(events)               # the first round's errors are HTTP errors
+        except BaseException:
+            cfg.tools.release(conversation)
+            raise
+        cid, created = new_id("chatcmpl"), now()
+        server.metrics.http_done("/v1/chat/completions", 200)
+
+        async def all_events():
+            try:
+                yield first
+                async for e in events:
+                    yield e
+            finally:
+                cfg.tools.release(conversation)
+        if body.stream:
+            usage = body.stream_options is not None and body.stream_options.include_usage
+            return StreamingResponse(_sse(_tool_chunks(cid, created, cfg.model_name, all_events(), usage)),
+                                     media_type="text/event-stream")
+        content, reasoning, calls, end = [], [], {}, None
+        try:
+            async for kind, x in all_events():
+                if kind == "delta":
+                    content.append(x.get("content") or "")
+                    reasoning.append(x.get("reasoning_content") or "")
+                    for tc in x.get("tool_calls", []):
+                        c = calls.setdefault(tc["index"], {"id": tc.get("id"), "name": tc["function"].get("name"),
+                                                           "arguments": ""})
+                        c["arguments"] += tc["function"]["arguments"]
+                elif kind == "end":
+                    end = x
+        except APIError:
+            raise
+        except Exception as e:
+            raise APIError(500, f"generation failed: {type(e).__name__}: {e}", None, "generation_failed") from e
+        if end is None:
+            return JSONResponse({}, status_code=499)
+        finish, prompt_tokens, done = end
+        tool_calls = [ToolCall(id=c["id"], function=FunctionCall(name=c["name"], arguments=c["arguments"]))
+                      for _, c in sorted(calls.items())]
+        message = ChatMessage(content="".join(content) or (None if tool_calls else ""),
+                              reasoning_content="".join(reasoning) or None, tool_calls=tool_calls or None)
+        return ChatCompletion(id=cid, created=created, model=cfg.model_name,
+                              choices=[ChatChoice(index=0, message=message, finish_reason=finish)],
+                              usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=done,
+                                          total_tokens=prompt_tokens + done))
 
     @app.post("/v1/completions", dependencies=[Depends(authorized)])
     async def text_completions(body: CompletionRequest, request: HTTPRequest):
