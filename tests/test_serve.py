@@ -297,6 +297,24 @@ def test_prompt_is_the_renderers_and_keeps_the_system_prompt(client, script, cha
     assert "You are a pirate." in chat_tok.decode(script.prompts[-1])
 
 
+def test_a_checkpoints_own_template_renders_the_prompt(model, chat_tok):
+    """With a chat template (here glmkit's glm45 one, which renders what the renderer does) the prompt is
+    the template's; a named call is opened after its generation prompt as the renderer opens it."""
+    from glmkit.chat import chat_template
+    from glmkit.chat.template import render_template
+    script = Script(chat_tok)
+    messages = [{"role": "system", "content": "Be brief."}, *USER]
+    with serving(model, chat_tok, fmt="glm45", template=chat_template("glm45"), processor_hook=script) as (_, url):
+        c = openai.OpenAI(base_url=url, api_key="x", max_retries=0)
+        c.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER], max_tokens=2, temperature=0)
+        r = c.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER], max_tokens=4, temperature=0,
+                                      tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    assert script.prompts[0] == render_template(chat_template("glm45"), messages, [WEATHER], tokenizer=chat_tok).ids
+    assert script.prompts[0] == render(messages, [WEATHER], "glm45", tokenizer=chat_tok).ids
+    assert script.prompts[1] == render(messages, [WEATHER], "glm45", tokenizer=chat_tok, forced_tool="get_weather").ids
+    assert r.choices[0].message.tool_calls[0].function.name == "get_weather"
+
+
 # ------------------------------------------------------------------------------------ sampling fields
 
 def test_stop_cuts_the_content(client, script, chat_tok):
@@ -510,6 +528,7 @@ def test_glmkit_serve_command(tiny_run):
         head = [proc.stdout.readline() for _ in range(3)]
         url = f"http://127.0.0.1:{port}/v1"
         assert url in head[0] and head[2].startswith("from openai import OpenAI")
+        assert "glm45 chat format" in head[0]          # as `glmkit chat` chooses: the tokenizer has GLM-4.5's tokens
         c = openai.OpenAI(base_url=url, api_key="k", max_retries=5)
         deadline = time.time() + 60
         while True:
@@ -524,9 +543,9 @@ def test_glmkit_serve_command(tiny_run):
         from glmkit.checkpoint.loader import load
         from glmkit.infer.engine import Request
         loaded = load(tiny_run.directory)
-        prompt = render(USER, None, "glm4", tokenizer=loaded.tokenizer).ids
+        prompt = render(USER, None, "glm45", tokenizer=loaded.tokenizer).ids
         [alone] = Engine(loaded.model, loaded.tokenizer, max_batch=1).generate([Request.chat(
-            prompt, SamplingConfig(max_new_tokens=3), stop_ids=tuple(stop_ids("glm4", loaded.tokenizer)))])
+            prompt, SamplingConfig(max_new_tokens=3), stop_ids=tuple(stop_ids("glm45", loaded.tokenizer)))])
         assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(prompt), len(alone.tokens[0]))
         assert r.choices[0].finish_reason == ("length" if alone.finish_reason == "length" else "stop")
     finally:

@@ -33,8 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-shard-size", default="5GB",
                         help="--to-hf: largest safetensors shard, e.g. 5GB, 500MB, 2GiB (default 5GB)")
     parser.add_argument("--chat-format", choices=("auto", "glm4", "glm45"), default="auto",
-                        help="--to-hf: the chat template written for a glmkit-trained model (auto: glm45 for MoE "
-                             "models whose tokenizer has GLM-4.5's tokens, else glm4; none if it lacks GLM-4's)")
+                        help="--to-hf: the chat template written for a glmkit-trained model (auto: glm45 when its "
+                             "tokenizer has GLM-4.5's tokens, as `glmkit chat` and `glmkit serve` choose, else glm4)")
 
 
 def chat_files(model, out: str, chat_format: str) -> tuple[str, list[str]]:
@@ -48,8 +48,8 @@ def chat_files(model, out: str, chat_format: str) -> tuple[str, list[str]]:
         return "", []
     tok = GLMTokenizer.load(out / "tokenizer.json")
     fmt = chat_format
-    if fmt == "auto":        # glm45 for MoE models whose tokenizer has its tokens, else glm4 where possible
-        fits = [f for f in (("glm45", "glm4") if model.config.is_moe else ("glm4",)) if _has_tokens(f, tok)]
+    if fmt == "auto":        # as `glmkit chat` / `glmkit serve` choose: glm45 when the tokenizer can spell it
+        fits = [f for f in ("glm45", "glm4") if _has_tokens(f, tok)]
         if not fits:
             return "", []
         fmt = fits[0]

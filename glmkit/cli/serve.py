@@ -36,7 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tokens per request, prompt and reply (default: the model's positions, at most 4096)")
     parser.add_argument("--max-tokens", type=positive_int, default=4096, help="the most tokens one request may ask for")
     parser.add_argument("--format", default="auto", choices=("auto", "glm4", "glm45"),
-                        help="chat format (auto: glm45 for MoE GLM-4.5 models, else glm4)")
+                        help="chat format, as `glmkit chat` chooses it (auto: the checkpoint's own chat template when "
+                             "it ships one, else glm45 when the tokenizer has GLM-4.5's tokens, else glm4)")
     parser.add_argument("--tools", default="", help="server-side tools, comma-separated: python,browser "
                         "(one sandbox and browser per conversation: X-Conversation-Id header, else `user`)")
     parser.add_argument("--workspace", default=None,
@@ -111,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
     tools = check(args)
     import uvicorn
 
+    from glmkit.chat.agent import choose_format, read_chat_template
     from glmkit.chat.render import stop_ids
     from glmkit.checkpoint.loader import load
     from glmkit.infer.engine import Engine
@@ -118,12 +120,13 @@ def run(args: argparse.Namespace) -> int:
 
     loaded = load(args.checkpoint, args.device)
     model, tok = loaded.model, loaded.tokenizer
-    fmt = args.format if args.format != "auto" else ("glm45" if model.config.is_moe else "glm4")
+    chosen = choose_format(args.format, tok, template=read_chat_template(loaded.path) if args.format == "auto" else None)
+    fmt = chosen.dialect
     stop_ids(fmt, tok)                            # the tokenizer has the format's special tokens
     name = args.model_name or Path(args.checkpoint).resolve().name
     engine = Engine(model, tok, max_batch=args.max_concurrency, max_len=args.max_len)
     config = ServeConfig(model_name=name, fmt=fmt, causal=loaded.objective == "clm", api_key=args.api_key,
-                         max_waiting=args.max_queue, max_tokens=args.max_tokens,
+                         max_waiting=args.max_queue, max_tokens=args.max_tokens, template=chosen.template,
                          tools=server_tools(tools, args, fmt) if tools else None)
     app = create_app(Server(engine, tok, config))
     host = f"[{args.host}]" if ":" in args.host else args.host
@@ -131,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"warning: listening on {args.host} without --api-key: anyone who can reach it may use it",
               file=sys.stderr)
-    print(f"glmkit serve: {name} ({fmt} chat format, {engine.max_len} tokens per request, "
+    print(f"glmkit serve: {name} ({chosen.name} chat format, {engine.max_len} tokens per request, "
           f"{args.max_concurrency} at once{', tools ' + ','.join(tools) if tools else ''}) at {url}\n\n{snippet(url, name, args.api_key)}\n", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

@@ -57,7 +57,8 @@ from glmkit.serve.protocol import (
 @dataclass
 class ServeConfig:
     model_name: str
-    fmt: str = "glm4"                  # chat format: glm4 | glm45
+    fmt: str = "glm4"                  # chat format (the parser's dialect): glm4 | glm45
+    template: str | None = None        # the checkpoint's own Jinja chat template, when it is used
     causal: bool = False               # the model reads left to right (CLM-trained, HF): chat as causal text
     api_key: str | None = None
     max_waiting: int = 64              # requests waiting for a KV row beyond the running ones; more -> 429
@@ -248,7 +249,7 @@ def create_app(server: Server) -> FastAPI:
         server.check_model(body.model)
         if cfg.tools is not None:
             return await with_server_tools(body, request)
-        plan = chat.plan_chat(body, cfg.fmt, tok, server.table)
+        plan = chat.plan_chat(body, cfg.fmt, tok, server.table, cfg.template)
         max_tokens = server.budget(len(plan.prompt), body.max_completion_tokens or body.max_tokens, "messages")
         ereq = chat.engine_request(plan, body, max_tokens, cfg.causal, server.hook(plan.prompt))
         sub = server.submit(ereq, body.n)

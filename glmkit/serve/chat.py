@@ -2,7 +2,8 @@
 response or the stream of chunks.
 
 The prompt is glmkit's renderer's output for the request's messages and tools (`glmkit.chat.render`,
-the user's system prompt kept, with or without tools). `tool_choice`:
+the user's system prompt kept, with or without tools), or the checkpoint's own chat template's
+(`glmkit.chat.template`) when the server was given one. `tool_choice`:
 - `auto` (the default with tools): the model chooses; declared functions are parsed as calls;
 - `none`: the tools stay in the prompt (the conversation may refer to them) and the model is kept
   from calling: glm45 never gets `<tool_call>`; glm4's reply must open with the newline of a text
@@ -29,6 +30,7 @@ import torch
 
 from glmkit.chat.messages import MessageError
 from glmkit.chat.render import make_parser, render, stop_ids, validated
+from glmkit.chat.template import render_template
 from glmkit.infer.engine import Output, Request
 from glmkit.infer.sampling import SamplingConfig
 from glmkit.serve.protocol import (
@@ -63,7 +65,19 @@ class ChatPlan:
     processor: Callable[[list[int], torch.Tensor], torch.Tensor] | None = None
 
 
-def plan_chat(req: ChatCompletionRequest, fmt: str, tok, token_table: list[bytes]) -> ChatPlan:
+def render_prompt(messages, tools, fmt: str, tok, template: str | None = None, forced: str | None = None) -> list[int]:
+    """The prompt ids: glmkit's renderer of `fmt`, or the checkpoint's own Jinja `template`; a forced call
+    is opened after the template's generation prompt as the renderer opens it."""
+    if template is None:
+        return render(messages, tools, fmt, tokenizer=tok, forced_tool=forced).ids
+    ids = render_template(template, messages, tools, tokenizer=tok).ids
+    if forced is None:
+        return ids
+    plain = render(messages, tools, fmt, tokenizer=tok).ids
+    return ids + render(messages, tools, fmt, tokenizer=tok, forced_tool=forced).ids[len(plain):]
+
+
+def plan_chat(req: ChatCompletionRequest, fmt: str, tok, token_table: list[bytes], template: str | None = None) -> ChatPlan:
     """Render the request's conversation; a bad message, tool or tool_choice is a 400 naming it."""
     if req.response_format is not None and req.response_format.type not in ("text",):
         raise APIError(400, f"response_format {req.response_format.type!r} is not supported by glmkit serve "
@@ -81,7 +95,7 @@ def plan_chat(req: ChatCompletionRequest, fmt: str, tok, token_table: list[bytes
             raise APIError(400, f"tool_choice {json.dumps(choice)} needs tools; declare them in `tools`", "tool_choice")
     try:
         messages, tools = validated(req.messages, req.tools or [], forced)
-        prompt = render(messages, tools, fmt, tokenizer=tok, forced_tool=forced).ids
+        prompt = render_prompt(messages, tools, fmt, tok, template, forced)
     except MessageError as e:
         raise APIError(400, str(e), e.param) from None
     stops = stop_ids(fmt, tok)
@@ -92,7 +106,7 @@ def plan_chat(req: ChatCompletionRequest, fmt: str, tok, token_table: list[bytes
         plan.processor = _no_call(fmt, tok, token_table)
     elif choice == "required":
         if fmt == "glm45":                       # prefill up to <tool_call>: the forced render minus the name
-            full = render(messages, tools, fmt, tokenizer=tok, forced_tool=names[0]).ids
+            full = render_prompt(messages, tools, fmt, tok, template, names[0])
             cut = len(full) - 1 - full[::-1].index(tok.special_id("<tool_call>"))
             plan.prefill = full[len(prompt):cut + 1]
             plan.prompt = full[:cut + 1]

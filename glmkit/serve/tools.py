@@ -96,7 +96,7 @@ async def tool_rounds(server, body, toolbox: Toolbox, request=None) -> AsyncIter
     finish = "stop"
     for round_ in range(MAX_ROUNDS):
         req = body.model_copy(update={"messages": messages, "tools": [*toolbox.specs(), *(body.tools or [])]})
-        plan = plan_chat(req, cfg.fmt, tok, server.table)
+        plan = plan_chat(req, cfg.fmt, tok, server.table, cfg.template)
         max_tokens = server.budget(len(plan.prompt), body.max_completion_tokens or body.max_tokens, "messages")
         sub = server.submit(engine_request(plan, req, max_tokens, cfg.causal, server.hook(plan.prompt)), 1)
         [choice] = choices_for(plan, req, cfg.fmt, tok, 1)
