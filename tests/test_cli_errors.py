@@ -46,6 +46,12 @@ CASES = [
     ("train-dtype", ["train", "--corpus", "{corpus}", "--dtype", "fp64"], "--dtype"),
     ("train-device-name", ["train", "--corpus", "{corpus}", "--device", "tpu"], "--device"),
     ("train-resume-overwrite", ["train", "--corpus", "{corpus}", "--resume", "--overwrite"], "--resume"),
+    # sft
+    ("sft-init-missing", ["sft", "--init", "{missing}", "--chat-data", "{file}"], "--init"),
+    ("sft-data-missing", ["sft", "--init", "{run}", "--chat-data", "{missing}"], "--chat-data"),
+    ("sft-format", ["sft", "--init", "{run}", "--chat-data", "{file}", "--chat-format", "chatml"], "--chat-format"),
+    ("sft-data-not-jsonl", ["sft", "--init", "{run}", "--chat-data", "{file}", "--out-dir", "{tmp}/sft"], "not JSON"),
+    ("sft-no-init", ["sft", "--chat-data", "{file}"], "--init"),
     # infill / generate
     ("infill-file-missing", ["infill", "{run}", "--file", "{missing}"], "--file"),
     ("infill-file-not-utf8", ["infill", "{run}", "--file", "{bad}"], "--file"),

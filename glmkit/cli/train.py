@@ -29,24 +29,41 @@ def field_help(cls=TrainConfig) -> dict[str, str]:
     return out
 
 
+CHAT_ONLY = ("chat_data", "chat_format", "chat_val", "init")   # `glmkit sft`'s options
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser, skip=CHAT_ONLY)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (), defaults: dict | None = None,
+                         required: tuple[str, ...] = ()) -> None:
+    """One option per `TrainConfig` field, except `skip`; `defaults` overrides the fields' defaults."""
     helps = field_help()
+    defaults = defaults or {}
     for f in fields(TrainConfig):
+        if f.name in skip:
+            continue
+        default = defaults.get(f.name, f.default)
         flag, kind = "--" + f.name.replace("_", "-"), str(f.type).split("|")[0].strip()
         text = helps.get(f.name, "").replace("%", "%%")  # argparse formats help with %
         if kind == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=text)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
         else:
-            shown = "" if "default" in text else f" (default: {f.default})"
-            parser.add_argument(flag, type={"int": int, "float": float}.get(kind, str), default=f.default,
-                                help=text + shown)
+            shown = "" if "default" in text or f.name in required else f" (default: {default})"
+            parser.add_argument(flag, type={"int": int, "float": float}.get(kind, str), default=default,
+                                help=text + shown, required=f.name in required)
 
 
 def run(args: argparse.Namespace) -> int:
+    return run_config(TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}))
+
+
+def run_config(cfg: TrainConfig) -> int:
+    """Train `cfg`, printing the outcome on the main process; the exit status."""
     from glmkit.train import distributed as D
     from glmkit.train.loop import train
 
-    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     main_rank = int(os.environ.get("RANK", "0")) == 0
     res = train(cfg, log=(lambda line: print(line, flush=True)) if main_rank else None)
     D.shutdown()        # only after a run that finished on every rank: see its docstring

@@ -1,4 +1,5 @@
-"""Pretraining: options and run set-up, the data prefetcher (which builds the mask metadata and loss
+"""Pretraining and chat fine-tuning: options and run set-up, chat data (`chat_data`: conversations rendered,
+labelled and packed for `glmkit sft`), the data prefetcher (which builds the mask metadata and loss
 positions on the host), the training loop, distributed wrapping (the only user of `torch.distributed`),
 metrics and loss-curve plots.
 

@@ -107,6 +107,16 @@ class TrainConfig:
     router_bias_rate: float = 1e-3
     """MoE models: after each step move every router's correction bias by this much towards balance
     (GLM-4.5's aux-loss-free balancing; 0: frozen)"""
+    chat_data: str | None = None
+    """fine-tune on chat: a JSONL file of OpenAI-style conversations ({"messages": [...], "tools": [...]}),
+    instead of a corpus and objective; needs --init (glmkit sft)"""
+    chat_format: str = "glm4"
+    """chat format the conversations are rendered in: glm4 | glm45"""
+    chat_val: str | None = None
+    """chat JSONL for the validation loss (default: none)"""
+    init: str | None = None
+    """start from this model: a glmkit run or checkpoint folder, a converted HF folder or an HF folder
+    (its tokenizer and config come with it)"""
     resume: bool = False
     """continue the run in out_dir from its latest checkpoint (start fresh if it has none)"""
     overwrite: bool = False
@@ -150,11 +160,31 @@ class TrainConfig:
         out = Path(self.out_dir)
         if out.exists() and not out.is_dir():
             raise GlmkitError(f"--out-dir {self.out_dir} is a file; give a folder for the run (created if missing)")
+        if self.chat_data is not None or self.init is not None:
+            return self._validate_chat()
         if self.corpus is not None:
             _check_corpus_dir(self.corpus)
         _check_model(self.model)
         parse_model_overrides(self.model_overrides)
         build_objective(self)                  # --objective and --mixture
+        return self
+
+    def _validate_chat(self) -> TrainConfig:
+        from glmkit.chat.render import FORMATS
+        if self.chat_data is None or self.init is None:
+            raise GlmkitError("--chat-data and --init go together: fine-tuning reads chat data into a model "
+                              "it starts from (glmkit sft --init CKPT --chat-data train.jsonl)")
+        for flag, value in (("--chat-data", self.chat_data), ("--chat-val", self.chat_val)):
+            if value is not None and not Path(value).is_file():
+                raise GlmkitError(f"{flag} {value} is not a file; give a JSONL file of conversations")
+        if not Path(self.init).exists():
+            raise GlmkitError(f"--init {self.init} does not exist; give a glmkit run / checkpoint folder or a "
+                              "(converted) HF model folder")
+        if self.chat_format not in FORMATS:
+            raise GlmkitError(f"--chat-format must be one of {', '.join(FORMATS)}")
+        if self.corpus is not None or self.model_overrides or self.mixture:
+            raise GlmkitError("--corpus, --model-overrides and --mixture do not apply to chat fine-tuning: the "
+                              "model, its tokenizer and its objective come from --init")
         return self
 
     @property
@@ -431,6 +461,8 @@ def setup(cfg: TrainConfig) -> tuple[Run, Path | None]:
     cfg.validate()
     info = D.init(cfg.device)
     run_dir = Path(cfg.out_dir)
+    if cfg.chat_data is not None:
+        return _setup_chat(cfg, info, run_dir)
     if info.enabled:  # rank 0 builds the default corpus if needed (or fails for all); then every rank opens it
         on_main(info, lambda: [_open_corpus(cfg), None][1])
     corpus = _open_corpus(cfg)
@@ -464,4 +496,53 @@ def setup(cfg: TrainConfig) -> tuple[Run, Path | None]:
                  for s in range(info.rank, data_shards, info.world_size)}
     run = Run(cfg, info, run_dir, tokenizer, model_config, objective, module, optimizer, scheduler, iterators,
               _val_batches(cfg, corpus, objective, specials, info), fingerprint, data_shards)
+    return run, resume_from
+
+
+def _setup_chat(cfg: TrainConfig, info: D.DistInfo, run_dir: Path) -> tuple[Run, Path | None]:
+    """`setup` for chat fine-tuning: the model, tokenizer and objective of --init, the chat data rendered
+    in --chat-format (`glmkit.train.chat_data`), in the engine's layout for that objective."""
+    from glmkit.checkpoint.loader import load
+    from glmkit.train.chat_data import ChatBatchIterator, data_hash, load_chat_jsonl, pack_rows
+
+    loaded = load(cfg.init, for_inference=False, dtype=torch.float32)  # fp32 master weights; autocast does bf16
+    tokenizer, model = loaded.tokenizer, loaded.model
+    # CLM-trained and converted HF models read the chat causally; GLM-trained ones as [gMASK]'s fill
+    if loaded.objective == "mlm":
+        raise GlmkitError(f"--init {cfg.init} was trained with the MLM objective, which cannot generate; "
+                          "fine-tune a GLM- or CLM-trained model")
+    layout = "causal" if loaded.objective == "clm" else "chat"
+    examples = load_chat_jsonl(cfg.chat_data, cfg.chat_format, tokenizer, cfg.seq_len)
+    data_shards = cfg.data_shards or info.world_size
+    if data_shards % info.world_size:
+        raise GlmkitError(f"--data-shards {data_shards} must be a multiple of the {info.world_size} processes")
+    model_config = model.config
+    objective = {"kind": loaded.objective, "chat": cfg.chat_format, "layout": layout, "data": data_hash(examples)}
+    fingerprint = {"tokenizer": tokenizer.hash, "model": model_config.to_dict(), "objective": objective,
+                   "train": {k: getattr(cfg, k) for k in MUST_MATCH}, "data_shards": data_shards}
+    fingerprint = json.loads(json.dumps(fingerprint))
+    resume_from = on_main(info, lambda: _prepare_run_dir(cfg, run_dir, fingerprint))
+
+    torch.manual_seed(cfg.seed)
+    model = model.to(info.device).train()
+    model.set_runtime(attention_backend=cfg.attention_backend, flex_options=cfg.flex_options, moe_impl=cfg.moe_impl)
+    module = D.parallelize(model, info, cfg.parallel, cfg.compile, cfg.activation_checkpointing)
+    optimizer = torch.optim.AdamW(param_groups(module, cfg.weight_decay), lr=cfg.lr,
+                                  betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    warmup = cfg.warmup
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, warmup, cfg.max_steps, cfg.min_lr_ratio))
+    iterators = {s: ChatBatchIterator(examples, cfg.batch_size, cfg.seq_len, layout, tokenizer.pad_id, seed=cfg.seed,
+                                      rank=s, world_size=data_shards)
+                 for s in range(info.rank, data_shards, info.world_size)}
+    val = []
+    if cfg.chat_val is not None and cfg.eval_every > 0:
+        rest = load_chat_jsonl(cfg.chat_val, cfg.chat_format, tokenizer, cfg.seq_len)
+        while rest and len(val) < cfg.eval_batches:
+            batch, placed = pack_rows(rest, cfg.batch_size, cfg.seq_len, layout, tokenizer.pad_id)
+            val.append(batch)
+            rest = rest[placed:]
+        val = val[info.rank::info.world_size]
+    run = Run(cfg, info, run_dir, tokenizer, model_config, objective, module, optimizer, scheduler, iterators,
+              val, fingerprint, data_shards)
     return run, resume_from
