@@ -182,3 +182,23 @@ def test_glmkit_sft_trains_on_the_task_suites_conversations(chat_tok, tmp_path, 
     assert "step 2: loss" in capsys.readouterr().out
     record = json.loads((tmp_path / "run" / "train_config.json").read_text())
     assert record["fingerprint"]["objective"]["chat"] == "glm45" and record["fingerprint"]["objective"]["layout"] == "chat"
+
+
+@pytest.mark.parametrize("layout", ["chat", "causal"])
+def test_training_and_the_engine_agree_on_a_packed_conversation(layout, chat_tok):
+    """The log-probabilities training assigns to a conversation packed second in a row are the engine's
+    prompt log-probabilities for the same ids as `Request.chat` (GLM) / `Request.causal` (CLM, HF)."""
+    from glmkit.infer.engine import Engine, Request
+
+    examples = [render_conversation(CALLING, "glm4", chat_tok), _examples(chat_tok, 2)[1]]
+    first, (ids, _) = len(examples[1][0]), examples[0]
+    batch, placed = pack_rows([examples[1], examples[0]], 1, first + len(ids) + 3, layout, chat_tok.pad_id)
+    assert placed == 2
+    model = tiny_model(vocab_size=chat_tok.vocab_size, max_position_embeddings=1024)
+    logp = torch.log_softmax(dense_forward(model, batch)[0].float(), -1)
+    trained = logp[first:first + len(ids) - 1].gather(1, torch.as_tensor(ids[1:])[:, None]).squeeze(1)
+    req = (Request.chat if layout == "chat" else Request.causal)(ids.tolist(), max_new_tokens=1, prompt_logprobs=True)
+    served = torch.tensor(Engine(model, chat_tok, max_batch=1).generate([req])[0].prompt_logprobs)
+    start = 1 if layout == "chat" else 0          # the engine scores tokens after Part A's first
+    assert len(served) == len(ids) - 1 - start
+    torch.testing.assert_close(trained[start:], served, atol=1e-4, rtol=1e-4)
