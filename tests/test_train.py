@@ -209,6 +209,19 @@ def test_resume_under_another_attention_backend_continues(toy_corpus, tmp_path):
         replace(cfg, attention_backend="fast").validate()
 
 
+def test_fingerprint_of_a_config_saved_before_a_field_was_added_matches():
+    """A run saved before GLMConfig gained a field (e.g. rope_scaling) resumes: the missing key counts
+    as its default; a real change of that field is still reported."""
+    from glmkit.model.config import GLMConfig
+    from glmkit.train.setup import _fingerprint_diff
+
+    new = {"tokenizer": "h", "model": GLMConfig.from_name("tiny").to_dict()}
+    old = {"tokenizer": "h", "model": {k: v for k, v in new["model"].items() if k != "rope_scaling"}}
+    assert _fingerprint_diff(old, new) == ""
+    scaled = {**new, "model": {**new["model"], "rope_scaling": {"rope_type": "linear", "factor": 2.0}}}
+    assert _fingerprint_diff(old, scaled).startswith("model.rope_scaling: None -> {'rope_type': 'linear'")
+
+
 def test_out_dir_holding_another_run_needs_resume_or_overwrite(toy_corpus, tmp_path):
     cfg = tiny_train_config(toy_corpus.directory, tmp_path, max_steps=2, save_every=0, eval_every=0)
     T.train(cfg)

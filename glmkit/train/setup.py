@@ -417,13 +417,17 @@ def _prepare_run_dir(cfg: TrainConfig, run_dir: Path, fingerprint: dict) -> Path
 
 
 def _fingerprint_diff(old: dict, new: dict) -> str:
-    from glmkit.model.config import RUNTIME_KEYS
+    from dataclasses import fields
+
+    from glmkit.model.config import RUNTIME_KEYS, GLMConfig
 
     out = []
     for part in ("tokenizer", "model", "objective", "train", "data_shards"):
         a, b = old.get(part), new.get(part)
         if part == "model" and isinstance(a, dict):      # older runs saved run-time keys in the config
             a = {k: v for k, v in a.items() if k not in RUNTIME_KEYS}
+            # and lack fields added since (e.g. rope_scaling), which they built with the default value
+            a = {**{f.name: f.default for f in fields(GLMConfig) if f.name not in a}, **a}
         if a == b:
             continue
         if isinstance(a, dict) and isinstance(b, dict):
