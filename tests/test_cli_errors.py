@@ -52,6 +52,9 @@ CASES = [
     ("sft-format", ["sft", "--init", "{run}", "--chat-data", "{file}", "--chat-format", "chatml"], "--chat-format"),
     ("sft-data-not-jsonl", ["sft", "--init", "{run}", "--chat-data", "{file}", "--out-dir", "{tmp}/sft"], "not JSON"),
     ("sft-no-init", ["sft", "--chat-data", "{file}"], "--init"),
+    ("sft-lora-rank-negative", ["sft", "--init", "{run}", "--chat-data", "{file}", "--lora-rank", "-1"], "--lora-rank"),
+    ("sft-lora-fsdp", ["sft", "--init", "{run}", "--chat-data", "{file}", "--lora-rank", "4", "--parallel", "fsdp"],
+     "--parallel fsdp"),
     # infill / generate
     ("infill-file-missing", ["infill", "{run}", "--file", "{missing}"], "--file"),
     ("infill-file-not-utf8", ["infill", "{run}", "--file", "{bad}"], "--file"),

@@ -202,3 +202,49 @@ def test_training_and_the_engine_agree_on_a_packed_conversation(layout, chat_tok
     start = 1 if layout == "chat" else 0          # the engine scores tokens after Part A's first
     assert len(served) == len(ids) - 1 - start
     torch.testing.assert_close(trained[start:], served, atol=1e-4, rtol=1e-4)
+
+
+def test_lora_merged_weights_give_the_adapter_models_outputs(chat_tok):
+    from glmkit.model.glm import GLM
+    from glmkit.train.lora import add_lora, merged_state_dict, parameter_counts
+
+    examples = _examples(chat_tok, 2)
+    batch, _ = pack_rows(examples, 1, 64, "chat", chat_tok.pad_id)
+    for name in ("tiny", "tiny-glm", "tiny-moe"):
+        model = tiny_model(name, vocab_size=chat_tok.vocab_size)
+        base = dense_forward(model, batch)
+        add_lora(model, rank=4, alpha=8, init_lora_weights=False)   # B random too: the adapter changes outputs
+        trainable, total = parameter_counts(model)
+        assert trainable == sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n) and trainable < total
+        adapted = dense_forward(model, batch)
+        assert not torch.allclose(adapted, base, atol=1e-3)
+        plain = GLM(model.config).eval()
+        plain.load_state_dict(merged_state_dict(model.state_dict(), scaling=2.0))
+        torch.testing.assert_close(dense_forward(plain, batch), adapted, atol=1e-5, rtol=1e-5)
+    with pytest.raises(GlmkitError, match="--lora-targets"):
+        add_lora(tiny_model(vocab_size=chat_tok.vocab_size), rank=2, targets=("q_proj",))
+
+
+def test_a_lora_sft_run_trains_only_the_adapter_saves_merged_weights_and_resumes(chat_tok, tmp_path):
+    from glmkit.checkpoint.loader import load
+
+    init = _init_checkpoint(chat_tok, tmp_path / "init")
+    rows = [{"messages": [{"role": "user", "content": "Weather?"},
+                          {"role": "assistant", "content": "It is sunny."}]} for _ in range(6)]
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = dict(max_steps=8, save_every=4, lora_rank=4, lr=1e-2)
+    res = train(_sft_config(init, data, tmp_path / "full", **cfg))
+    losses = train_losses(tmp_path / "full")
+    assert losses[8] < losses[1] and res["trainable_params"] < res["num_params"] and res["peak_memory_bytes"] > 0
+    before, after = load(init).model.state_dict(), load(tmp_path / "full").model.state_dict()
+    assert set(before) == set(after)       # plain keys: the merged model loads like any checkpoint
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.endswith("proj.weight") for k in changed)   # only adapted weights moved
+    part = tmp_path / "part"
+    shutil.copytree(tmp_path / "full", part)
+    shutil.rmtree(part / "checkpoints" / "step-000008")
+    (part / "checkpoints" / "latest").write_text("step-000004\n")
+    train(_sft_config(init, data, part, resume=True, **cfg))
+    assert train_losses(part) == losses
+    assert all(torch.equal(v, load(part).model.state_dict()[k]) for k, v in after.items())

@@ -29,7 +29,7 @@ def field_help(cls=TrainConfig) -> dict[str, str]:
     return out
 
 
-CHAT_ONLY = ("chat_data", "chat_format", "chat_val", "init")   # `glmkit sft`'s options
+CHAT_ONLY = ("chat_data", "chat_format", "chat_val", "init", "lora_rank", "lora_alpha", "lora_targets")   # `glmkit sft`'s options
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -73,4 +73,8 @@ def run_config(cfg: TrainConfig) -> int:
         rate = f", {res['tok_per_s']:,.0f} tokens/s" if res.get("tok_per_s") else ""
         print(f"step {res['step']}{loss}{val}{rate}; run in {res['run_dir']}"
               + (f", checkpoint {res['checkpoint']}" if res["checkpoint"] else ""))
+        if cfg.chat_data is not None:
+            share = 100 * res["trainable_params"] / max(1, res["num_params"])
+            print(f"trainable parameters: {res['trainable_params']:,} of {res['num_params']:,} ({share:.2f}%); "
+                  f"peak memory: {res['peak_memory_bytes'] / 2**20:,.0f} MiB")
     return 130 if res["interrupted"] else 0

@@ -172,6 +172,11 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
 def save(run: Run) -> Path:
     """Checkpoint the current step (a collective: every process must call it)."""
     model_state = D.model_state_dict(run.module)
+    adapter = None
+    if run.lora_scaling is not None:  # the plain model's weights, loadable anywhere; the adapter to resume
+        from glmkit.train.lora import adapter_state_dict, merged_state_dict
+        adapter = adapter_state_dict(model_state)
+        model_state = merged_state_dict(model_state, run.lora_scaling)
     optim_state = D.optimizer_state_dict(run.module, run.optimizer)
     rng = D.all_gather_object(_rng_state(run.info.device))
     data = {}
@@ -180,6 +185,8 @@ def save(run: Run) -> Path:
     train_state = {"step": run.step, "tokens": run.tokens, "optimizer": optim_state,
                    "scheduler": run.scheduler.state_dict(), "rng": rng, "data": data,
                    "train_config": asdict(run.cfg), "world_size": run.info.world_size}
+    if adapter is not None:
+        train_state["lora"] = adapter
 
     def write():
         return ckpt_io.save_checkpoint(
@@ -194,7 +201,11 @@ def restore(run: Run, path: Path) -> None:
     """Load a checkpoint verified by `_prepare_run_dir` into every process."""
     ck = ckpt_io.load_checkpoint(path, verify_files=False)
     ts = ck.train_state
-    D.load_model_state_dict(run.module, ck.model_state)
+    if run.lora_scaling is not None:     # the frozen base is --init's weights; the adapter is in the train state
+        from glmkit.train.lora import load_adapter
+        load_adapter(run.model, ts["lora"])
+    else:
+        D.load_model_state_dict(run.module, ck.model_state)
     D.load_optimizer_state_dict(run.module, run.optimizer, ts["optimizer"])
     run.scheduler.load_state_dict(ts["scheduler"])
     missing = [s for s in run.iterators if s not in ts["data"]]
@@ -267,8 +278,10 @@ def _loop(run: Run, resumed: bool, log: Callable[[str], None] | None = None) -> 
                        f"per step on {info.world_size} x {info.device.type} ({D.mode_of(run.module)}); "
                        f"MFU against the {peak_basis}: {peak / 1e12:.3g} TFLOP/s")
     stop = _StopSignal()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     out = {"run_dir": str(run.run_dir), "step": run.step, "loss": None, "val_loss": None, "interrupted": False,
-           "checkpoint": None, "mfu_basis": peak_basis, "num_params": model.num_params()}
+           "checkpoint": None, "mfu_basis": peak_basis, "num_params": model.num_params(),
+           "trainable_params": trainable}
     timings, last_saved = [], run.step if resumed else -1
     try:
         while run.step < cfg.max_steps:
@@ -320,7 +333,15 @@ def _loop(run: Run, resumed: bool, log: Callable[[str], None] | None = None) -> 
     rates = _throughput(timings, positions, peak * info.world_size)
     if rates["tok_per_s"]:
         rates["mfu_vs_measured_peak"] = rates["mfu"] * peak / measured
-    return {**out, **rates, "tokens": run.tokens}
+    return {**out, **rates, "tokens": run.tokens, "peak_memory_bytes": _peak_memory(info.device)}
+
+
+def _peak_memory(device: torch.device) -> int:
+    """The peak memory of this process: allocated on a GPU, resident set size on the CPU (whole process)."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 def _throughput(timings: list[tuple[float, float, int]], positions: int, peak: float) -> dict:

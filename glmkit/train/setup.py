@@ -114,6 +114,14 @@ class TrainConfig:
     """chat format the conversations are rendered in: glm4 | glm45"""
     chat_val: str | None = None
     """chat JSONL for the validation loss (default: none)"""
+    lora_rank: int = 0
+    """chat fine-tuning: LoRA adapters of this rank (through peft; 0: full fine-tuning); the checkpoints hold
+    the merged weights"""
+    lora_alpha: float | None = None
+    """LoRA alpha (default: 2 x rank); the adapter's output is scaled by alpha / rank"""
+    lora_targets: str = "qkv_proj,o_proj,gate_up_proj,down_proj"
+    """comma-separated linear layers that get adapters (attention: qkv_proj, o_proj; MLP: gate_up_proj,
+    down_proj)"""
     init: str | None = None
     """start from this model: a glmkit run or checkpoint folder, a converted HF folder or an HF folder
     (its tokenizer and config come with it)"""
@@ -162,6 +170,8 @@ class TrainConfig:
             raise GlmkitError(f"--out-dir {self.out_dir} is a file; give a folder for the run (created if missing)")
         if self.chat_data is not None or self.init is not None:
             return self._validate_chat()
+        if self.lora_rank:
+            raise GlmkitError("--lora-rank applies to chat fine-tuning (glmkit sft)")
         if self.corpus is not None:
             _check_corpus_dir(self.corpus)
         _check_model(self.model)
@@ -182,6 +192,11 @@ class TrainConfig:
                               "(converted) HF model folder")
         if self.chat_format not in FORMATS:
             raise GlmkitError(f"--chat-format must be one of {', '.join(FORMATS)}")
+        if self.lora_rank < 0 or (self.lora_alpha is not None and self.lora_alpha <= 0):
+            raise GlmkitError(f"--lora-rank must be 0 (full fine-tuning) or more, and --lora-alpha positive "
+                              f"(got {self.lora_rank}, {self.lora_alpha})")
+        if self.lora_rank and self.parallel == "fsdp":
+            raise GlmkitError("--lora-rank with --parallel fsdp is not supported; use ddp (the adapter is small)")
         if self.corpus is not None or self.model_overrides or self.mixture:
             raise GlmkitError("--corpus, --model-overrides and --mixture do not apply to chat fine-tuning: the "
                               "model, its tokenizer and its objective come from --init")
@@ -344,6 +359,7 @@ class Run:
     step: int = 0
     tokens: int = 0                      # processed positions (rows x seq_len) so far, all processes
     data_states: dict | None = None      # iterator states after the last consumed step
+    lora_scaling: float | None = None    # a LoRA run: alpha / rank (checkpoints hold the merged weights)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -522,6 +538,14 @@ def _setup_chat(cfg: TrainConfig, info: D.DistInfo, run_dir: Path) -> tuple[Run,
         raise GlmkitError(f"--data-shards {data_shards} must be a multiple of the {info.world_size} processes")
     model_config = model.config
     objective = {"kind": loaded.objective, "chat": cfg.chat_format, "layout": layout, "data": data_hash(examples)}
+    lora_scaling = None
+    if cfg.lora_rank:
+        from glmkit.train.lora import add_lora
+        targets = tuple(t.strip() for t in cfg.lora_targets.split(",") if t.strip())
+        alpha = cfg.lora_alpha if cfg.lora_alpha is not None else 2 * cfg.lora_rank
+        add_lora(model, cfg.lora_rank, alpha, targets)
+        lora_scaling = alpha / cfg.lora_rank
+        objective["lora"] = {"rank": cfg.lora_rank, "alpha": alpha, "targets": list(targets)}
     fingerprint = {"tokenizer": tokenizer.hash, "model": model_config.to_dict(), "objective": objective,
                    "train": {k: getattr(cfg, k) for k in MUST_MATCH}, "data_shards": data_shards}
     fingerprint = json.loads(json.dumps(fingerprint))
@@ -548,5 +572,5 @@ def _setup_chat(cfg: TrainConfig, info: D.DistInfo, run_dir: Path) -> tuple[Run,
             rest = rest[placed:]
         val = val[info.rank::info.world_size]
     run = Run(cfg, info, run_dir, tokenizer, model_config, objective, module, optimizer, scheduler, iterators,
-              val, fingerprint, data_shards)
+              val, fingerprint, data_shards, lora_scaling=lora_scaling)
     return run, resume_from
