@@ -273,6 +273,18 @@ def test_glm45_reasoning_and_calls(model, chat_tok):
     assert streamed == "Need the weather."
 
 
+def test_glm45_thinking_off(model, chat_tok):
+    script = Script(chat_tok)
+    with serving(model, chat_tok, fmt="glm45", processor_hook=script) as (_, url):
+        c = openai.OpenAI(base_url=url, api_key="x", max_retries=0)
+        c.chat.completions.create(model=MODEL, messages=USER, max_tokens=2, temperature=0,
+                                  extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+        c.chat.completions.create(model=MODEL, messages=USER, max_tokens=2, temperature=0)
+    assert script.prompts[0] == render(USER, None, "glm45", tokenizer=chat_tok, enable_thinking=False).ids
+    assert script.prompts[1] == render(USER, None, "glm45", tokenizer=chat_tok).ids
+    assert script.prompts[0] != script.prompts[1]
+
+
 def test_parallel_tool_calls_false_keeps_the_first(client, script, chat_tok):
     a = chat_tok.special_id("<|assistant|>")
     ids = chat_tok.encode('get_weather\n{"city": "北京"}') + [a] + chat_tok.encode('get_time\n{}') + \

@@ -13,7 +13,8 @@ the user's system prompt kept, with or without tools), or the checkpoint's own c
   model spell only a declared name and its newline;
 - a named function: the prompt ends inside that call (`render(..., forced_tool=name)`), so the model
   writes only its arguments.
-`parallel_tool_calls=false` ends the reply when a second call starts. `stop` strings end the content
+`parallel_tool_calls=false` ends the reply when a second call starts. `chat_template_kwargs`
+`{"enable_thinking": false}` (vLLM's field) turns GLM-4.5's thinking off. `stop` strings end the content
 (the text is cut before the match; calls and reasoning are not searched).
 
 Outputs go through the format's incremental parser (`make_parser`), whose deltas are OpenAI's. Each
@@ -65,16 +66,18 @@ class ChatPlan:
     processor: Callable[[list[int], torch.Tensor], torch.Tensor] | None = None
 
 
-def render_prompt(messages, tools, fmt: str, tok, template: str | None = None, forced: str | None = None) -> list[int]:
+def render_prompt(messages, tools, fmt: str, tok, template: str | None = None, forced: str | None = None,
+                  thinking: bool = True) -> list[int]:
     """The prompt ids: glmkit's renderer of `fmt`, or the checkpoint's own Jinja `template`; a forced call
     is opened after the template's generation prompt as the renderer opens it."""
+    kw = dict(tokenizer=tok, enable_thinking=thinking)
     if template is None:
-        return render(messages, tools, fmt, tokenizer=tok, forced_tool=forced).ids
-    ids = render_template(template, messages, tools, tokenizer=tok).ids
+        return render(messages, tools, fmt, forced_tool=forced, **kw).ids
+    ids = render_template(template, messages, tools, **kw).ids
     if forced is None:
         return ids
-    plain = render(messages, tools, fmt, tokenizer=tok).ids
-    return ids + render(messages, tools, fmt, tokenizer=tok, forced_tool=forced).ids[len(plain):]
+    plain = render(messages, tools, fmt, **kw).ids
+    return ids + render(messages, tools, fmt, forced_tool=forced, **kw).ids[len(plain):]
 
 
 def plan_chat(req: ChatCompletionRequest, fmt: str, tok, token_table: list[bytes], template: str | None = None) -> ChatPlan:
@@ -93,9 +96,13 @@ def plan_chat(req: ChatCompletionRequest, fmt: str, tok, token_table: list[bytes
     if choice in ("required",) or forced is not None:
         if not req.tools:
             raise APIError(400, f"tool_choice {json.dumps(choice)} needs tools; declare them in `tools`", "tool_choice")
+    thinking = (req.chat_template_kwargs or {}).get("enable_thinking", True)
+    if not isinstance(thinking, bool):
+        raise APIError(400, "chat_template_kwargs.enable_thinking must be true or false",
+                       "chat_template_kwargs.enable_thinking")
     try:
         messages, tools = validated(req.messages, req.tools or [], forced)
-        prompt = render_prompt(messages, tools, fmt, tok, template, forced)
+        prompt = render_prompt(messages, tools, fmt, tok, template, forced, thinking)
     except MessageError as e:
         raise APIError(400, str(e), e.param) from None
     stops = stop_ids(fmt, tok)
@@ -106,7 +113,7 @@ def plan_chat(req: ChatCompletionRequest, fmt: str, tok, token_table: list[bytes
         plan.processor = _no_call(fmt, tok, token_table)
     elif choice == "required":
         if fmt == "glm45":                       # prefill up to <tool_call>: the forced render minus the name
-            full = render_prompt(messages, tools, fmt, tok, template, names[0])
+            full = render_prompt(messages, tools, fmt, tok, template, names[0], thinking)
             cut = len(full) - 1 - full[::-1].index(tok.special_id("<tool_call>"))
             plan.prefill = full[len(prompt):cut + 1]
             plan.prompt = full[:cut + 1]

@@ -64,6 +64,7 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
+    chat_template_kwargs: dict[str, Any] | None = None    # vLLM's: {"enable_thinking": false} turns GLM-4.5's off
 
 
 class CompletionRequest(SamplingFields):
