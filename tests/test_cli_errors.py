@@ -55,6 +55,10 @@ CASES = [
     ("sft-lora-rank-negative", ["sft", "--init", "{run}", "--chat-data", "{file}", "--lora-rank", "-1"], "--lora-rank"),
     ("sft-lora-fsdp", ["sft", "--init", "{run}", "--chat-data", "{file}", "--lora-rank", "4", "--parallel", "fsdp"],
      "--parallel fsdp"),
+    # tooltasks
+    ("tooltasks-family", ["tooltasks", "--out", "{tmp}/tt", "--families", "poetry"], "unknown task families"),
+    ("tooltasks-out-file", ["tooltasks", "--out", "{file}"], "--out"),
+    ("tooltasks-train-negative", ["tooltasks", "--out", "{tmp}/tt", "--train", "-1"], "--train"),
     # infill / generate
     ("infill-file-missing", ["infill", "{run}", "--file", "{missing}"], "--file"),
     ("infill-file-not-utf8", ["infill", "{run}", "--file", "{bad}"], "--file"),

@@ -187,3 +187,21 @@ def test_exact_python_matches_the_sandbox(tmp_path):
         for t in tasks:
             code = t.calls[0].args["code"]
             assert box.run(code).as_observation() == ExactPython().run(code).as_observation() == t.answer
+
+
+def test_glmkit_tooltasks_writes_the_suite(tmp_path, capsys):
+    from glmkit.chat.docstore import DocStore
+    from glmkit.cli import main
+
+    out = tmp_path / "suite"
+    assert main(["tooltasks", "--out", str(out), "--format", "glm45", "--train", "2", "--heldout", "1",
+                 "--seed", "3"]) == 0
+    assert "16 train conversations (glm45)" in capsys.readouterr().out
+    rows = read_jsonl(out / "train.jsonl")
+    held = [json.loads(line) for line in (out / "heldout_tasks.jsonl").read_text().splitlines()]
+    assert len(rows) == 16 and len(held) == 8
+    suite = ToolSuite(seed=3, per_split={"train": 2, "heldout": 1})
+    assert [h["key"] for h in held] == [t.key for t in suite.tasks("heldout")]
+    assert [h["answer"] for h in held] == [t.answer for t in suite.tasks("heldout")]
+    lookup = next(h for h in held if h["family"] == "lookup")
+    assert any(hit.source == lookup["source"] for hit in DocStore(out / "facts.sqlite").search(lookup["calls"][0]["args"]["query"]))

@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "samples": ("glmkit.cli.samples", "print samples of each objective (GLM [MASK]/[sMASK]/[gMASK], MLM, CLM) on real text"),
     "convert": ("glmkit.cli.convert", "convert HF GLM-4 / GLM-4-0414 / GLM-4.5 checkpoints to and from glmkit"),
     "train": ("glmkit.cli.train", "pretrain a GLM (blank infilling, MLM or CLM); checkpoints, exact resume, torchrun"),
+    "tooltasks": ("glmkit.cli.tooltasks", "write the tool-use task suite: SFT conversations, held-out tasks, documents"),
     "sft": ("glmkit.cli.sft", "fine-tune on chat conversations with tool calls (loss on the assistant's turns)"),
     "plot": ("glmkit.cli.plot", "draw training / validation loss curves of runs to a PNG"),
     "infill": ("glmkit.cli.infer", "fill [MASK] / [sMASK] / [gMASK] blanks in text with a model, streaming"),

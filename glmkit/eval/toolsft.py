@@ -145,3 +145,26 @@ def read_jsonl(path: str | Path) -> list[dict]:
                               '{"messages": [...], "tools": [...]}') from None
         rows.append(row)
     return rows
+
+
+def task_record(task: ToolTask) -> dict:
+    """A task as JSON: what an evaluation needs to pose it and check the episode."""
+    return {"id": task.id, "family": task.family, "lang": task.lang, "split": task.split, "key": task.key,
+            "question": task.question, "answer": task.answer, "source": task.source, "quote": task.quote,
+            "calls": [{"tool": c.tool, "args": c.args} for c in task.calls]}
+
+
+def write_suite(suite, out_dir: str | Path, dialect: str, python=None) -> dict[str, Path]:
+    """The suite on disk: `facts.sqlite` (the document store of both splits), `train.jsonl` (SFT
+    conversations in `dialect`) and `train_tasks.jsonl` / `heldout_tasks.jsonl` (`task_record`s)."""
+    from glmkit.chat.docstore import build_store
+    from glmkit.eval.tooltasks import ExactPython
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    store = build_store(suite.documents(), out / "facts.sqlite")
+    rows = conversations(suite.tasks("train"), dialect, store=store, python=python or ExactPython())
+    paths = {"store": out / "facts.sqlite", "train": write_jsonl(rows, out / "train.jsonl")}
+    for split in ("train", "heldout"):
+        paths[f"{split}_tasks"] = write_jsonl(map(task_record, suite.tasks(split)), out / f"{split}_tasks.jsonl")
+    return paths
