@@ -248,3 +248,14 @@ def test_a_lora_sft_run_trains_only_the_adapter_saves_merged_weights_and_resumes
     train(_sft_config(init, data, part, resume=True, **cfg))
     assert train_losses(part) == losses
     assert all(torch.equal(v, load(part).model.state_dict()[k]) for k, v in after.items())
+
+
+def test_a_lora_run_resumes_only_on_its_own_base(chat_tok, tmp_path):
+    init = _init_checkpoint(chat_tok, tmp_path / "init")
+    other = _init_checkpoint(chat_tok, tmp_path / "other")
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi"},
+                                             {"role": "assistant", "content": "Hello."}]}) + "\n")
+    train(_sft_config(init, data, tmp_path / "run", max_steps=2, save_every=2, lora_rank=2))
+    with pytest.raises(GlmkitError, match="objective.lora"):
+        train(_sft_config(other, data, tmp_path / "run", max_steps=4, save_every=2, lora_rank=2, resume=True))

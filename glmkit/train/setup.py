@@ -545,7 +545,9 @@ def _setup_chat(cfg: TrainConfig, info: D.DistInfo, run_dir: Path) -> tuple[Run,
         alpha = cfg.lora_alpha if cfg.lora_alpha is not None else 2 * cfg.lora_rank
         add_lora(model, cfg.lora_rank, alpha, targets)
         lora_scaling = alpha / cfg.lora_rank
-        objective["lora"] = {"rank": cfg.lora_rank, "alpha": alpha, "targets": list(targets)}
+        # the adapter resumes on the frozen base, so the base must be the same model: the resolved --init
+        objective["lora"] = {"rank": cfg.lora_rank, "alpha": alpha, "targets": list(targets),
+                             "init": str(Path(cfg.init).resolve())}
     fingerprint = {"tokenizer": tokenizer.hash, "model": model_config.to_dict(), "objective": objective,
                    "train": {k: getattr(cfg, k) for k in MUST_MATCH}, "data_shards": data_shards}
     fingerprint = json.loads(json.dumps(fingerprint))
