@@ -1,8 +1,8 @@
 """Incremental detokenization: token ids in, stable text out, in time linear in the output.
 
-`TokenBytes(tokenizer)` is a table from token id to the bytes it stands for, built once per tokenizer:
-byte-level BPE tokens map through the GPT-2 byte alphabet, special and added tokens to their own text,
-anything else (a vocabulary that is not byte-level) to `tokenizer.decode([id])`.
+`TokenBytes(tokenizer)` is a table from token id to the bytes it stands for, built once per engine from
+`GLMTokenizer.token_bytes` (byte-level tokens through the GPT-2 byte alphabet, special and added tokens
+as their text, any other vocabulary one token decoded alone).
 
 `TextStream(table, stop_strings)` turns ids pushed one at a time into text deltas:
 - bytes pass through an incremental UTF-8 decoder, so a character split over tokens is released only
@@ -17,46 +17,21 @@ Each push costs O(len(token text) + longest stop string), whatever the length of
 from __future__ import annotations
 
 import codecs
-from functools import lru_cache
 
-
-@lru_cache(maxsize=1)
-def _byte_alphabet() -> dict[str, int]:
-    """Inverse of the byte-level alphabet (GPT-2's printable stand-ins for the 256 bytes)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[chr(b)] = b
-        else:
-            chars[chr(256 + extra)] = b
-            extra += 1
-    return chars
+from glmkit.errors import GlmkitError
 
 
 class TokenBytes:
-    """id -> bytes for every token of a `GLMTokenizer` (or anything with `backend` = HF tokenizers)."""
+    """id -> bytes for every token of a `GLMTokenizer`, as one list (`table`) built once from
+    `GLMTokenizer.token_bytes`; ids outside the vocabulary (a model's padded rows) stand for no bytes."""
 
     def __init__(self, tokenizer):
-        backend = tokenizer.backend
-        alphabet = _byte_alphabet()
-        added = {i: t.content for i, t in backend.get_added_tokens_decoder().items()}
-        n = backend.get_vocab_size(with_added_tokens=True)
-        table: list[bytes | None] = [None] * n
-        missing = []
-        for i in range(n):
-            if i in added:
-                table[i] = added[i].encode("utf-8")
-                continue
-            piece = backend.id_to_token(i)
-            if piece is not None and all(c in alphabet for c in piece):
-                table[i] = bytes(alphabet[c] for c in piece)
-            else:
-                missing.append(i)
-        if missing:       # not byte-level: fall back to the tokenizer's own decoding of each token
-            for i, text in zip(missing, backend.decode_batch([[i] for i in missing], skip_special_tokens=False)):
-                table[i] = text.encode("utf-8")
-        self.table = table
+        def raw(i: int) -> bytes:
+            try:
+                return tokenizer.token_bytes(i)
+            except GlmkitError:          # a gap in the vocabulary's ids
+                return b""
+        self.table = [raw(i) for i in range(tokenizer.vocab_size)]
 
     def __getitem__(self, token: int) -> bytes:
         return self.table[token] if 0 <= token < len(self.table) else b""

@@ -202,7 +202,7 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         self.prefix_reuse = prefix_reuse
         self.vocab = c.vocab_size
-        self.table = TokenBytes(tokenizer) if hasattr(tokenizer, "backend") else None
+        self.table = TokenBytes(tokenizer) if hasattr(tokenizer, "token_bytes") else None
         mode = "reduce-overhead" if self.device.type == "cuda" else "default"     # CUDA graphs on a GPU
         self.compiled = torch.compile(decode_static, dynamic=False, mode=mode) if compile else None
         R = max_batch
