@@ -380,6 +380,19 @@ class Run:
         return torch.autocast(self.info.device.type, dtype=torch.bfloat16)
 
 
+def _wrap_and_optimize(model, cfg: TrainConfig, info: D.DistInfo):
+    """The run's choices applied to `model`, then parallelised, with AdamW and its warmup / cosine
+    schedule: (module, optimizer, scheduler), the same for pretraining and chat fine-tuning."""
+    model.set_runtime(attention_backend=cfg.attention_backend, flex_options=cfg.flex_options, moe_impl=cfg.moe_impl)
+    module = D.parallelize(model, info, cfg.parallel, cfg.compile, cfg.activation_checkpointing)
+    optimizer = torch.optim.AdamW(param_groups(module, cfg.weight_decay), lr=cfg.lr,
+                                  betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    warmup = cfg.warmup                  # a derived property: read once, not at every scheduler step
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, warmup, cfg.max_steps, cfg.min_lr_ratio))
+    return module, optimizer, scheduler
+
+
 def on_main(info: D.DistInfo, fn):
     """Run `fn` on rank 0 only; every rank gets its result or raises its GlmkitError (no hang)."""
     result, error = None, None
@@ -501,13 +514,7 @@ def setup(cfg: TrainConfig) -> tuple[Run, Path | None]:
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (FSDP2 does not broadcast)
     model = GLM(model_config).to(info.device)
-    model.set_runtime(attention_backend=cfg.attention_backend, flex_options=cfg.flex_options, moe_impl=cfg.moe_impl)
-    module = D.parallelize(model, info, cfg.parallel, cfg.compile, cfg.activation_checkpointing)
-    optimizer = torch.optim.AdamW(param_groups(module, cfg.weight_decay), lr=cfg.lr,
-                                  betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
-    warmup = cfg.warmup
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, warmup, cfg.max_steps, cfg.min_lr_ratio))
+    module, optimizer, scheduler = _wrap_and_optimize(model, cfg, info)
     train_docs = corpus.documents("train")
     if not train_docs:
         raise GlmkitError(f"the corpus at {corpus.directory} has no training documents")
@@ -555,13 +562,7 @@ def _setup_chat(cfg: TrainConfig, info: D.DistInfo, run_dir: Path) -> tuple[Run,
 
     torch.manual_seed(cfg.seed)
     model = model.to(info.device).train()
-    model.set_runtime(attention_backend=cfg.attention_backend, flex_options=cfg.flex_options, moe_impl=cfg.moe_impl)
-    module = D.parallelize(model, info, cfg.parallel, cfg.compile, cfg.activation_checkpointing)
-    optimizer = torch.optim.AdamW(param_groups(module, cfg.weight_decay), lr=cfg.lr,
-                                  betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
-    warmup = cfg.warmup
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, warmup, cfg.max_steps, cfg.min_lr_ratio))
+    module, optimizer, scheduler = _wrap_and_optimize(model, cfg, info)
     iterators = {s: ChatBatchIterator(examples, cfg.batch_size, cfg.seq_len, layout, tokenizer.pad_id, seed=cfg.seed,
                                       rank=s, world_size=data_shards)
                  for s in range(info.rank, data_shards, info.world_size)}
