@@ -29,19 +29,15 @@ T tokens over S keys (32K x 32K in bf16: 3 GiB), whatever the model's width; onl
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass
 
 import torch
 
+from glmkit.checkpoint.hf import parse_size
 from glmkit.errors import GlmkitError
 from glmkit.model.config import GLMConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
 @dataclass
 class MemoryPlan:
     """Bytes of each part (see the module docstring) for one configuration."""
@@ -70,12 +66,10 @@ class MemoryPlan:
 
 def parse_memory(text: str | int) -> int:
     """'24GiB' -> 24·2^30, '80GB' -> 80e9, '512MiB', a plain byte count."""
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", str(text), flags=re.IGNORECASE)
-    if not m:
-        raise GlmkitError(f"memory size {text!r} is not a size; write e.g. 24GiB, 80GB, 512MiB or a byte count")
-    return int(float(m.group(1)) * _UNITS[(m.group(2) or "").upper()])
+    try:
+        return parse_size(text)                  # the one size parser (also --max-shard-size)
+    except GlmkitError:
+        raise GlmkitError(f"memory size {text!r} is not a size; write e.g. 24GiB, 80GB, 512MiB or a byte count") from None
 
 
 def human_bytes(n: int) -> str:
