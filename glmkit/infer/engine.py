@@ -151,6 +151,7 @@ class _Seq:
         self.text = TextStream(table, req.stop_strings) if table is not None else None
         self.prompt_lp: list[float] | None = [] if req.prompt_logprobs else None
         self._stops: tuple[int, set[int]] | None = None
+        self.keys: list[int] | None = None        # the prompt's row keys (Engine._prompt_keys)
         self.plain = req.logits_processor is None and self.seen is None and req.sampling.greedy
 
     @property
@@ -362,6 +363,9 @@ class Engine:
         return r
 
     def _prompt_keys(self, seq: _Seq) -> list[int]:
+        """The row keys of seq's prompt (computed once: a waiting request is placed at every step)."""
+        if seq.keys is not None:
+            return seq.keys
         req = seq.req
         out = []
         for i, t in enumerate(req.prompt):
@@ -369,6 +373,7 @@ class Engine:
                 out.append(_key(t, i, 0))
             else:
                 out.append(_key(t, req.blanks[0], i - req.sep + 1))
+        seq.keys = out
         return out
 
     def _start(self, seq: _Seq, row: int, reuse: int) -> None:
