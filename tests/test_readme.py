@@ -58,7 +58,10 @@ def test_every_documented_command_parses(name, line, args, capsys):
             build_parser().parse_args(args or [])
             return
         assert args[0] in COMMANDS, f"{name}: `{line}` names no verb of glmkit"
-        verb_parser(args[0]).parse_args(args[1:])
+        verb, rest = args[0], args[1:]
+        if rest and f"{verb} {rest[0]}" in COMMANDS:      # a sub-verb: `glmkit eval tools ...`
+            verb, rest = f"{verb} {rest[0]}", rest[1:]
+        verb_parser(verb).parse_args(rest)
     except SystemExit as e:
         err = capsys.readouterr().err
         assert e.code == 0 or not any(w in err for w in SHAPE_ERRORS), f"{name}: `{line}`: {err.strip()}"

@@ -17,7 +17,8 @@ import sys
 
 from glmkit.errors import GlmkitError
 
-# verb -> (module, one-line help). Keep in the order a new user meets them.
+# verb -> (module, one-line help). Keep in the order a new user meets them. A two-word name ("eval tools")
+# is a sub-verb: `glmkit eval tools ...` runs its own module, `glmkit eval ...` the verb's.
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("glmkit.cli.demo", "the main job: build the default corpus, show samples, pretrain a small GLM, fill blanks"),
     "corpus": ("glmkit.cli.corpus", "build or inspect a tokenized corpus (default: the bilingual one)"),
@@ -54,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"glmkit {glmkit.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_text) in COMMANDS.items():
-        sub.add_parser(name, help=help_text, add_help=False)
+        if " " not in name:
+            sub.add_parser(name, help=help_text, add_help=False)
     return parser
 
 
@@ -76,8 +78,10 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             parser.parse_args(argv)  # --help / --version exit 0; an unknown verb is a usage error
             return 2
-        name = argv[0]
-        args = verb_parser(name).parse_args(argv[1:])
+        name, rest = argv[0], argv[1:]
+        if rest and f"{name} {rest[0]}" in COMMANDS:
+            name, rest = f"{name} {rest[0]}", rest[1:]
+        args = verb_parser(name).parse_args(rest)
     except SystemExit as e:      # argparse's --help (0) or usage error (2): a status, not an exception
         return e.code if isinstance(e.code, int) else 2
     module = importlib.import_module(COMMANDS[name][0])
