@@ -102,10 +102,11 @@ def _check_name(name: str, where: str) -> str:
 
 
 @dataclass
-class SystemMessage:
+class _TextMessage:
+    """A message that is only text and an optional speaker name (system, user)."""
     content: Content
     name: str | None = None
-    role = "system"
+    role = ""
 
     @property
     def text(self) -> str:
@@ -116,17 +117,13 @@ class SystemMessage:
 
 
 @dataclass
-class UserMessage:
-    content: Content
-    name: str | None = None
+class SystemMessage(_TextMessage):
+    role = "system"
+
+
+@dataclass
+class UserMessage(_TextMessage):
     role = "user"
-
-    @property
-    def text(self) -> str:
-        return text_of(self.content)
-
-    def to_dict(self) -> dict:
-        return _with_name({"role": self.role, "content": _content_to(self.content)}, self.name)
 
 
 @dataclass
