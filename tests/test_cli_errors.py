@@ -76,6 +76,9 @@ CASES = [
     ("generate-repetition-penalty-zero", ["generate", "{run}", "x", "--repetition-penalty", "0"], "--repetition-penalty"),
     ("generate-device-name", ["generate", "{run}", "x", "--device", "gpu0"], "--device"),
     ("generate-stop-empty", ["generate", "{run}", "x", "--stop", ""], "--stop"),
+    ("generate-prefill-chunk-zero", ["generate", "{run}", "x", "--prefill-chunk", "0"], "--prefill-chunk"),
+    ("generate-prompt-beyond-max-len", ["generate", "{run}", "the cat sat on the mat " * 4, "--max-len", "8"],
+     "--max-len"),
     # chat
     ("chat-checkpoint-missing", ["chat", "{missing}", "--prompt", "x"], "checkpoint"),
     ("chat-tools-unknown", ["chat", "{run}", "--tools", "python,shell", "--prompt", "x"], "--tools"),
@@ -92,6 +95,8 @@ CASES = [
     ("chat-transcript-folder", ["chat", "{run}", "--transcript", "{emptydir}", "--prompt", "x"], "--transcript"),
     ("chat-prompt-empty", ["chat", "{run}", "--prompt", " "], "--prompt"),
     ("chat-device-name", ["chat", "{run}", "--device", "tpu", "--prompt", "x"], "--device"),
+    ("chat-prefill-chunk-zero", ["chat", "{run}", "--prefill-chunk", "0", "--prompt", "x"], "--prefill-chunk"),
+    ("chat-max-len-type", ["chat", "{run}", "--max-len", "long", "--prompt", "x"], "--max-len"),
     # eval
     ("eval-val-tokens-negative", ["eval", "{run}", "--corpus", "{corpus}", "--val-tokens", "-5"], "--val-tokens"),
     ("eval-nothing", ["eval", "{run}", "--corpus", "{corpus}", "--val-tokens", "0", "--infill-n", "0",
@@ -184,6 +189,7 @@ CASES = [
     ("serve-format-unknown", ["serve", "{run}", "--format", "chatml"], "--format"),
     ("serve-tools-unknown", ["serve", "{run}", "--tools", "python,shell"], "--tools"),
     ("serve-device-name", ["serve", "{run}", "--device", "tpu"], "--device"),
+    ("serve-prefill-chunk-zero", ["serve", "{run}", "--prefill-chunk", "0"], "--prefill-chunk"),
     # plan
     ("plan-model-unknown", ["plan", "huge-9000"], "huge-9000"),
     ("plan-model-not-a-model", ["plan", "{emptydir}"], "is not a model folder"),

@@ -66,6 +66,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--transcript", help="append every step to this JSON Lines file")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
+    parser.add_argument("--max-len", type=positive_int, default=None,
+                        help="tokens of the whole conversation (default: the model's context, at most 8192)")
+    parser.add_argument("--prefill-chunk", type=positive_int, default=512,
+                        help="most prompt tokens fed per forward: bounds prefill memory (default 512)")
 
 
 def check(args: argparse.Namespace) -> list[str]:
@@ -149,8 +153,9 @@ def make_agent(args: argparse.Namespace, toolbox, logits_processor=None):
     fmt = choose_format(args.format, loaded.tokenizer, template=read_chat_template(loaded.path))
     if args.thinking == "off" and fmt.dialect != "glm45":
         warn("chat", f"--thinking off is for the glm45 format; this chat uses {fmt.dialect}")
-    limit = loaded.model.config.max_position_embeddings
-    engine = Engine(loaded.model, loaded.tokenizer, max_batch=1, max_len=min(limit, 8192))
+    limit = loaded.model.config.context_length
+    engine = Engine(loaded.model, loaded.tokenizer, max_batch=1, max_len=args.max_len or min(limit, 8192),
+                    prefill_chunk=args.prefill_chunk)
     sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                               seed=args.seed)
     agent = Agent(engine, loaded.tokenizer, fmt=fmt, tools=toolbox, system=args.system,

@@ -48,6 +48,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantize", choices=("int8", "int4"), default=None,
                         help="weight-only quantized linear layers (int8: ~half the bf16 weight memory)")
     parser.add_argument("--no-stream", action="store_true", help="print each result when complete")
+    parser.add_argument("--max-len", type=positive_int, default=None,
+                        help="KV slots per prompt: prompt and fills (default: the model's context, at most 4096)")
+    parser.add_argument("--prefill-chunk", type=positive_int, default=512,
+                        help="most prompt tokens fed per forward: bounds prefill memory (default 512)")
 
 
 def prompts_of(args: argparse.Namespace) -> list[str]:
@@ -68,6 +72,7 @@ def prompts_of(args: argparse.Namespace) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     from glmkit.checkpoint.loader import load
+    from glmkit.infer.engine import Engine
     from glmkit.infer.sampling import SamplingConfig
     from glmkit.infer.text import assemble, encode_prompts, run_fill, stream
     texts = prompts_of(args)
@@ -79,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
     causal = objective == "clm" if args.causal is None else args.causal
     if causal and not args.generation:
         raise GlmkitError("a causal (CLM-trained or HF) model cannot fill blanks; use `glmkit generate`")
-    kw = dict(generation=args.generation, causal=causal, stop=args.stop)
+    engine = Engine(model, tok, max_batch=len(texts), max_len=args.max_len, prefill_chunk=args.prefill_chunk)
+    kw = dict(generation=args.generation, causal=causal, stop=args.stop, engine=engine)
     if args.no_stream or len(texts) > 1:
         for f in run_fill(model, tok, texts, cfg, **kw):
             print(f.fills[-1] if args.generation else f.text)

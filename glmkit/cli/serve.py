@@ -33,7 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-queue", type=nonnegative_int, default=64,
                         help="requests waiting for a row; more are refused with 429")
     parser.add_argument("--max-len", type=positive_int, default=None,
-                        help="tokens per request, prompt and reply (default: the model's positions, at most 4096)")
+                        help="tokens per request, prompt and reply (default: the model's context, at most 4096)")
+    parser.add_argument("--prefill-chunk", type=positive_int, default=512,
+                        help="most prompt tokens fed per forward: bounds prefill memory (default 512)")
     parser.add_argument("--max-tokens", type=positive_int, default=4096, help="the most tokens one request may ask for")
     parser.add_argument("--format", default="auto", choices=("auto", "glm4", "glm45"),
                         help="chat format, as `glmkit chat` chooses it (auto: the checkpoint's own chat template when "
@@ -124,7 +126,8 @@ def run(args: argparse.Namespace) -> int:
     fmt = chosen.dialect
     stop_ids(fmt, tok)                            # the tokenizer has the format's special tokens
     name = args.model_name or Path(args.checkpoint).resolve().name
-    engine = Engine(model, tok, max_batch=args.max_concurrency, max_len=args.max_len)
+    engine = Engine(model, tok, max_batch=args.max_concurrency, max_len=args.max_len,
+                    prefill_chunk=args.prefill_chunk)
     config = ServeConfig(model_name=name, fmt=fmt, causal=loaded.objective == "clm", api_key=args.api_key,
                          max_waiting=args.max_queue, max_tokens=args.max_tokens, template=chosen.template,
                          tools=server_tools(tools, args, fmt) if tools else None)

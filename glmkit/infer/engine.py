@@ -12,7 +12,9 @@ One call of `step` is one scheduling round (vLLM's scheduler + runner, kept smal
 2. feed every running request its pending tokens: requests with one pending token (decoding) go through
    one batched forward; a request with several (its prompt, or tokens forced by a hook) is fed in
    chunks of at most `prefill_chunk` tokens, one chunk per request per step, so a long prompt never
-   stalls the others' decoding;
+   stalls the others' decoding (a Part A longer than a chunk is fed in one step, chunk by chunk and
+   layer by layer: `glmkit.infer.runner.prefill_bidirectional`); activation memory is bounded by the
+   chunk, not the prompt;
 3. sample the next token of each request whose pending tokens are all fed, and move its state on.
 Requests join at any step and leave as they finish; when every row is taken, new requests wait.
 
@@ -55,7 +57,7 @@ import torch
 
 from glmkit.errors import GlmkitError
 from glmkit.infer.detok import TextStream, TokenBytes
-from glmkit.infer.runner import decode_static, forward_rows
+from glmkit.infer.runner import decode_static, forward_rows, prefill_bidirectional
 from glmkit.infer.sampling import (
     SamplingConfig,
     apply_repetition_penalty,
@@ -195,7 +197,7 @@ class Engine:
         self.model = model.eval()
         self.tok = tokenizer
         c = model.config
-        self.limit = c.max_position_embeddings
+        self.limit = c.context_length            # max_position_embeddings, stretched by rope_scaling
         max_len = max_len or min(self.limit, 4096)
         self.device = model.embed_tokens.weight.device
         self.pool = KVCache.for_model(model, max_batch, max_len + (1 if compile else 0))
@@ -295,12 +297,18 @@ class Engine:
         top = P + n_new if not req.blanks else max(P, req.sep + 1 + n_new)
         if top > self.limit:
             raise GlmkitError(f"the prompt is {P} tokens and up to {n_new} new tokens are asked for, but the "
-                              f"model reads at most {self.limit} positions (max_position_embeddings); shorten "
+                              f"model reads at most {self.limit} positions ({self._context_why()}); shorten "
                               f"the prompt or lower max_new_tokens to {max(1, self.limit - P - 1)}")
         need = P + (1 if req.blanks and P == req.sep else 0)
         if need > self.max_len:
             raise GlmkitError(f"the prompt is {P} tokens but a KV-cache row holds {self.max_len}; shorten the "
-                              f"prompt or build the engine with max_len >= {need + n_new}")
+                              f"prompt or build the engine with max_len >= {need + n_new} (`--max-len` on the command line)")
+
+    def _context_why(self) -> str:
+        c = self.model.config
+        if c.rope_scaling is None:
+            return "max_position_embeddings"
+        return f"max_position_embeddings = {c.max_position_embeddings} with {c.rope_scaling['rope_type']} RoPE scaling"
 
     def _drain_inbox(self, outs: list[Output]) -> None:
         while not self.inbox.empty():
@@ -462,10 +470,17 @@ class Engine:
         return self.model.logits(h[:len(seqs), -1])
 
     def _feed_chunk(self, seq: _Seq) -> torch.Tensor | None:
-        """Feed up to prefill_chunk pending tokens (all of Part A at once); logits when pending is empty."""
+        """Feed up to prefill_chunk pending tokens; logits when pending is empty. Part A is fed whole in
+        one step: in one forward when it fits a chunk, else chunk by chunk, layer by layer
+        (`prefill_bidirectional`)."""
         row = seq.row
         start = self.pool.lengths[row]
-        n = min(len(seq.pending), max(self.prefill_chunk, seq.req.sep - start))
+        sep = seq.req.sep
+        if start == 0 and sep > self.prefill_chunk:                # reuse covers all of Part A or none of it
+            ids, pos, bpos, _ = self._take(seq, sep - start)
+            h = prefill_bidirectional(self.model, self.pool, row, ids, pos, bpos, self.prefill_chunk)
+            return self.model.logits(h[-1]) if not seq.pending else None
+        n = min(len(seq.pending), max(self.prefill_chunk, sep - start))
         ids, pos, bpos, slots = self._take(seq, n)
         h = forward_rows(self.model, self.pool, row, [ids], [pos], [bpos], [slots], [seq.req.sep])[0]
         if seq.prompt_lp is not None:

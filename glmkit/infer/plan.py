@@ -13,7 +13,9 @@ The three parts, as the engine (`glmkit.infer.engine`, `glmkit.infer.runner`) al
   rows x max_len x layers x 2 (k, v) x kv_heads x head_dim x dtype size. Exact.
 - **activations**: the peak of the temporaries of one forward, the larger of
   (a) a prefill of `chunk` tokens of one row against `max_len` keys (the last chunk of a full-length
-      prompt; chunk = max_len is a one-shot prefill, what the engine runs today), and
+      causal prompt; chunk = max_len is a one-shot prefill; the engine feeds `prefill_chunk` tokens,
+      512 by default, and a long GLM Part A layer by layer with two Part-A-long buffers of hidden size
+      on top, `glmkit.infer.runner.prefill_bidirectional`), and
   (b) a decode step of every row (rows x 1 token against max_len keys) with its logits.
   It is a model of the code, not a measurement: per layer the residual stream, the (T, S) boolean
   visibility mask `glmkit.infer.runner` builds (plus the float copy SDPA makes of it), q/k/v and their

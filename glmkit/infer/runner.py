@@ -15,13 +15,27 @@ must be a contiguous range of the pool (the engine keeps the decoding rows packe
 attention reads a view of the cache, never a copy; keys are read up to the largest filled slot of the
 call (`kv_len`), and no mask is built when every query sees every key. `decode_static` steps every row
 of the pool over the whole cache width with a mask: the fixed shapes `torch.compile` needs.
+
+Chunked prefill, bounded memory. A causal prompt (or the part of a prompt after Part A) is fed by the
+engine in chunks of T tokens through `forward_rows`: each chunk's keys depend only on earlier tokens,
+so chunk after chunk is exact, and the only temporary that grows with the context is the chunk's
+(T, kv_len) boolean visibility mask (SDPA's CPU kernel turns it into a float copy of the same shape).
+Part A is bidirectional: every token's hidden state in layer l + 1 depends on the keys of ALL of Part
+A in layer l, later chunks included. `prefill_bidirectional` therefore runs Part A layer by layer:
+for each layer, (1) every chunk's QKV projection, writing its keys and values into the row's cache
+(and its queries into a Part-A-long buffer), then (2) every chunk's attention against the whole of
+Part A's keys and values (no mask: every Part A query sees every Part A key), output projection,
+residual and MLP, updating that chunk of the residual stream in place. What lives across chunks is
+the residual stream and the queries of Part A (2 x n x hidden values, about one layer's K and V);
+everything else (MLP activations, scores) is one chunk's. The result equals a one-shot prefill up to
+float rounding (same operations on smaller matrices).
 """
 
 from __future__ import annotations
 
 import torch
 
-from glmkit.model.attention import AttentionMask
+from glmkit.model.attention import AttentionMask, attend
 from glmkit.model.kv_cache import KVCache
 
 
@@ -76,3 +90,42 @@ def decode_static(model, pool: KVCache, ids: torch.Tensor, pos: torch.Tensor, bp
     attn = AttentionMask("sdpa", dense=visibility(slots, sep, pool.max_len))
     view = _RowsView(pool, 0, pool.rows, pool.max_len)
     return model(ids, pos, bpos, attn, cache=view, input_pos=slots)
+
+
+def prefill_bidirectional(model, pool: KVCache, row: int, ids: list[int], pos: list[int], bpos: list[int],
+                          chunk: int) -> torch.Tensor:
+    """Part A of one row, n tokens at slots 0 .. n-1 (host lists), in chunks of at most `chunk` tokens,
+    layer by layer (see the module docstring). Writes the row's keys and values; returns the final
+    hidden states (n, hidden), computed in place of the residual stream."""
+    device = pool.k[0].device
+    n = len(ids)
+    t = lambda x: torch.tensor([x], dtype=torch.long, device=device)
+    ids_t, pos_t, bpos_t = t(ids), t(pos), t(bpos)
+    spans = [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
+    first = model.embed(ids_t[:, :spans[0][1]], pos_t[:, :spans[0][1]], bpos_t[:, :spans[0][1]])
+    x = first.new_empty(1, n, first.shape[-1])                          # the residual stream (1, n, h)
+    x[:, :spans[0][1]] = first
+    for s, e in spans[1:]:
+        x[:, s:e] = model.embed(ids_t[:, s:e], pos_t[:, s:e], bpos_t[:, s:e])
+    # cos/sin of the whole of Part A at once (n x rotary dim: small): dynamic NTK sees Part A's length
+    rope = None if model.rotary is None else model.rotary(pos_t, bpos_t, x.dtype)
+    q_all = None
+    view = _RowsView(pool, row, 1, n)
+    full = AttentionMask("full")
+    for i, block in enumerate(model.layers):
+        att = block.self_attn
+        for s, e in spans:                                              # (1) keys and values of all of Part A
+            r = None if rope is None else tuple(c[:, s:e] for c in rope)
+            q, k, v = att.project(block.input_layernorm(x[:, s:e]), model.rotary, r)
+            if q_all is None:
+                q_all = q.new_empty(1, n, *q.shape[2:])                 # (1, n, H, D), reused by every layer
+            q_all[:, s:e] = q
+            keys, values = view.update(i, t(list(range(s, e))), k, v)   # after the last chunk: (1, n, Hkv, D)
+        for s, e in spans:                                              # (2) each chunk against all of them
+            xs = x[:, s:e]
+            a = block.input_layernorm(xs)
+            h = att.output(attend(q_all[:, s:e], keys, values, full))
+            x[:, s:e] = block.after_attention(xs, a, h)
+    for s, e in spans:
+        x[:, s:e] = model.norm(x[:, s:e])
+    return x[0]

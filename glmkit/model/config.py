@@ -109,6 +109,12 @@ class GLMConfig:
         return self.is_moe and i >= self.first_k_dense_replace
 
     @property
+    def context_length(self) -> int:
+        """The most positions the model reads: `max_position_embeddings` stretched by `rope_scaling`
+        (`glmkit.model.rope_scaling.context_length`, transformers' reading of each type)."""
+        return rope_scaling.context_length(self.rope_scaling, self.max_position_embeddings)
+
+    @property
     def rotary_dim(self) -> int:
         """Dims of each head that RoPE rotates: the whole head split in two for rope_2d."""
         if self.position_embedding == "rope_2d":

@@ -116,6 +116,13 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
 
     def forward(self, x, rotary, rope, attn, cache=None, input_pos=None):
+        q, k, v = self.project(x, rotary, rope)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, input_pos, k, v)          # (B, S, Hkv, D)
+        return self.output(attend(q, k, v, attn))
+
+    def project(self, x, rotary, rope):
+        """x (B, T, h) -> q (B, T, H, D), k and v (B, T, Hkv, D): normed (QK norm) and rotated."""
         B, T, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv, self.head_dim
         qkv = self.qkv_proj(x).view(B, T, H + 2 * Hkv, D)                 # heads: H of q, Hkv of k, Hkv of v
@@ -125,9 +132,11 @@ class Attention(nn.Module):
         if rope is not None:
             qk = rotary.rotate(qk, *rope)              # q and k heads in one call (elementwise: same values)
         q, k = qk.split([H, Hkv], dim=2)
-        if cache is not None:
-            k, v = cache.update(self.layer_idx, input_pos, k, v)          # (B, S, Hkv, D)
-        y = attend(q, k, v, attn)                                         # (B, T, H, D)
+        return q, k, v
+
+    def output(self, y):
+        """The attention result y (B, T, H, D) -> (B, T, h)."""
+        B, T, H, D = y.shape
         return self.o_proj(y.reshape(B, T, H * D))
 
 
@@ -147,6 +156,12 @@ class Block(nn.Module):
     def forward(self, x, rotary, rope, attn, cache=None, input_pos=None, select=None):
         """x (B, T, h) -> (B, T, h); with `select` (N,) flat indices into B*T -> (N, h): only those
         positions go through the rest of the block after attention (the last block, in the loss)."""
+        a = self.input_layernorm(x)
+        return self.after_attention(x, a, self.self_attn(a, rotary, rope, attn, cache, input_pos), select)
+
+    def after_attention(self, x, a, h, select=None):
+        """The rest of the block once attention has run: x the block's input, a = input_layernorm(x),
+        h the attention output (`Attention.output`) -> the block's output (see `forward`)."""
         def pick(t):
             if select is None:
                 return t
@@ -154,11 +169,9 @@ class Block(nn.Module):
 
         if self.residual == "deepnorm":
             # post-LN, written as ChatGLM does: the residual branch carries the normed input * alpha
-            a = self.input_layernorm(x)
-            x = pick(a) * self.alpha + pick(self.self_attn(a, rotary, rope, attn, cache, input_pos))
+            x = pick(a) * self.alpha + pick(h)
             b = self.post_attention_layernorm(x)
             return b * self.alpha + self.mlp(b)
-        h = self.self_attn(self.input_layernorm(x), rotary, rope, attn, cache, input_pos)
         x, h = pick(x), pick(h)
         if self.residual == "sandwich":
             h = self.post_self_attn_layernorm(h)

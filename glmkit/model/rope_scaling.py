@@ -23,6 +23,14 @@ equal-length rows this is exactly transformers' value; a row of the engine never
 requests batched with it, where transformers' would. As in transformers, keys already in a KV cache
 keep the rotation they were written with: during decoding past M each new token's base grows.
 
+The usable context (`context_length`, `GLMConfig.context_length`, what the engine accepts) follows
+transformers' reading of `max_position_embeddings` (M) for each type: for `linear` and `dynamic`, M
+is the trained window (dynamic NTK's formula uses it as such) and the context is factor · M; for
+`yarn`, M is the post-YaRN length when the config gives `original_max_position_embeddings` (as
+released YaRN configs and transformers' validation expect: factor = M / original), so the context is
+max(M, factor · original). `glmkit.checkpoint.hf` reads and writes M unchanged, so a config survives
+the round trip and both sides derive the same context.
+
 YaRN's `mscale` / `mscale_all_dim` (DeepSeek-style) are folded into `attention_factor`, and a missing
 `factor` is M / original_max_position_embeddings, as transformers does.
 """
@@ -86,6 +94,15 @@ def _normalize_yarn(s: dict, max_pos: int) -> dict:
     return {"rope_type": "yarn", "factor": float(factor), "original_max_position_embeddings": int(original),
             "beta_fast": float(beta_fast), "beta_slow": float(beta_slow),
             "attention_factor": float(attention_factor), "truncate": bool(s.get("truncate", True))}
+
+
+def context_length(scaling: dict | None, max_position_embeddings: int) -> int:
+    """Positions a model with this (normalised) scaling reads; see the module docstring."""
+    if scaling is None:
+        return max_position_embeddings
+    if scaling["rope_type"] == "yarn":
+        return max(max_position_embeddings, int(scaling["factor"] * scaling["original_max_position_embeddings"]))
+    return int(scaling["factor"] * max_position_embeddings)
 
 
 def _mscale(scale: float, mscale: float = 1) -> float:
