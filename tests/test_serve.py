@@ -370,6 +370,23 @@ def test_max_completion_tokens_and_length(client, script, chat_tok):
     assert r.choices[0].message.content == ref.content
 
 
+def test_ignore_eos_decodes_max_tokens_past_the_stop(client, script, chat_tok):
+    """vLLM's `ignore_eos` (what `glmkit bench serve` sends): a reply that would stop after 2 tokens
+    goes on to max_tokens, in chat and in plain completions, streamed or not."""
+    marker = script.add("EOSTEST", ids_of(chat_tok, "Hi"))          # "Hi" then <|observation|>, repeated
+    kw = dict(model=MODEL, messages=[{"role": "user", "content": marker}], temperature=0, max_tokens=6)
+    short = client.chat.completions.create(**kw)
+    assert (short.usage.completion_tokens, short.choices[0].finish_reason) == (len(chat_tok.encode("Hi")), "stop")
+    full = client.chat.completions.create(**kw, extra_body={"ignore_eos": True})
+    assert (full.usage.completion_tokens, full.choices[0].finish_reason) == (6, "length")
+    chunks = list(client.chat.completions.create(**kw, extra_body={"ignore_eos": True}, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert chunks[-1].usage.completion_tokens == 6
+    text = client.completions.create(model=MODEL, prompt=marker, max_tokens=6, temperature=0,
+                                     extra_body={"ignore_eos": True})
+    assert (text.usage.completion_tokens, text.choices[0].finish_reason) == (6, "length")
+
+
 # ------------------------------------------------------------------------------------ completions
 
 def test_completions_continue_and_fill_blanks(client, model, chat_tok):

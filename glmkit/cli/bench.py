@@ -4,9 +4,10 @@
     glmkit bench train --device cuda       # training steps vs HF transformers
     glmkit bench generate                  # decode tokens/s vs HF generate
     glmkit bench engine                    # 64 mixed requests: continuous batching vs HF's
+    glmkit bench serve                     # glmkit serve vs transformers serve over HTTP, c = 1, 8, 32
 
 Each prints its numbers as it measures them and, as its last line, one JSON object: the result dict
-of `glmkit.bench.{data,train,generate}`. The bench modules are imported only when their bench runs.
+of `glmkit.bench.{data,train,generate,engine,serve}`. The bench modules are imported only when their bench runs.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import argparse
 import importlib
 import json
 
-from glmkit.cli.options import nonnegative_int, positive_int
+from glmkit.cli.options import existing_dir, nonnegative_int, positive_int
 
 # benchmark -> (module, function, options dataclass, one-line help)
 BENCHES: dict[str, tuple[str, str, str, str]] = {
@@ -27,6 +28,8 @@ BENCHES: dict[str, tuple[str, str, str, str]] = {
                  "decode tokens/s of glmkit vs HF transformers generate, same weights"),
     "engine": ("glmkit.bench.engine", "bench_engine", "EngineBench",
                "many mixed requests: glmkit's engine vs HF continuous batching vs HF generate one at a time"),
+    "serve": ("glmkit.bench.serve", "bench_serve", "ServeBench",
+              "glmkit serve vs transformers serve --continuous-batching over HTTP: tokens/s, p50/p99 latency, TTFT"),
 }
 
 
@@ -102,8 +105,26 @@ def _engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def _serve_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, type=existing_dir, help="a glmkit checkpoint or run folder (default: a random-weight "
+                   "model of --preset with a tokenizer trained on the King James Bible)")
+    p.add_argument("--preset", default="small", help="model preset without --model (default small)")
+    p.add_argument("--concurrency", default="1,8,32", help="client counts, comma-separated (default 1,8,32)")
+    p.add_argument("--requests", type=positive_int, default=None,
+                   help="requests per concurrency level (default: max(8, 2 x concurrency))")
+    p.add_argument("--min-prompt", type=positive_int, default=32, help="user-message tokens, at least (default 32)")
+    p.add_argument("--max-prompt", type=positive_int, default=256, help="user-message tokens, at most (default 256)")
+    p.add_argument("--min-new", type=positive_int, default=32, help="max_tokens of a request, at least (default 32)")
+    p.add_argument("--max-new", type=positive_int, default=128, help="max_tokens of a request, at most (default 128)")
+    p.add_argument("--threads", type=positive_int, default=1,
+                   help="OMP_NUM_THREADS (torch threads) of both servers (default 1)")
+    p.add_argument("--no-hf", dest="hf", action="store_false", help="glmkit serve alone (no transformers serve)")
+    p.add_argument("--timeout", type=positive_int, default=1200, help="seconds for the whole bench (default 1200)")
+    p.add_argument("--seed", type=int, default=0)
+
+
 ARGUMENTS = {"data": _data_arguments, "train": _train_arguments, "generate": _generate_arguments,
-             "engine": _engine_arguments}
+             "engine": _engine_arguments, "serve": _serve_arguments}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

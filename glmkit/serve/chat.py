@@ -184,7 +184,8 @@ def engine_request(plan: ChatPlan, req: ChatCompletionRequest, max_tokens: int, 
     processor = _compose(plan.processor, extra)
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     make = Request.causal if causal else Request.chat
-    return make(plan.prompt, sampling, stop_ids=tuple(plan.stop_ids), logprobs=logprobs, logits_processor=processor)
+    return make(plan.prompt, sampling, stop_ids=tuple(plan.stop_ids), logprobs=logprobs, logits_processor=processor,
+                ignore_stop=req.ignore_eos)
 
 
 def _compose(a, b):

@@ -79,6 +79,7 @@ def plan_completion(req: CompletionRequest, tok, causal: bool, max_tokens: int) 
     for i, (p, has) in enumerate(zip(prompts, typed)):
         r = to_request(p, cfg, causal, req.stop_list(), tok)
         r.logprobs = req.logprobs
+        r.ignore_stop = req.ignore_eos
         lp = {"tokens": [], "token_logprobs": [], "top_logprobs": []} if req.logprobs is not None else None
         out.append((r, FillChoice(i, p, has, logprobs=lp)))
     return out

@@ -7,8 +7,8 @@ dicts and validated by `glmkit.chat.messages` (its errors name the bad field, e.
 (as vLLM and OpenAI do); a field of the wrong type is a 400 naming it.
 
 Extensions beyond OpenAI's API: `reasoning_content` in messages and deltas (GLM-4.5's thinking, the
-field vLLM and SGLang use) and `fills` in a completion choice (the text of each [MASK] / [sMASK] /
-[gMASK] blank of the prompt).
+field vLLM and SGLang use), `fills` in a completion choice (the text of each [MASK] / [sMASK] /
+[gMASK] blank of the prompt) and `ignore_eos` in a request (vLLM's: generate exactly `max_tokens`).
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ class SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    ignore_eos: bool = False          # vLLM's extension: decode max_tokens, past every stop token (benchmarks)
 
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
