@@ -35,6 +35,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("glmkit.cli.plan", "memory of an inference run: weights, KV cache, activations; does it fit"),
     "eval": ("glmkit.cli.eval", "evaluate a checkpoint: bits/byte, infilling, cloze, Chinese sentiment"),
     "eval passkey": ("glmkit.cli.eval_passkey", "passkey retrieval: a number hidden in long filler text, lengths x depths, a heat map"),
+    "eval tools": ("glmkit.cli.eval_tools", "tool use on the held-out tool tasks: parse rate, call accuracy, answers with and without tools"),
     "experiment": ("glmkit.cli.experiment", "GLM vs BERT (MLM) vs GPT (CLM) pretrained alike, on every eval task"),
     "serve": ("glmkit.cli.serve", "an OpenAI-compatible HTTP server (chat, tool calls, streaming, continuous batching)"),
     "bench": ("glmkit.cli.bench", "measure speed against a named peer in the same run"),
