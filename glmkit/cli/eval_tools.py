@@ -22,7 +22,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-from glmkit.cli.options import check_device, check_output_file, existing_dir, nonnegative_int, positive_int
+from glmkit.cli.options import (
+    check_device,
+    check_output_file,
+    existing_dir,
+    nonnegative_int,
+    positive_int,
+    warn,
+)
 from glmkit.errors import GlmkitError
 from glmkit.eval.tooltasks import FAMILIES, LANGS
 
@@ -177,6 +184,10 @@ def run(args: argparse.Namespace, logits_processor=None) -> int:
         store.close()
     summary = report.summary()
     summary["format"] = fmt.name
+    failed = [e for e in report.episodes if e.error is not None]
+    if failed:
+        warn("eval tools", f"{len(failed)} of {len(report.episodes)} episodes failed (scored as wrong), e.g. "
+                           f"{failed[0].task.id}: {failed[0].error}")
     if args.out:
         record = {"checkpoint": str(loaded.path), "summary": summary,
                   "episodes": [e.to_dict(events=False) for e in report.episodes]}

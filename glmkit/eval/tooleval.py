@@ -29,8 +29,13 @@ reported a fault in), the parsed `calls` (name, arguments), `names_ok` / `args_o
 expected tool names in order; and their arguments too), `answer` and `answer_ok` (the episode ended with
 an answer, `check_answer` accepts it, and for a lookup task with tools its citations name only the task's
 document and quote what the browser showed), `end` (answer | length | max_rounds | max_calls | error),
-`rounds`, `tokens` (generated), `seconds`. The metrics over a set of episodes (`metrics`, what
-`ToolEvalReport.summary` gives overall, per family and per language) are defined in docs/tools.md.
+`rounds`, `tokens` (generated), `seconds`, and the conversation (`messages`, OpenAI dicts: what an RL
+update re-renders). The same task may appear several times in `tasks` (a group of sampled attempts);
+with `sampling.seed` set every attempt is drawn alike, so leave it None for independent attempts.
+The metrics over a set of episodes (`metrics`, what `ToolEvalReport.summary` gives overall, per family
+and per language) are defined in docs/tools.md. An episode that raised (`GlmkitError`: e.g. the
+conversation outgrew the engine's rows) ends with `error` set and counts as wrong (`errors` in the
+metrics says how many).
 """
 
 from __future__ import annotations
@@ -62,8 +67,6 @@ from glmkit.eval.tooltasks import (
 from glmkit.infer.shared import SharedEngine
 
 TOOLSETS = ("task", "all")
-METRICS = ("parse_rate", "tool_name_accuracy", "argument_exact_match", "over_calling", "under_calling",
-           "answer_em_with_tools", "answer_em_without_tools", "calls_per_task", "rounds_per_task")
 # a parse error about call k of a reply (the call exists, malformed); any other parse error is one rejected call
 _CALL_FAULT = re.compile(r"tool call (\d+)\b")
 
@@ -87,6 +90,7 @@ class Episode:
     seconds: float = 0.0
     error: str | None = None
     events: list[dict] = field(default_factory=list, repr=False)
+    messages: list[dict] = field(default_factory=list, repr=False)   # the conversation, OpenAI dicts
 
     @property
     def over_called(self) -> bool:
@@ -105,7 +109,7 @@ class Episode:
              "expected_answer": self.task.answer, "tokens": self.tokens, "seconds": round(self.seconds, 3),
              "error": self.error}
         if events:
-            d["events"] = self.events
+            d["events"], d["messages"] = self.events, self.messages
         return d
 
 
@@ -180,6 +184,7 @@ def metrics(episodes: Iterable[Episode]) -> dict:
         "answer_em_without_tools": _mean([e.answer_ok for e in off]),
         "calls_per_task": _mean([e.attempts for e in on]),
         "rounds_per_task": _mean([e.rounds for e in on]),
+        "errors": sum(e.error is not None for e in episodes),
     }
 
 
@@ -312,6 +317,7 @@ def evaluate_tools(engine, tokenizer, tasks: Iterable[ToolTask], *, fmt: str | C
             error = str(e)
         result = score_episode(task, transcript.events, tools=tools, browser=toolbox.browser, error=error)
         result.seconds = clock() - start
+        result.messages = [m.to_dict() for m in agent.messages]
         return result
 
     results: list[Episode | None] = [None] * len(tasks)
