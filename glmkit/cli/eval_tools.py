@@ -122,7 +122,7 @@ def load_tasks(args, families, langs, scratch: Path):
 
 
 def python_tool(mode: str, scratch: Path):
-    """What `evaluate_tools` takes as `python`: an interpreter factory (one per worker) or ExactPython."""
+    """(what `evaluate_tools` takes as `python`: an interpreter factory or ExactPython, the mode used)."""
     from glmkit.eval.tooltasks import ExactPython
 
     if mode == "auto":
@@ -133,13 +133,13 @@ def python_tool(mode: str, scratch: Path):
                  "is refused]")
         mode = "exact" if problem is not None else "sandbox"
     if mode == "exact":
-        return ExactPython()
+        return ExactPython(), mode
     from glmkit.chat.sandbox import Limits, Sandbox
 
     def make():
         return Sandbox(Path(tempfile.mkdtemp(prefix="ws-", dir=scratch)), Limits(timeout_s=10),
                        allow_unsandboxed=mode == "unsafe")
-    return make
+    return make, mode
 
 
 def chat_format(requested: str, loaded):
@@ -168,13 +168,13 @@ def run(args: argparse.Namespace, logits_processor=None) -> int:
     with tempfile.TemporaryDirectory(prefix="glmkit-eval-tools-") as tmp:
         scratch = Path(tmp)
         tasks, store = load_tasks(args, families, langs, scratch)
-        python = python_tool(args.python, scratch)
+        python, python_mode = python_tool(args.python, scratch)
         loaded = load(args.checkpoint, args.device)
         fmt = chat_format(args.format, loaded)
         limit = loaded.model.config.max_position_embeddings
         engine = Engine(loaded.model, loaded.tokenizer, max_batch=args.concurrency, max_len=min(limit, 4096))
         _log(f"[{loaded.path}: format {fmt.name}; {len(tasks)} held-out tasks; python: "
-             f"{'exact' if hasattr(python, 'run') else args.python}]")
+             f"{python_mode}]")
         common = dict(fmt=fmt, store=store, python=python, toolset=args.toolset, max_rounds=args.max_rounds,
                       max_calls=args.max_calls, max_new_tokens=args.max_new_tokens, concurrency=args.concurrency,
                       causal=loaded.objective == "clm", logits_processor=logits_processor, log=_log)

@@ -40,6 +40,7 @@ metrics says how many).
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import threading
@@ -248,6 +249,12 @@ def _cell(key: str, value) -> str:
 
 
 # ----------------------------------------------------------------------------- running
+@functools.cache
+def _world_tools() -> list:
+    """The suite's functions as tools, built once (their schemas take milliseconds each to build)."""
+    return [function_tool(f) for f in WORLD_FUNCTIONS]
+
+
 def uses_python(task: ToolTask, toolset: str) -> bool:
     """Whether an episode of `task` is offered the python tool."""
     return toolset == "all" or task.family in ("arithmetic", "counting")
@@ -263,7 +270,7 @@ def toolbox_for(task: ToolTask, toolset: str, *, store=None, python=None) -> Too
     if "lookup" in families and store is None:
         raise GlmkitError(f"task {task.id} needs the suite's document store: pass store=build_store("
                           "suite.documents(), path) or DocStore(suite_dir / 'facts.sqlite')")
-    functions = [function_tool(f) for f in WORLD_FUNCTIONS] if "functions" in families else []
+    functions = _world_tools() if "functions" in families else []
     return Toolbox(functions, sandbox=python if needs_python else None,
                    browser=Browser(store) if "lookup" in families else None)
 
