@@ -21,6 +21,11 @@ Fields
 - span_ids: int, the causal run a Part B token belongs to. In the `glm` layout every Part B token of
   a sample shares one id (each sees all earlier Part B tokens); in the `span` layout each span has
   its own id (a Part B token sees only earlier tokens of its own span).
+- loss_weight (optional, default None = every loss position weighs 1): float, a weight on each loss
+  position's cross-entropy; the loss is then sum(weight x cross-entropy) / number of loss positions,
+  so all-ones weights give the plain mean. Policy-gradient training (`glmkit.train.rl`) puts each
+  sampled token's advantage here. Nothing else reads it: the attention mask and the loss positions
+  come from the other fields.
 
 The attention rule, for query q and key k in one row (the reference every backend is tested against):
 
@@ -37,6 +42,7 @@ import torch
 
 FIELDS = ("input_ids", "targets", "loss_mask", "position_ids", "block_position_ids", "segment_ids", "sep",
           "span_ids")
+OPTIONAL = ("loss_weight",)         # fields that may be None (absent)
 
 
 @dataclass
@@ -49,12 +55,15 @@ class Batch:
     segment_ids: np.ndarray | torch.Tensor
     sep: np.ndarray | torch.Tensor
     span_ids: np.ndarray | torch.Tensor
+    loss_weight: np.ndarray | torch.Tensor | None = None
 
     def __post_init__(self):
         shape = tuple(self.input_ids.shape)
         if len(shape) != 2:
             raise ValueError(f"Batch fields must be (batch, seq_len) arrays; input_ids has shape {shape}")
         for f in fields(self):
+            if getattr(self, f.name) is None and f.name in OPTIONAL:
+                continue
             s = tuple(getattr(self, f.name).shape)
             if s != shape:
                 raise ValueError(f"Batch field {f.name!r} has shape {s}, expected {shape} like input_ids")
@@ -63,31 +72,34 @@ class Batch:
     def shape(self) -> tuple[int, int]:
         return tuple(self.input_ids.shape)
 
+    def _present(self):
+        """(name, value) of every field that is set (an absent optional field is left out)."""
+        return ((n, getattr(self, n)) for n in FIELDS + OPTIONAL if getattr(self, n) is not None)
+
     def to(self, device: str | torch.device = "cpu", non_blocking: bool = False) -> Batch:
-        """Torch tensors on `device`: ids as int64, loss_mask as bool, segment/span ids as int32."""
+        """Torch tensors on `device`: ids as int64, loss_mask as bool, segment/span ids as int32, loss_weight
+        as float32."""
         out = {}
-        for name in FIELDS:
-            v = getattr(self, name)
+        for name, v in self._present():
             if isinstance(v, np.ndarray):
                 v = torch.from_numpy(np.ascontiguousarray(v))
-            dtype = torch.bool if name == "loss_mask" else (
+            dtype = torch.bool if name == "loss_mask" else torch.float32 if name == "loss_weight" else (
                 torch.int32 if name in ("segment_ids", "span_ids") else torch.int64)
             out[name] = v.to(device=device, dtype=dtype, non_blocking=non_blocking)
         return Batch(**out)
 
     def pin_memory(self) -> Batch:
         """CPU torch tensors in page-locked memory (needs CUDA), so a copy to the GPU can be asynchronous."""
-        return Batch(**{n: getattr(self, n).pin_memory() for n in FIELDS})
+        return Batch(**{n: v.pin_memory() for n, v in self._present()})
 
     def numpy(self) -> Batch:
-        return Batch(**{n: (v.cpu().numpy() if isinstance(v, torch.Tensor) else v)
-                        for n, v in ((n, getattr(self, n)) for n in FIELDS)})
+        return Batch(**{n: (v.cpu().numpy() if isinstance(v, torch.Tensor) else v) for n, v in self._present()})
 
     def __getitem__(self, rows) -> Batch:
         """Select rows, keeping two dimensions (`batch[2:4]`, `batch[[0, 3]]`)."""
         if isinstance(rows, int):
             rows = slice(rows, rows + 1)
-        return Batch(**{n: getattr(self, n)[rows] for n in FIELDS})
+        return Batch(**{n: v[rows] for n, v in self._present()})
 
     @property
     def num_loss_tokens(self) -> int:

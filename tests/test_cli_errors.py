@@ -55,6 +55,15 @@ CASES = [
     ("sft-lora-rank-negative", ["sft", "--init", "{run}", "--chat-data", "{file}", "--lora-rank", "-1"], "--lora-rank"),
     ("sft-lora-fsdp", ["sft", "--init", "{run}", "--chat-data", "{file}", "--lora-rank", "4", "--parallel", "fsdp"],
      "--parallel fsdp"),
+    # rl
+    ("rl-init-missing", ["rl", "--init", "{missing}", "--rl-tasks", "{emptydir}"], "--init"),
+    ("rl-tasks-not-suite", ["rl", "--init", "{run}", "--rl-tasks", "{emptydir}"], "train_tasks.jsonl"),
+    ("rl-no-init", ["rl", "--rl-tasks", "{emptydir}"], "--init"),
+    ("rl-group-one", ["rl", "--init", "{run}", "--rl-tasks", "{emptydir}", "--rl-group", "1"], "--rl-group"),
+    ("rl-prefetch", ["rl", "--init", "{run}", "--rl-tasks", "{emptydir}", "--prefetch", "2"], "--prefetch"),
+    ("rl-temperature-zero", ["rl", "--init", "{run}", "--rl-tasks", "{emptydir}", "--rl-temperature", "0"],
+     "--rl-temperature"),
+    ("rl-fsdp", ["rl", "--init", "{run}", "--rl-tasks", "{emptydir}", "--parallel", "fsdp"], "fsdp"),
     # tooltasks
     ("tooltasks-family", ["tooltasks", "--out", "{tmp}/tt", "--families", "poetry"], "unknown task families"),
     ("tooltasks-out-file", ["tooltasks", "--out", "{file}"], "--out"),

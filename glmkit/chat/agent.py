@@ -35,6 +35,11 @@ is written and read back by `read_transcript`:
     {"event": "end", "reason", "rounds", "calls"}
 Durations come from `clock` (default `time.monotonic`), so tests can make them exact.
 
+The token ids of every round of the latest `send` are kept in `Agent.rounds` (`Round`: the prompt as
+the engine read it and the ids it generated, ending with the stop id that ended the reply, if one did):
+exactly what the model was conditioned on and sampled, for training on its own samples
+(`glmkit.train.rl`) where re-rendering the parsed messages could tokenize differently.
+
 Tools (`Toolbox`): the user's functions (a `FunctionRegistry`, or functions / `Tool`s), the `python`
 interpreter (any object with `run(code) -> result` whose result has `as_observation(max_chars)`, e.g.
 `glmkit.chat.sandbox.Sandbox`) and the browser (`glmkit.chat.browser.Browser`). They are declared in the
@@ -240,6 +245,14 @@ class ToolRun:
 
 
 @dataclass
+class Round:
+    """One generation round's token ids: `prompt` (with the generation prompt) and `generated` (the sampled
+    ids, then the stop id that ended the reply when one did; none after a `length` finish)."""
+    prompt: list[int]
+    generated: list[int]
+
+
+@dataclass
 class TurnEnd:
     reason: str            # answer | length | max_rounds | max_calls
     message: AssistantMessage
@@ -314,6 +327,7 @@ class Agent:
         self.stops = tuple(stop_ids(self.format.dialect, tokenizer))
         self._n_ids = 0
         self.messages: list[Message] = []
+        self.rounds: list[Round] = []
         self.reset(log=False)
 
     # -------------------------------------------------------------------------------- public
@@ -349,6 +363,7 @@ class Agent:
         """Add a user message and run the loop; yields deltas, tool runs and, last, the `TurnEnd`."""
         self.messages.append(UserMessage(text))
         self.transcript.write("user", content=text)
+        self.rounds = []
         calls = 0
         for round_ in range(1, self.max_rounds + 1):
             message, finish, n_tokens = yield from self._generate(round_)
@@ -410,7 +425,8 @@ class Agent:
         make = Request.causal if self.causal else Request.chat
         rid = self.engine.add(make(ids, self.sampling, stop_ids=self.stops, logits_processor=self.logits_processor))
         parser = make_parser(self.format.dialect, self.tok, self.tools.specs(), make_id=self._call_id)
-        finished, n = None, 0
+        finished, generated, n = None, [], 0
+        self.rounds.append(Round(list(ids), generated))
         try:
             while finished is None and self.engine.has_work():
                 for out in self.engine.step():
@@ -418,7 +434,10 @@ class Agent:
                         continue
                     if out.token is not None:
                         n += 1
+                        generated.append(out.token)
                         yield from parser.feed(out.token)
+                    if out.stop_id is not None:
+                        generated.append(out.stop_id)
                     finished = out.finished or finished
         finally:
             if finished is None:            # the caller stopped reading (Ctrl-C): free the engine's row

@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("glmkit.cli.train", "pretrain a GLM (blank infilling, MLM or CLM); checkpoints, exact resume, torchrun"),
     "tooltasks": ("glmkit.cli.tooltasks", "write the tool-use task suite: SFT conversations, held-out tasks, documents"),
     "sft": ("glmkit.cli.sft", "fine-tune on chat conversations with tool calls (loss on the assistant's turns)"),
+    "rl": ("glmkit.cli.rl", "RL from tool outcomes: sample task attempts, reward checked answers, group-relative update"),
     "plot": ("glmkit.cli.plot", "draw training / validation loss curves of runs to a PNG"),
     "infill": ("glmkit.cli.infer", "fill [MASK] / [sMASK] / [gMASK] blanks in text with a model, streaming"),
     "generate": ("glmkit.cli.infer", "continue a prompt ([gMASK] at its end), streaming"),

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields
 
-from glmkit.cli.train import add_config_arguments, run_config
+from glmkit.cli.train import RL_ONLY, add_config_arguments, run_config
 from glmkit.train.setup import TrainConfig
 
 PRETRAIN_ONLY = ("model", "model_overrides", "corpus", "objective", "mixture")
@@ -23,7 +23,7 @@ DEFAULTS = {"out_dir": "runs/sft", "lr": 1e-4, "max_steps": 200, "eval_every": 5
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser, skip=PRETRAIN_ONLY, defaults=DEFAULTS, required=("init", "chat_data"))
+    add_config_arguments(parser, skip=PRETRAIN_ONLY + RL_ONLY, defaults=DEFAULTS, required=("init", "chat_data"))
 
 
 def run(args: argparse.Namespace) -> int:

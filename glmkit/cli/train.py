@@ -30,10 +30,12 @@ def field_help(cls=TrainConfig) -> dict[str, str]:
 
 
 CHAT_ONLY = ("chat_data", "chat_format", "chat_val", "init", "lora_rank", "lora_alpha", "lora_targets")   # `glmkit sft`'s options
+RL_ONLY = ("rl_tasks", "rl_group", "rl_tasks_per_batch", "rl_temperature", "rl_max_new_tokens", "rl_max_rounds",
+           "rl_scale_std", "rl_format_reward")                                               # `glmkit rl`'s
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser, skip=CHAT_ONLY)
+    add_config_arguments(parser, skip=CHAT_ONLY + RL_ONLY)
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (), defaults: dict | None = None,
@@ -59,13 +61,13 @@ def run(args: argparse.Namespace) -> int:
     return run_config(TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}))
 
 
-def run_config(cfg: TrainConfig) -> int:
-    """Train `cfg`, printing the outcome on the main process; the exit status."""
+def run_config(cfg: TrainConfig, episodes=None) -> int:
+    """Train `cfg` (an RL run: on `episodes`), printing the outcome on the main process; the exit status."""
     from glmkit.train import distributed as D
     from glmkit.train.loop import train
 
     main_rank = int(os.environ.get("RANK", "0")) == 0
-    res = train(cfg, log=(lambda line: print(line, flush=True)) if main_rank else None)
+    res = train(cfg, log=(lambda line: print(line, flush=True)) if main_rank else None, episodes=episodes)
     D.shutdown()        # only after a run that finished on every rank: see its docstring
     if main_rank:
         loss = f": loss {res['loss']:.4f}" if res["loss"] is not None else " (nothing left to train)"

@@ -113,6 +113,7 @@ class Output:
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
     blank_end: str | None = None                  # stop | length | stop_string | cancelled
+    stop_id: int | None = None                    # blank_end "stop": the stop token sampled (not fed, not emitted)
     finished: str | None = None                   # the request's finish reason, on its last event
     prompt_logprobs: list[float] | None = None    # on the first event, if asked
 
@@ -556,7 +557,7 @@ class Engine:
         is_stop = x in seq.stops(tok.gmask_id, tok.eot_id, tok.eop_id)
         extra = seq.req.forced(list(seq.produced) + [x]) if seq.req.forced is not None else None
         if is_stop and not extra:
-            self._end_blank(seq, "stop", outs)
+            self._end_blank(seq, "stop", outs, stop_id=x)
             return
         self._emit(seq, x, outs, forced=False, lp=lp)
         slot = self.pool.lengths[seq.row] + len(seq.pending)
@@ -578,10 +579,11 @@ class Engine:
             else:
                 seq.end_after_feed = reason                         # feed the cut fill: later blanks see it
 
-    def _end_blank(self, seq: _Seq, reason: str, outs: list[Output]) -> None:
+    def _end_blank(self, seq: _Seq, reason: str, outs: list[Output], stop_id: int | None = None) -> None:
         text = seq.text.finish() if seq.text is not None else ""
         last = seq.causal or seq.j + 1 >= len(seq.req.blanks)
-        o = Output(seq.rid, seq.j, None, text=text, blank_end=reason, finished=reason if last else None)
+        o = Output(seq.rid, seq.j, None, text=text, blank_end=reason, finished=reason if last else None,
+                   stop_id=stop_id)
         if seq.first:
             o.prompt_logprobs, seq.first = seq.prompt_lp, False
         outs.append(o)

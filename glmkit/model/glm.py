@@ -18,7 +18,8 @@ Contract
   of each head by each; the 1-D RoPE families (GLM-130B, GLM-4, GLM-4.5) use
   `position_ids + block_position_ids`, which is the running index for causal text and makes blank
   infilling work on them too.
-- `loss(batch, attn, loss_index)`: mean cross-entropy over `batch.loss_mask`; hidden states are
+- `loss(batch, attn, loss_index)`: mean cross-entropy over `batch.loss_mask` (each position's term
+  times `batch.loss_weight` when the batch has weights, still divided by the count); hidden states are
   gathered at those positions right after the last block's attention (`forward(..., select=idx)`),
   so that block's MLP, the final norm and the output projection run only there; + MoE balance terms
   if `router_aux_loss_coef > 0`. `loss_index` (`glmkit.batch.loss_positions`, built on the host by the
@@ -305,7 +306,7 @@ class GLM(nn.Module):
 
     def loss(self, batch: Batch, attn: AttentionMask | None = None,
              loss_index: torch.Tensor | None = None) -> torch.Tensor:
-        """Mean cross-entropy over batch.loss_mask. Hidden states are gathered at those positions inside
+        """Mean cross-entropy over batch.loss_mask (weighted by batch.loss_weight when it is set). Hidden states are gathered at those positions inside
         the last block (after its attention), so its MLP, the final norm and the vocabulary projection
         run only there. loss_index: `glmkit.batch.loss_positions(batch)` made on the host (default: made
         here from the device's loss_mask, which reads it back)."""
@@ -316,7 +317,11 @@ class GLM(nn.Module):
         if sel.numel() == 0:                      # nothing to score: a zero that keeps the graph
             return h.sum() * 0.0
         targets = batch.targets.reshape(-1).index_select(0, sel)
-        loss = F.cross_entropy(self.logits(h).float(), targets)
+        if batch.loss_weight is None:
+            loss = F.cross_entropy(self.logits(h).float(), targets)
+        else:                                     # sum(weight x cross-entropy) / number of loss positions
+            weight = batch.loss_weight.reshape(-1).index_select(0, sel).float()
+            loss = (F.cross_entropy(self.logits(h).float(), targets, reduction="none") * weight).sum() / sel.numel()
         for m in self.moe_layers():
             if m.aux_loss is not None:
                 loss = loss + m.aux_loss

@@ -96,8 +96,10 @@ def data_hash(examples: list[tuple[np.ndarray, np.ndarray]]) -> str:
 
 
 def pack_rows(examples: list[tuple[np.ndarray, np.ndarray]], rows: int, seq_len: int, layout: str,
-              pad_id: int) -> tuple[Batch, int]:
-    """Place conversations next-fit into `rows` rows of `seq_len`; (the batch, how many were placed)."""
+              pad_id: int, weights: list[float] | None = None) -> tuple[Batch, int]:
+    """Place conversations next-fit into `rows` rows of `seq_len`; (the batch, how many were placed).
+    `weights` (one per conversation): the batch's `loss_weight`, each conversation's weight on its loss
+    positions (policy-gradient advantages); None: no weights (the plain mean)."""
     if layout not in LAYOUTS:
         raise GlmkitError(f"unknown chat layout {layout!r}; use one of {', '.join(LAYOUTS)}")
     shape = (rows, seq_len)
@@ -107,8 +109,9 @@ def pack_rows(examples: list[tuple[np.ndarray, np.ndarray]], rows: int, seq_len:
     pos, bpos = np.zeros(shape, dtype=np.int64), np.zeros(shape, dtype=np.int64)
     segment = np.full(shape, -1, dtype=np.int64)
     sep = np.full(shape, seq_len, dtype=np.int64)
+    weight = None if weights is None else np.zeros(shape, dtype=np.float32)
     row, col, seg, placed = 0, 0, 0, 0
-    for conv, loss in examples:
+    for k, (conv, loss) in enumerate(examples):
         n = len(conv)
         if n > seq_len:
             raise GlmkitError(f"a conversation of {n} tokens does not fit a row of {seq_len}")
@@ -120,6 +123,8 @@ def pack_rows(examples: list[tuple[np.ndarray, np.ndarray]], rows: int, seq_len:
         ids[row, at] = conv
         targets[row, col:col + n - 1] = conv[1:]
         loss_mask[row, at] = loss
+        if weight is not None:
+            weight[row, at] = np.where(loss, np.float32(weights[k]), np.float32(0))
         segment[row, at] = seg
         if layout == "chat":
             sep[row, at] = col + 1
@@ -129,7 +134,7 @@ def pack_rows(examples: list[tuple[np.ndarray, np.ndarray]], rows: int, seq_len:
             pos[row, at] = np.arange(n)
         col, seg, placed = col + n, seg + 1, placed + 1
     batch = Batch(input_ids=ids, targets=targets, loss_mask=loss_mask, position_ids=pos, block_position_ids=bpos,
-                  segment_ids=segment, sep=sep, span_ids=segment.copy())
+                  segment_ids=segment, sep=sep, span_ids=segment.copy(), loss_weight=weight)
     return batch, placed
 
 

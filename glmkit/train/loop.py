@@ -241,12 +241,12 @@ class _StopSignal:
             signal.signal(sig, handler)
 
 
-def train(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> dict:
+def train(cfg: TrainConfig, log: Callable[[str], None] | None = None, episodes=None) -> dict:
     """Train as `cfg` says; returns the final metrics (step, loss, val_loss, tokens, tok_per_s, mfu,
     data_share, checkpoint, interrupted, ...). Raises GlmkitError on bad input. `log` gets the run's
     lines (model size, validation losses, interruption) when the progress bar is off; with the bar
-    they are written above it."""
-    run, resume_from = setup(cfg)
+    they are written above it. `episodes`: an RL run's `glmkit.train.rl.EpisodeSource`."""
+    run, resume_from = setup(cfg, episodes)
     if resume_from is not None:
         restore(run, resume_from)
     return _loop(run, resumed=resume_from is not None, log=log)
@@ -265,6 +265,7 @@ def _loop(run: Run, resumed: bool, log: Callable[[str], None] | None = None) -> 
     measured = measured_matmul_peak(info.device, run.compute_dtype, n=8192, iters=10) \
         if info.device.type == "cuda" else peak
     positions = cfg.batch_size * cfg.seq_len * cfg.grad_accum * info.world_size   # per optimizer step
+    rl = cfg.rl_tasks is not None
     run.data_states = run.data_states or {s: copy.deepcopy(it.state_dict()) for s, it in run.iterators.items()}
     prefetch = Prefetcher(run.iterators, cfg.grad_accum, run.step * cfg.grad_accum, cfg.prefetch, _preparer(run))
     progress = Progress(cfg.max_steps, run.step, enabled=cfg.progress and info.is_main, log=log)
@@ -299,15 +300,19 @@ def _loop(run: Run, resumed: bool, log: Callable[[str], None] | None = None) -> 
                         f"for the same global batch, --activation-checkpointing, or a shorter --seq-len") from None
                 raise
             t_step = time.perf_counter() - t0
+            if rl:      # RL batches have as many rows as the sampled rounds need
+                positions = sum(b.batch.input_ids.numel() for b in batches) * info.world_size
             run.step, run.tokens, run.data_states = run.step + 1, run.tokens + positions, states
             flops = run.model_config.training_flops(positions, res["loss_tokens"], cfg.seq_len)
-            timings.append((t_data, t_step, flops))
+            timings.append((t_data, t_step, flops, positions))
             tok_s = positions / t_step
             mfu = flops / t_step / (peak * info.world_size)
+            extra = _rl_metrics(run) if rl else {}
             logger.log({"kind": "train", "step": run.step, "loss": res["loss"], "lr": res["lr"],
                         "grad_norm": res["grad_norm"], "tokens": run.tokens, "tok_per_s": tok_s, "mfu": mfu,
-                        "data_s": t_data, "step_s": t_step})
-            progress.update(1, loss=f"{res['loss']:.4f}", tok_s=f"{tok_s:,.0f}", mfu=f"{100 * mfu:.1f}%")
+                        "data_s": t_data, "step_s": t_step, **extra})
+            shown = {"reward": f"{extra['reward']:.3f}"} if "reward" in extra else {}
+            progress.update(1, loss=f"{res['loss']:.4f}", **shown, tok_s=f"{tok_s:,.0f}", mfu=f"{100 * mfu:.1f}%")
             out.update(step=run.step, loss=res["loss"])
             if cfg.eval_every > 0 and run.step % cfg.eval_every == 0 and run.val_batches:
                 out["val_loss"] = evaluate(run)
@@ -330,10 +335,20 @@ def _loop(run: Run, resumed: bool, log: Callable[[str], None] | None = None) -> 
         progress.close()
         logger.close()
         stop.restore()
-    rates = _throughput(timings, positions, peak * info.world_size)
+    rates = _throughput(timings, peak * info.world_size)
     if rates["tok_per_s"]:
         rates["mfu_vs_measured_peak"] = rates["mfu"] * peak / measured
     return {**out, **rates, "tokens": run.tokens, "peak_memory_bytes": _peak_memory(info.device)}
+
+
+def _rl_metrics(run: Run) -> dict:
+    """The RL iterators' episode measurements since the last step (`RLBatchIterator.pop_metrics`), prefixed
+    `rl_` except the reward; this process's episodes only."""
+    out = {}
+    for it in run.iterators.values():
+        for key, value in it.pop_metrics().items():
+            out[key if key == "reward" else f"rl_{key}"] = value
+    return out
 
 
 def _peak_memory(device: torch.device) -> int:
@@ -344,14 +359,14 @@ def _peak_memory(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-def _throughput(timings: list[tuple[float, float, int]], positions: int, peak: float) -> dict:
+def _throughput(timings: list[tuple[float, float, int, int]], peak: float) -> dict:
     """Rates over the steps after the first (which pays for start-up, compilation, allocator growth);
-    `timings`: (data wait s, step s, FLOPs) per step."""
+    `timings`: (data wait s, step s, FLOPs, positions) per step."""
     steady = timings[1:] or timings
     if not steady:
         return {"tok_per_s": None, "mfu": None, "data_share": None, "data_s": None, "step_s": None}
-    data_s, step_s, flops = (sum(t[i] for t in steady) for i in range(3))
-    tok_s = positions * len(steady) / step_s
+    data_s, step_s, flops, positions = (sum(t[i] for t in steady) for i in range(4))
+    tok_s = positions / step_s
     return {"tok_per_s": tok_s, "mfu": flops / step_s / peak, "data_share": data_s / step_s,
             "data_s": data_s / len(steady), "step_s": step_s / len(steady)}
 

@@ -122,6 +122,24 @@ class TrainConfig:
     lora_targets: str = "qkv_proj,o_proj,gate_up_proj,down_proj"
     """comma-separated linear layers that get adapters (attention: qkv_proj, o_proj; MLP: gate_up_proj,
     down_proj)"""
+    rl_tasks: str | None = None
+    """reinforcement learning from outcomes (glmkit rl): a task folder written by `glmkit tooltasks` (its
+    train_tasks.jsonl and facts.sqlite), played by the model through the agent loop and rewarded by the checked
+    answer; needs --init, instead of --chat-data"""
+    rl_group: int = 4
+    """RL: attempts per task; each attempt's advantage is its reward minus the group's mean"""
+    rl_tasks_per_batch: int = 4
+    """RL: tasks per micro-batch, each played --rl-group times (the rows are as many as the rounds need)"""
+    rl_temperature: float = 1.0
+    """RL: sampling temperature of the attempts (1: the policy itself)"""
+    rl_max_new_tokens: int = 96
+    """RL: most tokens of one reply"""
+    rl_max_rounds: int = 4
+    """RL: most generation rounds (replies) of one attempt"""
+    rl_scale_std: bool = False
+    """RL: also divide each group's advantages by its reward standard deviation (GRPO; default: mean only)"""
+    rl_format_reward: float = 0.0
+    """RL: reward added to an attempt whose every reply parsed and whose calls had readable arguments"""
     init: str | None = None
     """start from this model: a glmkit run or checkpoint folder, a converted HF folder or an HF folder
     (its tokenizer and config come with it)"""
@@ -168,6 +186,8 @@ class TrainConfig:
         out = Path(self.out_dir)
         if out.exists() and not out.is_dir():
             raise GlmkitError(f"--out-dir {self.out_dir} is a file; give a folder for the run (created if missing)")
+        if self.rl_tasks is not None:
+            return self._validate_rl()
         if self.chat_data is not None or self.init is not None:
             return self._validate_chat()
         if self.lora_rank:
@@ -202,11 +222,45 @@ class TrainConfig:
                               "model, its tokenizer and its objective come from --init")
         return self
 
+    def _validate_rl(self) -> TrainConfig:
+        from glmkit.chat.render import FORMATS
+        if self.init is None or self.chat_data is not None:
+            raise GlmkitError("RL starts from a model and plays tasks: give --init and --rl-tasks, without "
+                              "--chat-data (glmkit rl --init runs/sft --rl-tasks data/tooltasks)")
+        checks = [(self.chat_format in FORMATS, f"--chat-format must be one of {', '.join(FORMATS)}"),
+                  (self.rl_group >= 2, f"--rl-group must be 2 or more (got {self.rl_group}): the group's mean "
+                                       "reward is each attempt's baseline"),
+                  (self.rl_tasks_per_batch >= 1, "--rl-tasks-per-batch must be positive"),
+                  (self.rl_temperature > 0, "--rl-temperature must be positive (RL samples; 0 would be greedy)"),
+                  (self.rl_max_new_tokens >= 1 and self.rl_max_rounds >= 1,
+                   "--rl-max-new-tokens and --rl-max-rounds must be positive"),
+                  (self.prefetch == 0, "--prefetch must be 0 for RL: a batch is sampled from the weights of the "
+                                       "step that trains on it"),
+                  (self.parallel != "fsdp", "RL with --parallel fsdp is not supported (the sampling engine needs "
+                                            "whole weights); use ddp"),
+                  (not self.lora_rank, "--lora-rank is not supported with RL; fine-tune all weights"),
+                  (self.corpus is None and not self.model_overrides and not self.mixture,
+                   "--corpus, --model-overrides and --mixture do not apply to RL: the model, its tokenizer and "
+                   "its objective come from --init")]
+        for ok, msg in checks:
+            if not ok:
+                raise GlmkitError(msg)
+        if not Path(self.init).exists():
+            raise GlmkitError(f"--init {self.init} does not exist; give a glmkit run / checkpoint folder or a "
+                              "(converted) HF model folder")
+        if not Path(self.rl_tasks, "train_tasks.jsonl").is_file():
+            raise GlmkitError(f"--rl-tasks {self.rl_tasks} has no train_tasks.jsonl; write a task folder with "
+                              f"`glmkit tooltasks --out {self.rl_tasks}`")
+        return self
+
     @property
     def warmup(self) -> int:
         return self.warmup_steps if self.warmup_steps is not None else max(1, round(0.05 * self.max_steps))
 
 
+# RL options the sampled episodes depend on (in an RL run's fingerprint)
+RL_MUST_MATCH = ("rl_group", "rl_tasks_per_batch", "rl_temperature", "rl_max_new_tokens", "rl_max_rounds",
+                 "rl_scale_std", "rl_format_reward")
 # fields a resumed run must share with its checkpoint (the rest: schedule length, logging, saving, speed,
 # and the run-time choices attention_backend / flex_options / moe_impl, which change no result's meaning)
 MUST_MATCH = ("seq_len", "batch_size", "grad_accum", "lr", "min_lr_ratio", "warmup_steps", "weight_decay",
@@ -485,8 +539,9 @@ def _val_batches(cfg: TrainConfig, corpus, objective, specials, info: D.DistInfo
     return batches[info.rank::info.world_size]
 
 
-def setup(cfg: TrainConfig) -> tuple[Run, Path | None]:
-    """This process's `Run` of `cfg`, and the checkpoint to resume it from (None: start fresh)."""
+def setup(cfg: TrainConfig, episodes=None) -> tuple[Run, Path | None]:
+    """This process's `Run` of `cfg`, and the checkpoint to resume it from (None: start fresh). `episodes`:
+    the `glmkit.train.rl.EpisodeSource` an RL run (`cfg.rl_tasks`) samples from."""
     from glmkit.data.batches import BatchIterator
     from glmkit.data.objective_config import SpecialIds
     from glmkit.model.glm import GLM
@@ -494,8 +549,11 @@ def setup(cfg: TrainConfig) -> tuple[Run, Path | None]:
     cfg.validate()
     info = D.init(cfg.device)
     run_dir = Path(cfg.out_dir)
-    if cfg.chat_data is not None:
-        return _setup_chat(cfg, info, run_dir)
+    if (cfg.rl_tasks is not None) != (episodes is not None):
+        raise GlmkitError("an RL run (rl_tasks) needs its episode source and only an RL run takes one; "
+                          "run it with `glmkit rl`")
+    if cfg.chat_data is not None or cfg.rl_tasks is not None:
+        return _setup_chat(cfg, info, run_dir, episodes)
     if info.enabled:  # rank 0 builds the default corpus if needed (or fails for all); then every rank opens it
         on_main(info, lambda: [_open_corpus(cfg), None][1])
     corpus = _open_corpus(cfg)
@@ -526,9 +584,10 @@ def setup(cfg: TrainConfig) -> tuple[Run, Path | None]:
     return run, resume_from
 
 
-def _setup_chat(cfg: TrainConfig, info: D.DistInfo, run_dir: Path) -> tuple[Run, Path | None]:
+def _setup_chat(cfg: TrainConfig, info: D.DistInfo, run_dir: Path, episodes=None) -> tuple[Run, Path | None]:
     """`setup` for chat fine-tuning: the model, tokenizer and objective of --init, the chat data rendered
-    in --chat-format (`glmkit.train.chat_data`), in the engine's layout for that objective."""
+    in --chat-format (`glmkit.train.chat_data`), in the engine's layout for that objective; or, for RL,
+    the episodes sampled from `episodes` (`glmkit.train.rl`)."""
     from glmkit.checkpoint.loader import load
     from glmkit.train.chat_data import ChatBatchIterator, data_hash, load_chat_jsonl, pack_rows
 
@@ -539,12 +598,16 @@ def _setup_chat(cfg: TrainConfig, info: D.DistInfo, run_dir: Path) -> tuple[Run,
         raise GlmkitError(f"--init {cfg.init} was trained with the MLM objective, which cannot generate; "
                           "fine-tune a GLM- or CLM-trained model")
     layout = "causal" if loaded.objective == "clm" else "chat"
-    examples = load_chat_jsonl(cfg.chat_data, cfg.chat_format, tokenizer, cfg.seq_len)
+    if episodes is None:
+        examples = load_chat_jsonl(cfg.chat_data, cfg.chat_format, tokenizer, cfg.seq_len)
+        data = data_hash(examples)
+    else:                  # what the samples depend on besides the weights: the tasks, their scoring, the sampling
+        data = {"tasks": episodes.fingerprint, **{k: getattr(cfg, k) for k in RL_MUST_MATCH}}
     data_shards = cfg.data_shards or info.world_size
     if data_shards % info.world_size:
         raise GlmkitError(f"--data-shards {data_shards} must be a multiple of the {info.world_size} processes")
     model_config = model.config
-    objective = {"kind": loaded.objective, "chat": cfg.chat_format, "layout": layout, "data": data_hash(examples)}
+    objective = {"kind": loaded.objective, "chat": cfg.chat_format, "layout": layout, "data": data}
     lora_scaling = None
     if cfg.lora_rank:
         from glmkit.train.lora import add_lora
@@ -563,9 +626,16 @@ def _setup_chat(cfg: TrainConfig, info: D.DistInfo, run_dir: Path) -> tuple[Run,
     torch.manual_seed(cfg.seed)
     model = model.to(info.device).train()
     module, optimizer, scheduler = _wrap_and_optimize(model, cfg, info)
-    iterators = {s: ChatBatchIterator(examples, cfg.batch_size, cfg.seq_len, layout, tokenizer.pad_id, seed=cfg.seed,
-                                      rank=s, world_size=data_shards)
-                 for s in range(info.rank, data_shards, info.world_size)}
+    if episodes is None:
+        iterators = {s: ChatBatchIterator(examples, cfg.batch_size, cfg.seq_len, layout, tokenizer.pad_id,
+                                          seed=cfg.seed, rank=s, world_size=data_shards)
+                     for s in range(info.rank, data_shards, info.world_size)}
+    else:
+        from glmkit.train.rl import RLBatchIterator
+        iterators = {s: RLBatchIterator(episodes, model, tokenizer, group=cfg.rl_group, tasks=cfg.rl_tasks_per_batch,
+                                        seq_len=cfg.seq_len, layout=layout, scale_std=cfg.rl_scale_std,
+                                        seed=cfg.seed, rank=s, world_size=data_shards)
+                     for s in range(info.rank, data_shards, info.world_size)}
     val = []
     if cfg.chat_val is not None and cfg.eval_every > 0:
         rest = load_chat_jsonl(cfg.chat_val, cfg.chat_format, tokenizer, cfg.seq_len)
