@@ -178,3 +178,27 @@ def test_python_without_a_sandbox_needs_unsafe_python(folders, chat_tok, tmp_pat
     out, err = capsys.readouterr()
     assert out == "yes\n"
     assert "NOT sandboxed" in err and "[python] import os\n    print(os.getpid() > 0)\n  => True\n" in err
+
+
+def test_quantized_weights_and_fp8_cache_through_the_command(folders, chat_tok, tmp_path, monkeypatch, capsys):
+    """`--quantize int8 --kv-dtype fp8` on the MoE model: the command's engine holds int8 blocks (routed
+    experts included) and an fp8 KV pool, and a scripted tool call and answer go through it."""
+    from glmkit.model.quantize import QuantizedLinear, QuantizedWeight
+    monkeypatch.chdir(tmp_path)
+    args = parsed(folders["glm45"], "--quantize", "int8", "--kv-dtype", "fp8", "--prompt", "Weather?",
+                  "--functions", str(folders["functions"]))
+    toolbox = chat_cli.build_toolbox(args, chat_cli.check(args))
+    agent = chat_cli.make_agent(args, toolbox)
+    engine = agent.engine
+    assert engine.pool.dtype == torch.float8_e4m3fn
+    assert not any(isinstance(m, torch.nn.Linear) for m in engine.model.layers.modules())
+    assert all(isinstance(b.self_attn.qkv_proj, QuantizedLinear) for b in engine.model.layers)
+    assert isinstance(engine.model.layers[1].mlp.experts.gate_up_proj, QuantizedWeight)     # layer 0 is dense
+    agent.close()
+    toolbox.close()
+    call = "<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>北京</arg_value>\n</tool_call><|observation|>"
+    texts = [call, "<think>known</think>\nSunny.<|user|>"]
+    assert chat_cli.run(args, logits_processor=ScriptedModel.from_texts(chat_tok, texts)) == 0
+    out, err = capsys.readouterr()
+    assert out == "Sunny.\n"
+    assert '[get_weather] 北京\n  => {"city": "北京", "temp": 3}\n' in err

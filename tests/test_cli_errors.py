@@ -80,6 +80,9 @@ CASES = [
     ("generate-max-new-tokens-zero", ["generate", "{run}", "x", "--max-new-tokens", "0"], "--max-new-tokens"),
     ("generate-temperature-negative", ["generate", "{run}", "x", "--temperature", "-1"], "--temperature"),
     ("generate-quantize-unknown", ["generate", "{run}", "x", "--quantize", "int3"], "--quantize"),
+    ("generate-kv-dtype-unknown", ["generate", "{run}", "x", "--kv-dtype", "int8"], "--kv-dtype"),
+    ("chat-quantize-unknown", ["chat", "{run}", "--prompt", "x", "--quantize", "fp8"], "--quantize"),
+    ("serve-kv-dtype-unknown", ["serve", "{run}", "--kv-dtype", "e5m2"], "--kv-dtype"),
     ("generate-top-p-zero", ["generate", "{run}", "x", "--top-p", "0"], "--top-p"),
     ("generate-top-k-type", ["generate", "{run}", "x", "--top-k", "abc"], "--top-k"),
     ("generate-repetition-penalty-zero", ["generate", "{run}", "x", "--repetition-penalty", "0"], "--repetition-penalty"),
@@ -232,6 +235,7 @@ CASES = [
     ("plan-chunk-longer", ["plan", "tiny", "--max-len", "64", "--chunk", "128"], "--chunk"),
     ("plan-memory-size", ["plan", "tiny", "--memory", "lots"], "--memory"),
     ("plan-dtype", ["plan", "tiny", "--dtype", "fp8"], "--dtype"),
+    ("plan-kv-dtype", ["plan", "tiny", "--kv-dtype", "int4"], "--kv-dtype"),
     # demo (its own checks of the run are the demo's; a wrong type is refused before any work)
     ("demo-max-steps-type", ["demo", "--max-steps", "many"], "--max-steps"),
     # the command itself

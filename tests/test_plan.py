@@ -76,15 +76,18 @@ def last_chunk(model, pool, chunk: int):
     return run
 
 
-@pytest.mark.parametrize("name, dtype, chunk, max_len", [(f, torch.float32, 128, 256) for f in FAMILIES] + [
-    ("tiny", torch.bfloat16, 256, 256), ("tiny-moe", torch.bfloat16, 64, 256), ("small", torch.float32, 256, 512)])
-def test_prefill_activation_peak_matches_measured(name, dtype, chunk, max_len):
+@pytest.mark.parametrize("name, dtype, chunk, max_len, kv", [(f, torch.float32, 128, 256, "auto") for f in FAMILIES] + [
+    ("tiny", torch.bfloat16, 256, 256, "auto"), ("tiny-moe", torch.bfloat16, 64, 256, "auto"),
+    ("small", torch.float32, 256, 512, "auto"),
+    ("tiny", torch.float32, 128, 256, "fp8"), ("small", torch.float32, 64, 512, "bf16"), ("small", torch.bfloat16, 1, 512, "fp8")])
+def test_prefill_activation_peak_matches_measured(name, dtype, chunk, max_len, kv):
+    """kv: a KV cache dtype other than the model's adds the upcast copy of the keys and values read."""
     model = built(name, dtype, max_len)
-    pool = KVCache.for_model(model, rows=1, max_len=max_len)
+    pool = KVCache.for_model(model, rows=1, max_len=max_len, kv_dtype=kv)
     run = last_chunk(model, pool, chunk)
     run()                                   # warm: one-time allocations (thread pools, caches) not counted
     measured = measured_cpu_peak(run)
-    planned = forward_activation_bytes(model.config, dtype, 1, chunk, max_len)
+    planned = forward_activation_bytes(model.config, dtype, 1, chunk, max_len, kv_upcast=kv != "auto")
     assert abs(planned - measured) <= TOLERANCE * measured, (planned, measured)
 
 

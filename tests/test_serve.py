@@ -80,7 +80,13 @@ class Script:
 def serving(model, tok, *, max_batch=8, max_len=1024, **config):
     """A real uvicorn server on 127.0.0.1 (a free port) in a thread; yields (server, base_url)."""
     engine = Engine(model, tok, max_batch=max_batch, max_len=max_len)
-    server = Server(engine, tok, ServeConfig(model_name=MODEL, **config))
+    with running(Server(engine, tok, ServeConfig(model_name=MODEL, **config))) as s:
+        yield s
+
+
+@contextlib.contextmanager
+def running(server: Server):
+    """`server` behind a real uvicorn on 127.0.0.1 (a free port) in a thread; yields (server, base_url)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -580,6 +586,40 @@ def test_glmkit_serve_command(tiny_run):
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=30)
+
+
+def test_quantized_weights_and_fp8_cache_from_the_command_line(tiny_run):
+    """`glmkit serve --quantize int8 --kv-dtype fp8` builds its engine so (`make_server`, the command's
+    own code), and a reply over HTTP equals the same quantized model's engine alone."""
+    from glmkit.checkpoint.loader import load
+    from glmkit.cli import serve as serve_cli
+    from glmkit.cli import verb_parser
+    from glmkit.infer.engine import Request
+    from glmkit.model.quantize import QuantizedLinear
+
+    args = verb_parser("serve").parse_args([str(tiny_run.directory), "--quantize", "int8", "--kv-dtype", "fp8",
+                                            "--model-name", MODEL, "--max-len", "256"])
+    server, name, chosen = serve_cli.make_server(args, [])
+    assert name == MODEL and server.engine.pool.dtype == torch.float8_e4m3fn
+    assert all(isinstance(b.self_attn.qkv_proj, QuantizedLinear) for b in server.engine.model.layers)
+    with running(server) as (_, url):
+        c = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
+        r = c.chat.completions.create(model=MODEL, messages=USER, max_tokens=6, temperature=0)
+        text = c.completions.create(model=MODEL, prompt="The weather in Beijing", max_tokens=6, temperature=0)
+    loaded = load(tiny_run.directory, quantize="int8")
+    engine = Engine(loaded.model, loaded.tokenizer, max_batch=1, max_len=256, kv_dtype="fp8")
+    [want] = generate(loaded.model, loaded.tokenizer, "The weather in Beijing", SamplingConfig(max_new_tokens=6),
+                      engine=engine)
+    assert text.usage.completion_tokens > 0 and text.choices[0].text == want
+    prompt = render(USER, None, chosen.dialect, tokenizer=loaded.tokenizer).ids
+    engine = Engine(loaded.model, loaded.tokenizer, max_batch=1, max_len=256, kv_dtype="fp8")
+    [alone] = engine.generate([Request.chat(prompt, SamplingConfig(max_new_tokens=6),
+                                            stop_ids=tuple(stop_ids(chosen.dialect, loaded.tokenizer)))])
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(prompt), len(alone.tokens[0]))
+    finish = "length" if alone.finish_reason == "length" else "stop"
+    assert r.choices[0].finish_reason == finish
+    message = parse(alone.tokens[0], chosen.dialect, loaded.tokenizer, finish_reason=finish)
+    assert (r.choices[0].message.content or None) == message.content
 
 
 # ------------------------------------------------------------------------------------ server-side tools

@@ -25,6 +25,7 @@ import tempfile
 from pathlib import Path
 
 from glmkit.cli.options import (
+    add_memory_arguments,
     check_device,
     check_output_file,
     existing_dir,
@@ -70,6 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tokens of the whole conversation (default: the model's context, at most 8192)")
     parser.add_argument("--prefill-chunk", type=positive_int, default=512,
                         help="most prompt tokens fed per forward: bounds prefill memory (default 512)")
+    add_memory_arguments(parser)
 
 
 def check(args: argparse.Namespace) -> list[str]:
@@ -149,13 +151,13 @@ def make_agent(args: argparse.Namespace, toolbox, logits_processor=None):
     from glmkit.infer.engine import Engine
     from glmkit.infer.sampling import SamplingConfig
 
-    loaded = load(args.checkpoint, args.device)
+    loaded = load(args.checkpoint, args.device, quantize=args.quantize)
     fmt = choose_format(args.format, loaded.tokenizer, template=read_chat_template(loaded.path))
     if args.thinking == "off" and fmt.dialect != "glm45":
         warn("chat", f"--thinking off is for the glm45 format; this chat uses {fmt.dialect}")
     limit = loaded.model.config.context_length
     engine = Engine(loaded.model, loaded.tokenizer, max_batch=1, max_len=args.max_len or min(limit, 8192),
-                    prefill_chunk=args.prefill_chunk)
+                    prefill_chunk=args.prefill_chunk, kv_dtype=args.kv_dtype)
     sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                               seed=args.seed)
     agent = Agent(engine, loaded.tokenizer, fmt=fmt, tools=toolbox, system=args.system,

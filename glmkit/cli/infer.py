@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 
 from glmkit.cli.options import (
+    add_memory_arguments,
     check_device,
     existing_dir,
     nonnegative_float,
@@ -45,8 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--causal", action="store_true", default=None,
                         help="read the prompt causally and continue it (default: on for CLM-trained and HF models)")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
-    parser.add_argument("--quantize", choices=("int8", "int4"), default=None,
-                        help="weight-only quantized linear layers (int8: ~half the bf16 weight memory)")
+    add_memory_arguments(parser)
     parser.add_argument("--no-stream", action="store_true", help="print each result when complete")
     parser.add_argument("--max-len", type=positive_int, default=None,
                         help="KV slots per prompt: prompt and fills (default: the model's context, at most 4096)")
@@ -84,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
     causal = objective == "clm" if args.causal is None else args.causal
     if causal and not args.generation:
         raise GlmkitError("a causal (CLM-trained or HF) model cannot fill blanks; use `glmkit generate`")
-    engine = Engine(model, tok, max_batch=len(texts), max_len=args.max_len, prefill_chunk=args.prefill_chunk)
+    engine = Engine(model, tok, max_batch=len(texts), max_len=args.max_len, prefill_chunk=args.prefill_chunk,
+                    kv_dtype=args.kv_dtype)
     kw = dict(generation=args.generation, causal=causal, stop=args.stop, engine=engine)
     if args.no_stream or len(texts) > 1:
         for f in run_fill(model, tok, texts, cfg, **kw):

@@ -145,3 +145,14 @@ def probability(text: str) -> float:
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"must be in (0, 1], 1 keeps every token (got {text})")
     return value
+
+
+# ---------------------------------------------------------------------------- shared option groups
+def add_memory_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--quantize` and `--kv-dtype`: how a verb that decodes holds its weights and its KV cache."""
+    parser.add_argument("--quantize", choices=("int8", "int4"), default=None,
+                        help="weight-only quantized linear layers (int8: ~half the bf16 weight memory; "
+                             "glmkit.model.quantize)")
+    parser.add_argument("--kv-dtype", choices=("auto", "fp32", "bf16", "fp16", "fp8"), default="auto",
+                        help="KV cache storage dtype (default auto: the model's); fp8 = float8_e4m3fn, a quarter "
+                             "of fp32 (glmkit.model.kv_cache)")

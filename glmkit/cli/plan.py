@@ -2,6 +2,7 @@
 
     glmkit plan glm-4-9b --dtype bf16 --rows 8 --max-len 32768 --memory 80GiB
     glmkit plan runs/demo --max-len 2048 --chunk 512 --json
+    glmkit plan glm-4-9b --quantize int8 --kv-dtype fp8 --max-len 131072 --memory 24GiB
 
 Prints the weights, the KV cache pool (rows x max_len slots) and the activation peak of a prefill
 chunk or a decode step (`glmkit.infer.plan`), their total, and whether it fits `--memory`. The
@@ -29,6 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="prefill chunk in tokens (default: --max-len, a one-shot prefill)")
     parser.add_argument("--quantize", choices=("int8", "int4"), default=None,
                         help="weight-only quantized linear layers, as `glmkit generate --quantize` loads them")
+    parser.add_argument("--kv-dtype", choices=("auto", "fp32", "bf16", "fp16", "fp8"), default="auto",
+                        help="KV cache storage dtype, as `glmkit generate --kv-dtype` (default auto: --dtype)")
     parser.add_argument("--memory", default=None, help="device memory to check against, e.g. 24GiB, 80GB")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
 
@@ -45,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     max_len = args.max_len or config.max_position_embeddings
     if args.chunk and args.chunk > max_len:
         raise GlmkitError(f"--chunk {args.chunk} is longer than --max-len {max_len}; a chunk is part of one row")
-    plan = plan_memory(config, DTYPES[args.dtype], args.rows, max_len, args.chunk, args.quantize)
+    plan = plan_memory(config, DTYPES[args.dtype], args.rows, max_len, args.chunk, args.quantize, args.kv_dtype)
     out = plan.to_dict()
     if memory is not None:
         out.update(memory=memory, fits=plan.fits(memory))
@@ -53,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(out))
         return 0
     weights = plan.dtype + (f" + {plan.quantize} weights" if plan.quantize else "")
-    print(f"{plan.model}  {weights}  rows {plan.rows}  max_len {plan.max_len}  prefill chunk {plan.chunk}")
+    print(f"{plan.model}  {weights}  {plan.kv_dtype} KV cache  rows {plan.rows}  max_len {plan.max_len}  "
+          f"prefill chunk {plan.chunk}")
     rows = [("weights", plan.weights), ("KV cache", plan.kv_cache),
             (f"activations (prefill {human_bytes(plan.prefill_activations)}, decode "
              f"{human_bytes(plan.decode_activations)})", plan.activations), ("total", plan.total)]

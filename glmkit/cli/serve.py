@@ -3,6 +3,7 @@
     glmkit serve runs/chat                                   # http://127.0.0.1:8000/v1
     glmkit serve GLM-4-9B-0414 --device cuda --port 8080 --api-key s3cret --max-concurrency 32
     glmkit serve runs/chat --tools python,browser            # the built-in tools run on the server
+    glmkit serve runs/chat --quantize int8 --kv-dtype fp8     # int8 weights, fp8 KV cache (1/4 of fp32)
 
 Binds 127.0.0.1 unless --host says otherwise (another host without --api-key gets a warning). Every
 request joins the engine's continuous batch: --max-concurrency requests run at once (KV rows),
@@ -16,7 +17,7 @@ import socket
 import sys
 from pathlib import Path
 
-from glmkit.cli.options import check_device, existing_dir, nonnegative_int, positive_int
+from glmkit.cli.options import add_memory_arguments, check_device, existing_dir, nonnegative_int, positive_int
 from glmkit.errors import GlmkitError
 
 TOOLS = ("python", "browser")
@@ -49,6 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tools-idle-timeout", type=positive_int, default=900,
                         help="seconds after which an idle conversation's sandbox is closed")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
+    add_memory_arguments(parser)
 
 
 def check(args: argparse.Namespace) -> list[str]:
@@ -110,34 +112,46 @@ def snippet(url: str, model: str, api_key: str | None) -> str:
             f"print(reply.choices[0].message.content)")
 
 
-def run(args: argparse.Namespace) -> int:
-    tools = check(args)
-    import uvicorn
-
+def make_server(args: argparse.Namespace, tools: list[str]):
+    """Load the checkpoint (`--quantize`), build the engine (`--kv-dtype`) and the `Server`; returns
+    (server, name, chat format), nothing bound yet."""
     from glmkit.chat.agent import choose_format, read_chat_template
     from glmkit.chat.render import stop_ids
     from glmkit.checkpoint.loader import load
     from glmkit.infer.engine import Engine
-    from glmkit.serve.app import ServeConfig, Server, create_app
+    from glmkit.serve.app import ServeConfig, Server
 
-    loaded = load(args.checkpoint, args.device)
+    loaded = load(args.checkpoint, args.device, quantize=args.quantize)
     model, tok = loaded.model, loaded.tokenizer
     chosen = choose_format(args.format, tok, template=read_chat_template(loaded.path) if args.format == "auto" else None)
     fmt = chosen.dialect
     stop_ids(fmt, tok)                            # the tokenizer has the format's special tokens
     name = args.model_name or Path(args.checkpoint).resolve().name
     engine = Engine(model, tok, max_batch=args.max_concurrency, max_len=args.max_len,
-                    prefill_chunk=args.prefill_chunk)
+                    prefill_chunk=args.prefill_chunk, kv_dtype=args.kv_dtype)
     config = ServeConfig(model_name=name, fmt=fmt, causal=loaded.objective == "clm", api_key=args.api_key,
                          max_waiting=args.max_queue, max_tokens=args.max_tokens, template=chosen.template,
                          tools=server_tools(tools, args, fmt) if tools else None)
-    app = create_app(Server(engine, tok, config))
+    return Server(engine, tok, config), name, chosen
+
+
+def run(args: argparse.Namespace) -> int:
+    tools = check(args)
+    import uvicorn
+
+    from glmkit.serve.app import create_app
+
+    server, name, chosen = make_server(args, tools)
+    app = create_app(server)
     host = f"[{args.host}]" if ":" in args.host else args.host
     url = f"http://{host}:{args.port}/v1"
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"warning: listening on {args.host} without --api-key: anyone who can reach it may use it",
               file=sys.stderr)
-    print(f"glmkit serve: {name} ({chosen.name} chat format, {engine.max_len} tokens per request, "
-          f"{args.max_concurrency} at once{', tools ' + ','.join(tools) if tools else ''}) at {url}\n\n{snippet(url, name, args.api_key)}\n", flush=True)
+    memory = (f", {args.quantize} weights" if args.quantize else "") + \
+        (f", {args.kv_dtype} KV cache" if args.kv_dtype != "auto" else "")
+    print(f"glmkit serve: {name} ({chosen.name} chat format, {server.engine.max_len} tokens per request, "
+          f"{args.max_concurrency} at once{memory}{', tools ' + ','.join(tools) if tools else ''}) at {url}\n\n"
+          f"{snippet(url, name, args.api_key)}\n", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

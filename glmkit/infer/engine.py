@@ -189,10 +189,12 @@ class Engine:
     positions, at most 4096); prefill_chunk: most prompt tokens fed per request per step; compile: decode
     steps through a `torch.compile`d whole-pool step with static shapes (an explicit choice; eager reads
     only the filled slots of the running rows); prefix_reuse: False never reuses a cached row
-    (benchmarks that repeat the same prompts)."""
+    (benchmarks that repeat the same prompts); kv_dtype: the KV cache's storage dtype, "auto" (the
+    model's), "fp32", "bf16", "fp16" or "fp8" (`glmkit.model.kv_cache`)."""
 
     def __init__(self, model, tokenizer, *, max_batch: int = 16, max_len: int | None = None,
-                 prefill_chunk: int = 512, compile: bool = False, prefix_reuse: bool = True):
+                 prefill_chunk: int = 512, compile: bool = False, prefix_reuse: bool = True,
+                 kv_dtype: str | torch.dtype = "auto"):
         if max_batch < 1 or prefill_chunk < 1:
             raise GlmkitError(f"max_batch ({max_batch}) and prefill_chunk ({prefill_chunk}) must be >= 1")
         self.model = model.eval()
@@ -201,7 +203,7 @@ class Engine:
         self.limit = c.context_length            # max_position_embeddings, stretched by rope_scaling
         max_len = max_len or min(self.limit, 4096)
         self.device = model.embed_tokens.weight.device
-        self.pool = KVCache.for_model(model, max_batch, max_len + (1 if compile else 0))
+        self.pool = KVCache.for_model(model, max_batch, max_len + (1 if compile else 0), kv_dtype)
         self.max_len = max_len                   # usable slots; with compile the last one is a scratch slot
         self.prefill_chunk = prefill_chunk
         self.prefix_reuse = prefix_reuse

@@ -10,7 +10,8 @@ The three parts, as the engine (`glmkit.infer.engine`, `glmkit.infer.runner`) al
   allocated), numel x element size, the MoE router in fp32 as the loaders keep it; with `quantize`,
   the int8 / int4 codes and scales of `glmkit.model.quantize`. Exact.
 - **kv_cache**: the engine's pool (`glmkit.model.kv_cache.KVCache`), allocated once:
-  rows x max_len x layers x 2 (k, v) x kv_heads x head_dim x dtype size. Exact.
+  rows x max_len x layers x 2 (k, v) x kv_heads x head_dim x the KV dtype's size (`kv_dtype`, by
+  default the model's dtype; "fp8" is one byte). Exact.
 - **activations**: the peak of the temporaries of one forward, the larger of
   (a) a prefill of `chunk` tokens of one row against `max_len` keys (the last chunk of a full-length
       causal prompt; chunk = max_len is a one-shot prefill; the engine feeds `prefill_chunk` tokens,
@@ -19,7 +20,8 @@ The three parts, as the engine (`glmkit.infer.engine`, `glmkit.infer.runner`) al
   (b) a decode step of every row (rows x 1 token against max_len keys) with its logits.
   It is a model of the code, not a measurement: per layer the residual stream, the (T, S) boolean
   visibility mask `glmkit.infer.runner` builds (plus the float copy SDPA makes of it), q/k/v and their
-  rotated copies, the attention output, and the MLP's gate/up activations (MoE: the top-k copies of
+  rotated copies (with a KV dtype other than the model's, the upcast copy of the keys and values
+  attention reads), the attention output, and the MLP's gate/up activations (MoE: the top-k copies of
   each token through the experts, the fp32 router scores). Kernel workspaces (cuBLAS, flash
   attention) and the allocator's fragmentation are not in it. `tests/test_plan.py` checks it against
   the measured peak of the same forward (CPU: torch's memory profiler; CUDA: max_memory_allocated).
@@ -40,12 +42,15 @@ from glmkit.errors import GlmkitError
 from glmkit.model.config import GLMConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 @dataclass
 class MemoryPlan:
     """Bytes of each part (see the module docstring) for one configuration."""
     model: str
     dtype: str
     quantize: str | None
+    kv_dtype: str
     rows: int
     max_len: int
     chunk: int
@@ -115,11 +120,14 @@ def kv_cache_bytes(config: GLMConfig, dtype: torch.dtype, rows: int, max_len: in
     return rows * max_len * config.num_layers * 2 * config.num_kv_heads * config.head_dim * size
 
 
-def forward_activation_bytes(config: GLMConfig, dtype: torch.dtype, batch: int, tokens: int, keys: int) -> int:
+def forward_activation_bytes(config: GLMConfig, dtype: torch.dtype, batch: int, tokens: int, keys: int,
+                             kv_upcast: bool = False) -> int:
     """Peak bytes of the temporaries of one cached forward of `batch` rows x `tokens` tokens whose
     keys fill slots up to `keys` (the runner's dense visibility mask), with one position's logits
-    per row. Counted from the code: Python keeps a call's arguments alive until it returns, so the
-    block's input and its normed input stay referenced through the sublayer that reads them."""
+    per row; `kv_upcast`: the pool stores another dtype, so attention reads a copy of the rows' keys
+    and values in `dtype`. Counted from the code: Python keeps a call's arguments alive until it
+    returns, so the block's input and its normed input stay referenced through the sublayer that reads
+    them."""
     c, e = config, torch.empty((), dtype=dtype).element_size()
     n = batch * tokens                                      # tokens in the call
     h, D, H, Hkv, R = c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads, c.rotary_dim
@@ -131,6 +139,8 @@ def forward_activation_bytes(config: GLMConfig, dtype: torch.dtype, batch: int, 
     # attention: normed input, fused qkv, rotated q/k, SDPA's float copy of the mask, its output and
     # the (B, T, H*D) copy fed to o_proj, o_proj's output
     attention = (2 * n * h + n * (H + 2 * Hkv) * D + n * (H + Hkv) * D + 2 * n * H * D) * e + mask * e
+    if kv_upcast:
+        attention += 2 * batch * keys * Hkv * D * e
     # around the MLP: the new residual, the attention output and the normed input stay alive
     mlp = 3 * n * h * e + max(_mlp_bytes(c, i, n, e) for i in range(c.num_layers))
     # a norm in half precision computes in fp32 (x.float(), x * rsqrt) beside the residual and the
@@ -187,23 +197,29 @@ def model_config(model: str) -> GLMConfig:
 
 
 def plan_memory(config: GLMConfig, dtype: torch.dtype = torch.bfloat16, rows: int = 1, max_len: int = 4096,
-                chunk: int | None = None, quantize: str | None = None) -> MemoryPlan:
+                chunk: int | None = None, quantize: str | None = None, kv_dtype: str = "auto") -> MemoryPlan:
     """The memory plan of an engine over `config` in `dtype` with `rows` KV rows of `max_len` slots,
     prefilling `chunk` tokens at a time (default max_len: one shot), weights optionally quantized
     ("int8" | "int4": their bytes after quantization, and the activations hold the largest weight
-    dequantized at once: its fp32 codes x scales and the copy in `dtype`)."""
+    dequantized at once: its fp32 codes x scales and the copy in `dtype`), the KV cache stored in
+    `kv_dtype` ("auto": `dtype`; "fp32" | "bf16" | "fp16" | "fp8", as `Engine(kv_dtype=)`)."""
+    from glmkit.model.kv_cache import KV_DTYPES, resolve_kv_dtype
+
+    kv = resolve_kv_dtype(kv_dtype, dtype)
+    kv_name = {v: k for k, v in KV_DTYPES.items()}[kv]
     chunk = chunk or max_len
     for name, value in (("rows", rows), ("max_len", max_len), ("chunk", chunk)):
         if value < 1:
             raise GlmkitError(f"{name} = {value} must be a positive integer")
     if chunk > max_len:
         raise GlmkitError(f"chunk = {chunk} is longer than max_len = {max_len}; a prefill chunk fits in a row")
-    prefill = forward_activation_bytes(config, dtype, 1, chunk, max_len)
-    decode = forward_activation_bytes(config, dtype, rows, 1, max_len)
+    prefill = forward_activation_bytes(config, dtype, 1, chunk, max_len, kv_upcast=kv != dtype)
+    decode = forward_activation_bytes(config, dtype, rows, 1, max_len, kv_upcast=kv != dtype)
     if quantize is not None:
         dequantized = largest_matrix(config) * (8 + torch.empty((), dtype=dtype).element_size())
         prefill, decode = prefill + dequantized, decode + dequantized
     name = {v: k for k, v in DTYPES.items()}.get(dtype, str(dtype))
     return MemoryPlan(model=config.name, dtype=name, rows=rows, max_len=max_len, chunk=chunk,
-                      quantize=quantize, weights=weight_bytes(config, dtype, quantize), kv_cache=kv_cache_bytes(config, dtype, rows, max_len),
+                      quantize=quantize, kv_dtype=kv_name, weights=weight_bytes(config, dtype, quantize),
+                      kv_cache=kv_cache_bytes(config, kv, rows, max_len),
                       activations=max(prefill, decode), prefill_activations=prefill, decode_activations=decode)

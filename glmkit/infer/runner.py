@@ -41,20 +41,17 @@ from glmkit.model.kv_cache import KVCache
 
 class _RowsView:
     """What a model layer sees as its KV cache during one `forward_rows` call: `update` writes this
-    call's k/v at (row, slot) and returns the rows' cache up to `kv_len` (a view, not a copy)."""
+    call's k/v at (row, slot) and returns the rows' cache up to `kv_len` (`KVCache.update`: a view, not a
+    copy, unless the pool stores another dtype than the activations')."""
 
     def __init__(self, pool: KVCache, r0: int, B: int, kv_len: int):
         self.pool, self.r0, self.B, self.kv_len = pool, r0, B, kv_len
         self.bidx = None
 
     def update(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        kc = self.pool.k[layer][self.r0:self.r0 + self.B]                  # (B, S, Hkv, D) view
-        vc = self.pool.v[layer][self.r0:self.r0 + self.B]
         if self.bidx is None:
             self.bidx = torch.arange(self.B, device=k.device)[:, None]     # (B, 1)
-        kc[self.bidx, slots] = k.to(kc.dtype)
-        vc[self.bidx, slots] = v.to(vc.dtype)
-        return kc[:, :self.kv_len], vc[:, :self.kv_len]
+        return self.pool.update(layer, self.r0, self.bidx, slots, k, v, self.kv_len)
 
 
 def visibility(slots: torch.Tensor, sep: torch.Tensor, kv_len: int) -> torch.Tensor:
