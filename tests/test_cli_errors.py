@@ -216,6 +216,9 @@ CASES = [
     ("bench-serve-model-empty", ["bench", "serve", "--model", "{emptydir}"], "--model"),
     ("bench-serve-too-long", ["bench", "serve", "--model", "{run}", "--max-prompt", "4000", "--no-hf"], "--max-prompt"),
     ("bench-train-steps", ["bench", "train", "--steps", "-1"], "--steps"),
+    ("bench-quantize-missing", ["bench", "quantize", "{missing}"], "checkpoint"),
+    ("bench-quantize-variants", ["bench", "quantize", "{run}", "--variants", "int2"], "--variants"),
+    ("bench-quantize-window", ["bench", "quantize", "{run}", "--window", "0"], "--window"),
     ("bench-train-flex-options", ["bench", "train", "--device", "cpu", "--flex-options", "{{", "--flex-options", "{{"],
      "--flex-options"),
     # serve

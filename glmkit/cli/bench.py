@@ -5,9 +5,10 @@
     glmkit bench generate                  # decode tokens/s vs HF generate
     glmkit bench engine                    # 64 mixed requests: continuous batching vs HF's
     glmkit bench serve                     # glmkit serve vs transformers serve over HTTP, c = 1, 8, 32
+    glmkit bench quantize runs/demo        # fp32 / bf16 / int8 / int4 weights, fp8 KV: memory, bits/byte, speed
 
 Each prints its numbers as it measures them and, as its last line, one JSON object: the result dict
-of `glmkit.bench.{data,train,generate,engine,serve}`. The bench modules are imported only when their bench runs.
+of `glmkit.bench.{data,train,generate,engine,serve,quantize}`. The bench modules are imported only when their bench runs.
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ BENCHES: dict[str, tuple[str, str, str, str]] = {
                "many mixed requests: glmkit's engine vs HF continuous batching vs HF generate one at a time"),
     "serve": ("glmkit.bench.serve", "bench_serve", "ServeBench",
               "glmkit serve vs transformers serve --continuous-batching over HTTP: tokens/s, p50/p99 latency, TTFT"),
+    "quantize": ("glmkit.bench.quantize", "bench_quantize", "QuantizeBench",
+                 "one checkpoint as fp32 / bf16 / int8 / int4 weights and with an fp8 KV cache: weight and KV "
+                 "memory, validation bits/byte, decode tokens/s, ratios against bf16"),
 }
 
 
@@ -123,8 +127,22 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def _quantize_arguments(p: argparse.ArgumentParser) -> None:
+    from glmkit.bench.quantize import VARIANTS
+    p.add_argument("checkpoint", type=existing_dir, help="a glmkit run or checkpoint folder (or an HF GLM folder)")
+    p.add_argument("--corpus", default=None, help="the corpus the model was trained on (default: data/default)")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
+    p.add_argument("--val-tokens", type=positive_int, default=20000, help="validation tokens scored per variant")
+    p.add_argument("--window", type=positive_int, default=256, help="tokens per validation window")
+    p.add_argument("--prompt-len", type=positive_int, default=32, help="decode: prompt tokens")
+    p.add_argument("--new-tokens", type=positive_int, default=128, help="decode: greedy tokens per run")
+    p.add_argument("--repeats", type=positive_int, default=3, help="decode: best of this many runs")
+    p.add_argument("--threads", type=positive_int, default=1, help="torch threads (default 1: steadier on a shared CPU)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda")
+
+
 ARGUMENTS = {"data": _data_arguments, "train": _train_arguments, "generate": _generate_arguments,
-             "engine": _engine_arguments, "serve": _serve_arguments}
+             "engine": _engine_arguments, "serve": _serve_arguments, "quantize": _quantize_arguments}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
