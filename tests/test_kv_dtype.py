@@ -11,7 +11,8 @@
   tokens equal on every family (random tiny models have near-ties: one flip changes the rest of the
   row; measured 72-100%; a trained model's figures are in BENCHMARKS.md);
 - fp8 saturates at +-448 instead of overflowing; an unknown dtype is refused with the choices;
-- `glmkit generate --kv-dtype fp8 --quantize int8` prints what the library gives for the same model.
+- `glmkit generate --kv-dtype fp8 --quantize int8` prints what the library gives for the same model;
+- the compiled decode step (`Engine(compile=True)`) with an fp8 cache gives the eager tokens.
 """
 
 from __future__ import annotations
@@ -152,3 +153,19 @@ def test_plan_command_kv_dtype(capsys):
     assert (fp8["kv_dtype"], fp32["kv_dtype"]) == ("fp8", "fp32")
     assert fp8["kv_cache"] * 4 == fp32["kv_cache"] and fp8["weights"] == fp32["weights"]
     assert fp8["decode_activations"] > fp32["decode_activations"]     # + the upcast copy (tests/test_plan.py)
+
+
+@pytest.mark.slow
+def test_compiled_decode_with_an_fp8_cache_equals_eager():
+    """`Engine(compile=True)`: the static whole-pool step stores and upcasts fp8 the same way."""
+    model = tiny_model("tiny")
+    prompts = torch.randint(0, model.config.vocab_size - 8, (2, 8), generator=torch.Generator().manual_seed(0))
+    v = model.config.vocab_size
+    specials = SimpleNamespace(sop_id=v - 1, eop_id=v - 2, eot_id=v - 3, gmask_id=v - 4)
+    out = []
+    for compile in (False, True):
+        engine = Engine(model, specials, max_batch=2, max_len=32, kv_dtype="fp8", compile=compile)
+        res = engine.generate([Request.causal(p, SamplingConfig(max_new_tokens=6), ignore_stop=True)
+                               for p in prompts.tolist()])
+        out.append([r.tokens[0] for r in res])
+    assert out[0] == out[1]

@@ -16,8 +16,10 @@ weights with an fp8 KV cache (`glmkit.model.kv_cache`). For each:
   are read as `glmkit eval` reads them (`glmkit.eval.evaluate.bits_per_byte`: a GLM model scores
   `x_1 [gMASK] <sop> x_2 .. x_n`, a CLM model `x_1 .. x_n` causally); with the fp32 variant the two
   agree to rounding (tests/test_bench_quantize.py);
-- `decode_tokens_per_s`: greedy decoding on the engine, batch 1, a `prompt_len`-token prompt from
-  the validation text, `new_tokens` new tokens (stops ignored), best of `repeats`;
+- `decode_tokens_per_s`: greedy decoding on a fresh engine, batch 1, a `prompt_len`-token prompt from
+  the validation text, `new_tokens` new tokens (stops ignored; the prompt's prefill is in the time),
+  best of `repeats` rounds in which the variants take turns (every variant is held in memory at once:
+  the bench is meant for checkpoints that fit several times over);
 - `greedy_match`: the share of those greedy tokens equal to the bf16 variant's (position by
   position: one changed token usually changes the rest of the row).
 Ratios against bf16 and fp32 are in the result; the top level holds the figures the issue targets
@@ -129,17 +131,6 @@ def greedy_decode(model, tok, prompt: list[int], new_tokens: int, kv_dtype: str,
     return res.tokens[0]
 
 
-def decode_rate(model, tok, prompt: list[int], new_tokens: int, kv_dtype: str, causal: bool,
-                repeats: int) -> tuple[float, list[int]]:
-    """Best-of-`repeats` greedy tokens/s (fresh engine each time) and the tokens."""
-    best, tokens = float("inf"), []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        tokens = greedy_decode(model, tok, prompt, new_tokens, kv_dtype, causal)
-        best = min(best, time.perf_counter() - t)
-    return len(tokens) / best, tokens
-
-
 def kv_bytes_per_token(model, kv_dtype: str) -> int:
     from glmkit.model.kv_cache import resolve_kv_dtype
 
@@ -165,7 +156,7 @@ def bench_quantize(bench: QuantizeBench, log: Callable[[str], None] | None = Non
     torch.set_num_threads(bench.threads)
     corpus = Corpus.open(bench.corpus) if bench.corpus else default_corpus()
     val = corpus.documents("val")
-    rows, reference_tokens = [], None
+    rows, models, reference_tokens = [], {}, None
     windows = prompt = path = objective = None
     for name in ["bf16"] + [n for n in names if n != "bf16"]:        # bf16 first: the greedy reference
         loaded = load_variant(bench.checkpoint, name, bench.device)
@@ -181,23 +172,30 @@ def bench_quantize(bench: QuantizeBench, log: Callable[[str], None] | None = Non
             prompt = [t for w in windows for t in w][:bench.prompt_len]
         kv = VARIANTS[name][2]
         path, objective = loaded.path, loaded.objective
-        causal = objective == "clm"
-        t0 = time.perf_counter()
         with torch.inference_mode():
-            bpb = engine_bits_per_byte(model, tok, windows, loaded.objective, kv)
-            rate, tokens = decode_rate(model, tok, prompt, bench.new_tokens, kv, causal, bench.repeats)
+            bpb = engine_bits_per_byte(model, tok, windows, objective, kv)
+            tokens = greedy_decode(model, tok, prompt, bench.new_tokens, kv, objective == "clm")   # + warm-up
         reference_tokens = reference_tokens or tokens
         row = dict(variant=name, weight_dtype=VARIANTS[name][0], quantize=VARIANTS[name][1], kv_dtype=kv,
                    weight_bytes=weight_nbytes(model), block_weight_bytes=block_weight_bytes(model),
                    kv_bytes_per_token=kv_bytes_per_token(model, kv), bits_per_byte=bpb,
-                   decode_tokens_per_s=rate,
                    greedy_match=sum(a == b for a, b in zip(tokens, reference_tokens)) / len(reference_tokens))
         log(f"{name}: {row['weight_bytes'] / 2**20:.2f} MiB of weights, {row['kv_bytes_per_token']} KV bytes/token, "
-            f"{bpb:.4f} bits/byte, {rate:.1f} decode tokens/s, greedy match {row['greedy_match']:.2f} "
-            f"({time.perf_counter() - t0:.0f} s)")
+            f"{bpb:.4f} bits/byte, greedy match {row['greedy_match']:.2f}")
         if name in names:
             rows.append(row)
-        del model, loaded
+            models[name] = (model, tok)
+    # decode speed: the variants alternated round by round, so that all meet the same machine load
+    best = dict.fromkeys(models, float("inf"))
+    with torch.inference_mode():
+        for _ in range(bench.repeats):
+            for name, (model, tok) in models.items():
+                t = time.perf_counter()
+                n = len(greedy_decode(model, tok, prompt, bench.new_tokens, VARIANTS[name][2], objective == "clm"))
+                best[name] = min(best[name], (time.perf_counter() - t) / n)
+    for r in rows:
+        r["decode_tokens_per_s"] = 1 / best[r["variant"]]
+        log(f"{r['variant']}: {r['decode_tokens_per_s']:.1f} decode tokens/s")
     rows.sort(key=lambda r: names.index(r["variant"]))
     base = _by_name(rows, "bf16")
     fp32 = _by_name(rows, "fp32")
