@@ -1,6 +1,6 @@
 """CUDA only (skipped elsewhere): every backend's forward AND backward against the dense reference in
 bf16, both layouts, packed rows, GQA; the model's loss and gradients per backend; compiled blocks;
-KV-cache decoding in bf16. Run by scripts/gpu_check.sh."""
+KV-cache decoding in bf16 and with an fp8 pool. Run by scripts/gpu_check.sh."""
 
 import pytest
 import torch
@@ -104,6 +104,23 @@ def test_kv_cache_decode_bf16():
         for t in range(1, 40):
             h = forward_rows(model, cache, 0, ids[:, t:t + 1].tolist(), [[t]] * 2, [[0]] * 2, [[t]] * 2, [0, 0])
             torch.testing.assert_close(model.logits(h[:, -1]).float(), want[:, t], atol=5e-2, rtol=5e-2)
+
+
+def test_kv_cache_fp8_on_cuda():
+    """An fp8 pool on the GPU (the cast there need not saturate: KVCache clamps first): decode logits
+    within the CPU tests' fp8 tolerance (tests/test_kv_dtype.py, 5% relative) of the bf16 pool's."""
+    c = GLMConfig.from_name("tiny")
+    model = GLM(c).cuda().to(torch.bfloat16).eval()
+    ids = torch.randint(0, c.vocab_size, (1, 40), device="cuda")[0].tolist()
+    logits = {}
+    with torch.no_grad():
+        for kv in ("auto", "fp8"):
+            cache = KVCache.for_model(model, 1, 40, kv)
+            h = forward_rows(model, cache, 0, [ids], [list(range(40))], [[0] * 40], [list(range(40))], [8])
+            logits[kv] = model.logits(h[0]).float()
+    assert cache.dtype == torch.float8_e4m3fn and cache.bytes() * 2 == KVCache.for_model(model, 1, 40).bytes()
+    rel = (logits["fp8"] - logits["auto"]).norm() / logits["auto"].norm()
+    assert rel <= 0.05, rel
 
 
 @pytest.mark.parametrize("preset,backend", [("tiny", "sdpa"), ("tiny", "flex"), ("tiny", "split"),
