@@ -11,7 +11,7 @@ from glmkit.chat.agent import ScriptedModel
 from glmkit.chat.docstore import build_store
 from glmkit.cli import main
 from glmkit.errors import GlmkitError
-from glmkit.eval.tooleval import evaluate_tools, metrics, read_tasks, score_episode
+from glmkit.eval.tooleval import evaluate_tools, format_comparison, metrics, read_tasks, score_episode
 from glmkit.eval.toolsft import conversation, task_record, write_jsonl
 from glmkit.eval.tooltasks import ExactPython, ToolSuite
 from glmkit.infer.engine import Engine
@@ -126,6 +126,14 @@ def test_the_glm4_dialect_scores_the_same_perfect_episodes(engine, chat_tok, sui
 def test_answering_without_the_call_is_under_calling(engine, chat_tok, suite, store):
     tasks = suite.tasks("heldout")
     report = run(engine, chat_tok, tasks, lambda t, tools: [glm45_reply(content="No idea.", stop="<|user|>")], store)
+    perfect = {t.id: perfect_replies(t, "glm45", store) for t in tasks[:2]}
+    sft = run(engine, chat_tok, tasks[:2], lambda t, tools: perfect[t.id], store)
+    assert format_comparison({"untuned": report, "SFT": sft}).splitlines() == [
+        "| model | parse | name | args | EM tools | EM none | arithmetic (tools / none) | counting (tools / none) "
+        "| lookup (tools / none) | functions (tools / none) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        "| untuned | - | 0.0% | 0.0% | 0.0% | - | 0.0% / - | 0.0% / - | 0.0% / - | 0.0% / - |",
+        "| SFT | 100.0% | 100.0% | 100.0% | 100.0% | - | 100.0% / - | 100.0% / - | - | - |"]
     s = report.summary()
     assert (s["parse_rate"], s["tool_name_accuracy"], s["argument_exact_match"], s["over_calling"],
             s["under_calling"], s["answer_em_with_tools"], s["answer_em_without_tools"], s["calls_per_task"],

@@ -3,6 +3,7 @@
     report = evaluate_tools(engine, tok, suite.tasks("heldout"), fmt="glm45", store=store)
     report += evaluate_tools(engine, tok, suite.tasks("heldout"), fmt="glm45", tools=False)
     report.summary()["answer_em_with_tools"]; print(report.format_table())
+    print(format_comparison({"untuned": before, "SFT": report}))      # a row per model, same tasks
 
 Each task is one episode: an `glmkit.chat.agent.Agent` on the engine is sent the task's question and
 runs its rounds (generate, parse, run the calls on the real tools, generate again) until it answers or
@@ -231,6 +232,25 @@ class ToolEvalReport:
             for e in self.episodes:
                 f.write(json.dumps(e.to_dict(), ensure_ascii=False) + "\n")
         return path
+
+
+def format_comparison(reports: dict[str, ToolEvalReport]) -> str:
+    """Several models on the same tasks (e.g. untuned, SFT, SFT + RL): one row each, the overall rates,
+    then per family the answer exact match with tools / without, in percent ("-" where unmeasured)."""
+    summaries = {name: r.summary() for name, r in reports.items()}
+    families = _present(FAMILIES, (f for s in summaries.values() for f in s["families"]))
+    cols = [("parse", "parse_rate"), ("name", "tool_name_accuracy"), ("args", "argument_exact_match"),
+            ("EM tools", "answer_em_with_tools"), ("EM none", "answer_em_without_tools")]
+    lines = ["| model | " + " | ".join([c for c, _ in cols] + [f"{f} (tools / none)" for f in families]) + " |",
+             "|---" * (1 + len(cols) + len(families)) + "|"]
+    for name, s in summaries.items():
+        cells = [_cell(k, s[k]) for _, k in cols]
+        for f in families:
+            m = s["families"].get(f)
+            cells.append("-" if m is None else f"{_cell('', m['answer_em_with_tools'])} / "
+                                               f"{_cell('', m['answer_em_without_tools'])}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _present(order: Sequence[str], values: Iterable[str]) -> list[str]:
