@@ -88,5 +88,6 @@ def test_bench_serve_end_to_end(tiny_run):
         if HF:
             assert out[f"hf_tokens_c{c}"] == sum(wanted[i]) and out[f"hf_exact_c{c}"] is True
             assert out[f"ratio_c{c}"] == out[f"glmkit_tokens_per_s_c{c}"] / out[f"hf_tokens_per_s_c{c}"]
+            assert out[f"same_prompts_c{c}"] is True          # the exported template renders glmkit's prompt
     assert out["hf_tokens_per_s_c32"] is None and out["ratio_c32"] is None
     assert [p for p in psutil.Process().children(recursive=True) if "serve" in " ".join(p.cmdline())] == []

@@ -16,7 +16,8 @@ whatever happens (SIGINT, then SIGKILL of the process group). transformers' page
 the workload with its own flags (`--cb-block-size 64 --cb-num-blocks`: twice what C requests of the
 longest prompt and reply need; its default sizes the cache from the machine's memory, which took a
 minute on the first request of a small model here) and its tokens per step `--cb-max-batch-tokens` =
-glmkit's prefill chunk (512) + one per running request. Their logs go to files in a temporary folder.
+glmkit's prefill chunk (512) + one per running request. Their output goes to log files in the bench's
+temporary folder; an error about a server shows the end of its log.
 
 The workload, at each concurrency c of `concurrency`: `requests` chat requests (default max(8, 2c)),
 each one user message of King James text cut to a uniform random length in [min_prompt, max_prompt]
@@ -30,9 +31,10 @@ cached prefix of an earlier level), the same for both servers; at each level the
 Measured in the client: tokens/s = the completion tokens of the level (`usage`) / the time from its
 first send to its last stream end; latency = a request's send to its stream's end; TTFT = its send to
 the first chunk with generated text; p50 / p99 over the level's requests (numpy's linear
-interpolation). `exact` says whether every reply had exactly its `max_tokens` tokens. The whole bench
-is bounded by `timeout` seconds (a server that does not come up or a level that runs past it is an
-error naming the server and its log).
+interpolation). `exact` says whether every reply had exactly its `max_tokens` tokens, `same_prompts`
+whether both servers counted the same prompt tokens for every request (the exported chat template
+renders what glmkit renders). The whole bench is bounded by `timeout` seconds: a server that does not
+come up, or a level that runs past it, is an error.
 """
 
 from __future__ import annotations
@@ -84,6 +86,7 @@ class Reply:
     ttft: float                       # s, send -> first chunk with generated text
     tokens: int                       # usage.completion_tokens
     wanted: int                       # max_tokens asked for
+    prompt_tokens: int = 0            # usage.prompt_tokens (the rendered chat prompt)
 
 
 def levels(text: str) -> list[int]:
@@ -186,19 +189,21 @@ def workload(tok, counts: list[int], b: ServeBench) -> Workload:
 
 async def _one(client, model: str, text: str, max_tokens: int, extra: dict) -> Reply:
     t0 = time.perf_counter()
-    first, tokens = None, 0
+    first, usage = None, None
     stream = await client.chat.completions.create(
         model=model, messages=[{"role": "user", "content": text}], max_tokens=max_tokens, temperature=0,
         stream=True, stream_options={"include_usage": True}, extra_body=extra)
     async for chunk in stream:
         if chunk.usage is not None:
-            tokens = chunk.usage.completion_tokens
+            usage = chunk.usage
         if first is None and chunk.choices:
             d = chunk.choices[0].delta
             if d.content or d.tool_calls or (d.model_extra or {}).get("reasoning_content"):
                 first = time.perf_counter()
     end = time.perf_counter()
-    return Reply(end - t0, (first or end) - t0, tokens, max_tokens)
+    if usage is None:
+        raise GlmkitError("a streamed reply ended without usage; the server ignored stream_options.include_usage")
+    return Reply(end - t0, (first or end) - t0, usage.completion_tokens, max_tokens, usage.prompt_tokens)
 
 
 async def _level(url: str, model: str, texts: list[str], news: list[int], c: int, extra: dict,
@@ -289,15 +294,15 @@ def wait_ready(server: Server, deadline: float) -> None:
     while True:
         if server.proc.poll() is not None:
             raise GlmkitError(f"{server.name} serve exited with status {server.proc.returncode} before it "
-                              f"answered; its log ({server.log}):\n{_tail(server.log)}")
+                              f"answered; the end of its log:\n{_tail(server.log)}")
         try:
             if httpx.get(f"{server.url}/models", timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
         if time.monotonic() > deadline:
-            raise GlmkitError(f"{server.name} serve did not answer at {server.url} within the --timeout; its log "
-                              f"({server.log}):\n{_tail(server.log)}")
+            raise GlmkitError(f"{server.name} serve did not answer at {server.url} within the --timeout; the end "
+                              f"of its log:\n{_tail(server.log)}")
         time.sleep(0.25)
 
 
@@ -348,8 +353,10 @@ def _model_folder(b: ServeBench, work: Path) -> tuple[Path, str]:
 
 def bench_serve(b: ServeBench, log: Callable[[str], None] | None = None) -> dict:
     """Both servers at every concurrency level; returns the result dict (`glmkit bench serve` prints it as
-    its last line): per server and level `{glmkit,hf}_{tokens_per_s,p50_ms,p99_ms,ttft_p50_ms,ttft_p99_ms}_cC`
-    and `ratio_cC` (glmkit / HF tokens/s)."""
+    its last line): per server and level C `{glmkit,hf}_{tokens_per_s,p50_ms,p99_ms,ttft_p50_ms,ttft_p99_ms,
+    tokens,exact}_cC`, and `ratio_cC` (glmkit / HF tokens/s), `same_prompts_cC`, `prompt_tokens_cC`; the
+    settings, versions and the 1-minute load average at the start and the end. `log` receives a line
+    per level as it ends, then the Markdown table of all levels."""
     log = log or (lambda line: None)
     cs = check(b)
     deadline = time.monotonic() + b.timeout
@@ -375,25 +382,34 @@ def bench_serve(b: ServeBench, log: Callable[[str], None] | None = None) -> dict
             f"({params / 1e6:.1f}M params, fp32, cpu), concurrency {b.concurrency}, {counts} requests, prompts "
             f"{b.min_prompt}-{b.max_prompt} tokens, max_tokens {b.min_new}-{b.max_new}, greedy, "
             f"OMP_NUM_THREADS={b.threads} for both servers")
-        out: dict = {"model": what, "params": params, "threads": b.threads, "concurrency": cs, "requests": counts}
+        import torch
+        out: dict = {"model": what, "params": params, "threads": b.threads, "concurrency": cs, "requests": counts,
+                     "torch": torch.__version__, "transformers": _version("transformers") if b.hf else None,
+                     "load_at_start": os.getloadavg()[0]}
+        rows_done = []
         with running(starts, deadline) as servers:
             for s in servers:                    # warm-up: the first requests allocate, and HF builds its manager
                 _run(s, ["In the beginning", "And God said"], [4, 4], 2, deadline)
             for i, c in enumerate(cs):
-                row = {}
+                row, prompts = {}, {}
                 for s in servers:
                     replies, wall = _run(s, work_load.texts[i], work_load.max_tokens[i], c, deadline)
-                    r = summary(replies, wall)
                     key = "glmkit" if s.name == "glmkit" else "hf"
-                    row[key] = r
-                    for k in ("tokens_per_s", "p50_ms", "p99_ms", "ttft_p50_ms", "ttft_p99_ms"):
-                        out[f"{key}_{k}_c{c}"] = r[k]
-                    out[f"{key}_tokens_c{c}"], out[f"{key}_exact_c{c}"] = r["tokens"], r["exact"]
+                    row[key], prompts[key] = summary(replies, wall), [r.prompt_tokens for r in replies]
+                    for k, v in row[key].items():
+                        if k != "wall_s":
+                            out[f"{key}_{k}_c{c}"] = v
                 hf = row.get("hf")
                 out[f"ratio_c{c}"] = row["glmkit"]["tokens_per_s"] / hf["tokens_per_s"] if hf else None
+                out[f"same_prompts_c{c}"] = prompts["glmkit"] == prompts["hf"] if hf else None
+                out[f"prompt_tokens_c{c}"] = sum(prompts["glmkit"])
+                rows_done.append((c, counts[i], row))
                 log(_line(c, counts[i], row))
-    for key in ("hf_tokens_per_s_c32", "ratio_c32", "hf_p99_ms_c32"):
+    out["load_at_end"] = os.getloadavg()[0]
+    for key in ("glmkit_tokens_per_s_c32", "hf_tokens_per_s_c32", "ratio_c32", "glmkit_p99_ms_c32", "hf_p99_ms_c32"):
         out.setdefault(key, None)
+    for line in table(rows_done):
+        log(line)
     return out
 
 
@@ -406,20 +422,44 @@ def _run(s: Server, texts: list[str], news: list[int], c: int, deadline: float) 
         return asyncio.run(_level(s.url, s.model, texts, news, c, s.extra, left))
     except asyncio.TimeoutError:
         raise GlmkitError(f"{s.name} serve did not finish {len(texts)} requests at concurrency {c} within the "
-                          f"--timeout; its log ({s.log}):\n{_tail(s.log, 1500)}") from None
+                          f"--timeout; the end of its log:\n{_tail(s.log, 1500)}") from None
     except Exception as e:
         if type(e).__module__.startswith(("openai", "httpx")):
-            raise GlmkitError(f"{s.name} serve failed a request at concurrency {c}: {e}; its log ({s.log}):\n"
+            raise GlmkitError(f"{s.name} serve failed a request at concurrency {c}: {e}; the end of its log:\n"
                               f"{_tail(s.log, 1500)}") from None
         raise
 
 
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
 def _line(c: int, n: int, row: dict) -> str:
+    """One level, as it finishes."""
     def part(name: str, r: dict) -> str:
-        return (f"{name} {r['tokens_per_s']:8,.1f} tok/s  p50 {r['p50_ms']:7,.0f}  p99 {r['p99_ms']:7,.0f}  "
-                f"TTFT p50 {r['ttft_p50_ms']:6,.0f}  p99 {r['ttft_p99_ms']:6,.0f} ms"
-                + ("" if r["exact"] else "  (some replies short of max_tokens)"))
-    text = f"c={c:<3} ({n} requests)  " + part("glmkit", row["glmkit"])
+        return (f"{name} {r['tokens_per_s']:,.1f} tokens/s, latency p50 {r['p50_ms']:,.0f} p99 {r['p99_ms']:,.0f} ms, "
+                f"TTFT p50 {r['ttft_p50_ms']:,.0f} p99 {r['ttft_p99_ms']:,.0f} ms"
+                + ("" if r["exact"] else " (some replies short of max_tokens)"))
+    text = f"c={c} ({n} requests): " + part("glmkit", row["glmkit"])
     if "hf" in row:
-        text += "  |  " + part("HF", row["hf"]) + f"  |  {row['glmkit']['tokens_per_s'] / row['hf']['tokens_per_s']:.2f}x"
+        text += " | " + part("HF", row["hf"]) + f" | {row['glmkit']['tokens_per_s'] / row['hf']['tokens_per_s']:.2f}x"
     return text
+
+
+def table(rows: list[tuple[int, int, dict]]) -> list[str]:
+    """The levels as a Markdown table (tokens/s, latency and TTFT p50 / p99 in ms, glmkit | HF)."""
+    def pair(r: dict | None, a: str, b: str) -> str:
+        return "-" if r is None else f"{r[a]:,.0f} / {r[b]:,.0f}"
+    out = ["| concurrency | requests | glmkit tokens/s | HF tokens/s | ratio | glmkit p50 / p99 ms | HF p50 / p99 ms "
+           "| glmkit TTFT p50 / p99 ms | HF TTFT p50 / p99 ms |", "|---|---|---|---|---|---|---|---|---|"]
+    for c, n, row in rows:
+        g, h = row["glmkit"], row.get("hf")
+        out.append(f"| {c} | {n} | {g['tokens_per_s']:,.1f} | {'-' if h is None else format(h['tokens_per_s'], ',.1f')} "
+                   f"| {'-' if h is None else format(g['tokens_per_s'] / h['tokens_per_s'], '.2f') + 'x'} "
+                   f"| {pair(g, 'p50_ms', 'p99_ms')} | {pair(h, 'p50_ms', 'p99_ms')} "
+                   f"| {pair(g, 'ttft_p50_ms', 'ttft_p99_ms')} | {pair(h, 'ttft_p50_ms', 'ttft_p99_ms')} |")
+    return out
