@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import itertools
 import json
 import os
@@ -59,7 +60,7 @@ import numpy as np
 from glmkit.errors import GlmkitError
 
 PAGE = 64                # transformers' KV page (block) size here, in tokens
-PREFILL_CHUNK = 512      # glmkit serve's engine: most prompt tokens per request per step (`Engine`)
+PREFILL_CHUNK = 512      # glmkit serve's default --prefill-chunk: most prompt tokens per request per step
 TEMPLATE_TOKENS = 16     # a chat prompt's tokens around the user's text, at most (both formats)
 
 
@@ -109,13 +110,12 @@ def check(b: ServeBench) -> list[int]:
         raise GlmkitError(f"--threads must be >= 1, got {b.threads}")
     if b.timeout <= 0:
         raise GlmkitError(f"--timeout must be > 0 seconds, got {b.timeout}")
-    for module, extra in (("openai", "dev"), ("fastapi", "serve"), ("uvicorn", "serve")) + (
-            (("transformers", "dev"), ("accelerate", "dev")) if b.hf else ()):
-        try:
-            __import__(module)
-        except ImportError:
+    peer = ("transformers", "accelerate", "psutil")          # `transformers serve` on the CPU
+    for module, extra in [("openai", "dev"), ("fastapi", "serve"), ("uvicorn", "serve")] + (
+            [(m, "dev") for m in peer] if b.hf else []):
+        if importlib.util.find_spec(module) is None:
             raise GlmkitError(f"glmkit bench serve needs {module}: pip install 'glmkit[{extra}]'"
-                              + (" (or pass --no-hf)" if module in ("transformers", "accelerate") else "")) from None
+                              + (" (or pass --no-hf)" if module in peer else ""))
     return cs
 
 
@@ -382,9 +382,8 @@ def bench_serve(b: ServeBench, log: Callable[[str], None] | None = None) -> dict
             f"({params / 1e6:.1f}M params, fp32, cpu), concurrency {b.concurrency}, {counts} requests, prompts "
             f"{b.min_prompt}-{b.max_prompt} tokens, max_tokens {b.min_new}-{b.max_new}, greedy, "
             f"OMP_NUM_THREADS={b.threads} for both servers")
-        import torch
         out: dict = {"model": what, "params": params, "threads": b.threads, "concurrency": cs, "requests": counts,
-                     "torch": torch.__version__, "transformers": _version("transformers") if b.hf else None,
+                     "torch": _version("torch"), "transformers": _version("transformers") if b.hf else None,
                      "load_at_start": os.getloadavg()[0]}
         rows_done = []
         with running(starts, deadline) as servers:
