@@ -18,7 +18,7 @@ from glmkit.batch import Batch
 from glmkit.checkpoint import store as ckpt_io
 from glmkit.errors import GlmkitError
 from glmkit.train.loop import train
-from glmkit.train.rl import Episode, RLBatchIterator, advantages, round_example
+from glmkit.train.rl import Episode, RLBatchIterator, advantages, episode_examples, round_example
 from glmkit.train.setup import TrainConfig
 
 # --------------------------------------------------------------------------------------- advantages
@@ -165,13 +165,36 @@ def test_a_batch_trains_only_on_each_rounds_sampled_ids_with_its_attempts_advant
     # rounds of attempts with a non-zero advantage, in order; every prompt position is without loss
     assert learned == [(8, 0.5), (9, 0.5), (12, 0.5), (13, 0.5), (14, 0.5), (20, -0.5)]
     assert float(np.abs(b.loss_weight[~b.loss_mask]).sum()) == 0.0
-    assert b.shape == (3, 12)                          # rounds of 5, 10 and 4 tokens, next-fit in rows of 12
+    assert b.shape == (2, 12)      # the two rounds are one conversation of 10 tokens, then one of 4: rows of 12
     assert it.pop_metrics() == {"reward": 0.75, "groups_kept": 0.5, "sample_s": pytest.approx(0, abs=1),
                                 "sampled_tokens": 2 + 3 + 1 + 2 + 3, "n": pytest.approx(7 / 6)}
     # a batch in which no group carries a signal still has a loss position, at weight 0
     it = RLBatchIterator(FixedSource([tasks[1]]), model, chat_tok, group=3, tasks=1, seq_len=12, layout="chat")
     b = next(it)
     assert b.num_loss_tokens == 1 and float(b.loss_weight.sum()) == 0.0
+
+
+def test_a_round_that_extends_the_last_one_continues_its_conversation_with_the_same_log_probabilities(chat_tok):
+    from helpers import dense_forward
+
+    from glmkit.train.chat_data import pack_rows
+    p1, s1 = [2, 4, 40, 41, 42], [50, 51, 52]
+    p2, s2 = p1 + s1 + [60, 61], [70, 71]              # round 2 reads round 1 and a tool result
+    p3, s3 = [2, 4, 43], [80]                          # a round that does not extend it starts anew
+    (ids, learn), (ids3, learn3) = episode_examples([(p1, s1), (p2, s2), (p3, []), (p3, s3)])
+    assert ids.tolist() == p2 + s2 and ids3.tolist() == p3 + s3
+    assert ids[1:][learn[:-1]].tolist() == s1 + s2 and ids3[1:][learn3[:-1]].tolist() == s3
+    # numerically: the sampled ids' log-probabilities merged are those of the rounds apart
+    model = tiny_model(vocab_size=chat_tok.vocab_size)
+
+    def sampled_logp(examples):
+        batch, _ = pack_rows(examples, len(examples), 16, "chat", 0)
+        logp = torch.log_softmax(dense_forward(model, batch), -1)
+        b = batch.to("cpu")
+        return logp[b.loss_mask].gather(-1, b.targets[b.loss_mask][:, None]).squeeze(-1)
+
+    apart = sampled_logp([round_example(p1, s1), round_example(p2, s2)])
+    torch.testing.assert_close(sampled_logp([(ids, learn)]), apart, atol=1e-5, rtol=1e-5)
 
 
 def test_tool_episodes_reward_the_checked_answer_and_keep_the_ids_read_and_sampled(chat_tok):
@@ -199,6 +222,8 @@ def test_tool_episodes_reward_the_checked_answer_and_keep_the_ids_read_and_sampl
     assert [s for e in episodes for _, s in e.rounds] == ids             # exactly the sampled ids, stop ids included
     (p1, _), (p2, _) = episodes[0].rounds
     assert p2[:len(p1)] == p1 and p1[-1] == chat_tok.special_id("<|assistant|>")
+    assert p2[:len(p1) + len(ids[0])] == p1 + ids[0]      # the history re-renders as sampled: one conversation
+    assert len(episode_examples(episodes[0].rounds)) == 1
     # packed, the loss targets are the assistant's ids only: the tool result sits in round 2's prompt, unlearned
     examples = [round_example(p, s) for e in episodes for p, s in e.rounds]
     batch, placed = pack_rows(examples, len(examples), 4096, "chat", chat_tok.pad_id)

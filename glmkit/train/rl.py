@@ -17,7 +17,9 @@ One batch (GRPO's recipe, without its KL term):
 4. an attempt with A = 0 adds nothing to the gradient and is left out, and so is a whole group whose
    rewards are all equal (DAPO's dynamic sampling, without re-drawing). Each round of each kept attempt
    becomes one packed conversation (`glmkit.train.chat_data.pack_rows`): its prompt without loss, its
-   sampled ids as loss positions, weighted by the attempt's advantage. A batch without any kept attempt
+   sampled ids as loss positions, weighted by the attempt's advantage; a round whose prompt extends the
+   previous round's ids continues that conversation instead (`episode_examples`: the same ids, positions
+   and attention, the shared prefix computed once). A batch without any kept attempt
    holds one round at weight 0 (a zero gradient), so a step never has nothing to score. A batch has as
    many rows of `seq_len` as its rounds need.
 
@@ -90,6 +92,30 @@ def round_example(prompt: list[int], sampled: list[int]) -> tuple[np.ndarray, np
     loss = np.zeros(len(ids), dtype=bool)
     loss[len(prompt) - 1:len(ids) - 1] = True
     return ids, loss
+
+
+def episode_examples(rounds: list[tuple[list[int], list[int]]]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The packable conversations of one attempt's rounds: a round whose prompt starts with everything the
+    previous one read and sampled continues that conversation (one sequence, the ids between the two
+    samples, e.g. a tool result, without loss); otherwise it starts its own. The same ids at the same
+    positions under the same causal attention, so the loss is that of separate rounds, at the cost of
+    the longest prompt instead of all of them."""
+    out: list[tuple[list[int], list[bool]]] = []     # (ids, whether position i predicts a sampled id)
+    for prompt, sampled in rounds:
+        if not sampled:
+            continue
+        prev = out[-1][0] if out else None
+        if prev is not None and len(prompt) >= len(prev) and list(prompt[:len(prev)]) == prev:
+            ids, learn = out[-1]
+            learn.extend([False] * (len(prompt) - len(ids)))
+            ids.extend(prompt[len(ids):])
+        else:
+            ids, learn = list(prompt), [False] * len(prompt)
+            out.append((ids, learn))
+        learn[-1] = True                      # the prompt's last token predicts the first sampled id
+        ids.extend(sampled)
+        learn.extend([True] * (len(sampled) - 1) + [False])
+    return [(np.asarray(ids, dtype=np.int64), np.asarray(learn, dtype=bool)) for ids, learn in out]
 
 
 def _seed(seed: int, epoch: int, task: int, attempt: int) -> int:
@@ -165,10 +191,9 @@ class RLBatchIterator:
             for episode, a in zip(episodes, adv):
                 if a == 0:                       # no gradient from it
                     continue
-                for prompt, sampled in episode.rounds:
-                    if sampled:
-                        examples.append(round_example(prompt, sampled))
-                        weights.append(float(a))
+                for example in episode_examples(episode.rounds):
+                    examples.append(example)
+                    weights.append(float(a))
         if not examples:                         # no group carries a signal: one round at weight 0
             prompt, sampled = next((r for g in groups for e in g for r in e.rounds if r[1]), ([0, 0], [0]))
             examples, weights = [round_example(prompt, sampled)], [0.0]
