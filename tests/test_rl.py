@@ -289,7 +289,7 @@ def test_glmkit_rl_trains_on_the_task_suite_and_scores_the_held_out_split(chat_t
     out = capsys.readouterr().out
     assert "step 1: loss" in out
     scores = json.loads(out.strip().splitlines()[-1])["heldout"]
-    assert scores["init"]["tasks"] == 1 and scores["rl"]["by_family"] == {"functions": 0.0}
+    assert scores["init"]["tasks"] == 1 and scores["rl"]["families"]["functions"]["answer_em_with_tools"] == 0.0
     record = json.loads((tmp_path / "run" / "train_config.json").read_text())
     data = record["fingerprint"]["objective"]["data"]
     assert data["tasks"] == ToolEpisodes.from_folder(tmp_path / "tasks", "train").fingerprint and data["rl_group"] == 2

@@ -55,21 +55,32 @@ def _source(cfg: TrainConfig, split: str, temperature: float):
 
 
 def _score(cfg: TrainConfig) -> None:
-    import torch
-
+    """The held-out tasks through `glmkit.eval.tooleval.evaluate_tools` (greedy, with the family's tools, the
+    episode limits of the run) with --init and with the run's last checkpoint."""
     from glmkit.checkpoint.loader import load
-    from glmkit.eval.toolrl import score_tasks
+    from glmkit.eval.tooleval import evaluate_tools
+    from glmkit.eval.tooltasks import ExactPython
+    from glmkit.infer.engine import Engine
 
     heldout = _source(cfg, "heldout", 0.0)
     out = {}
     for name, path in (("init", cfg.init), ("rl", cfg.out_dir)):
-        loaded = load(path, dtype=torch.float32)
-        out[name] = score_tasks(loaded.model, loaded.tokenizer, heldout, causal=loaded.objective == "clm",
-                                max_len=cfg.seq_len)
-    families = sorted(out["init"]["by_family"])
-    print(f"held-out tasks ({out['init']['tasks']}), greedy: answered right")
-    print(f"{'model':<6}{'all':>8}" + "".join(f"{f:>12}" for f in families))
+        loaded = load(path)
+        engine = Engine(loaded.model, loaded.tokenizer, max_batch=8, max_len=cfg.seq_len)
+        report = evaluate_tools(engine, loaded.tokenizer, heldout.tasks, fmt=cfg.chat_format, store=heldout.store,
+                                python=ExactPython(), max_rounds=cfg.rl_max_rounds,
+                                max_new_tokens=cfg.rl_max_new_tokens, causal=loaded.objective == "clm")
+        out[name] = report.summary()
+    families = list(out["init"]["families"])
+    print(f"held-out tasks ({out['init']['tasks']}), greedy, with tools: parse rate, answer exact match")
+    print(f"{'model':<6}{'parse':>8}{'EM':>8}" + "".join(f"{'EM ' + f:>14}" for f in families))
     for name in ("init", "rl"):
         s = out[name]
-        print(f"{name:<6}{s['correct']:>8.3f}" + "".join(f"{s['by_family'][f]:>12.3f}" for f in families))
+        cells = [s["parse_rate"], s["answer_em_with_tools"]] + [s["families"][f]["answer_em_with_tools"]
+                                                               for f in families]
+        print(f"{name:<6}" + "".join(f"{_cell(c):>{w}}" for c, w in zip(cells, [8, 8] + [14] * len(families))))
     print(json.dumps({"heldout": out}))
+
+
+def _cell(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
