@@ -65,6 +65,29 @@ def test_servers_are_stopped_when_the_bench_fails(tmp_path):
     assert [s.proc.poll() is not None for s in started] == [True, True]
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_server_dies_with_a_killed_bench(tmp_path):
+    """SIGKILL skips every clean-up of the bench's process: its servers go with it all the same."""
+    import os
+    import signal
+    parent = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from glmkit.bench.serve import _spawn\n"
+        f"p = _spawn('s', [sys.executable, '-c', 'import time; time.sleep(60)'], Path({str(tmp_path)!r}) / 'log', 1)\n"
+        "print(p.pid, flush=True); time.sleep(60)")], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    os.kill(child, 0)                                   # alive
+    parent.send_signal(signal.SIGKILL)
+    parent.wait(timeout=10)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child, 0)                           # gone (a zombie of init at most, reaped at once)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    pytest.fail("the server outlived the bench's process")
+
+
 def test_a_server_that_exits_is_reported_with_its_log(tmp_path):
     s = _sleeper(tmp_path, "broken", "print('no model here'); raise SystemExit(3)")
     with pytest.raises(GlmkitError, match="(?s)exited with status 3.*no model here"):

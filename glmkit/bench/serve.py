@@ -12,7 +12,8 @@ exported with `glmkit convert --to-hf` (weights, tokenizer, chat template, stop 
 The servers: `glmkit serve CKPT --max-concurrency C` (C = the highest level) and `transformers serve
 HF_DIR --continuous-batching --device cpu`, each a subprocess listening on 127.0.0.1 at a free port with
 the same `OMP_NUM_THREADS` (`threads`: torch's threads), both started at once and stopped at the end
-whatever happens (SIGINT, then SIGKILL of the process group). transformers' paged KV cache is sized for
+whatever happens (SIGINT, then SIGKILL of the process group; on Linux the kernel also kills them when
+the bench's process dies without cleaning up). transformers' paged KV cache is sized for
 the workload with its own flags (`--cb-block-size 64 --cb-num-blocks`: twice what C requests of the
 longest prompt and reply need; its default sizes the cache from the machine's memory, which took a
 minute on the first request of a small model here) and its tokens per step `--cb-max-batch-tokens` =
@@ -252,11 +253,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _die_with_parent() -> Callable[[], None] | None:
+    """A `preexec_fn` under which Linux sends the child SIGKILL when the bench's process ends, however it
+    ends (a SIGTERM or SIGKILL skips `running`'s clean-up), so no server outlives the bench. prctl is
+    looked up here, in the parent: between fork and exec the child only calls it (no import, no lock)."""
+    if sys.platform != "linux":
+        return None
+    import ctypes
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    return lambda: prctl(1, signal.SIGKILL)                            # 1 = PR_SET_PDEATHSIG
+
+
 def _spawn(name: str, cmd: list[str], log: Path, threads: int) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     with open(log, "w") as f:                      # a file, not a pipe: a full pipe would stall the server
-        return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                preexec_fn=_die_with_parent())
 
 
 def start_glmkit(checkpoint: Path, rows: int, threads: int, folder: Path) -> Server:
