@@ -21,7 +21,9 @@ tool calling, the tools themselves and the agent loop.
   observations, until an answer or a cap; a JSONL transcript), `Toolbox` (a conversation's tools),
   `ScriptedModel` (a logits processor that makes the engine generate fixed replies, for tests).
 - `sandbox`: the `python` tool's interpreter, a stateful IPython kernel per conversation in a
-  bubblewrap sandbox (`Sandbox`, `SandboxPool`, `Limits`, `ExecResult`).
+  bubblewrap sandbox (`Sandbox`, `SandboxPool`, `Limits`, `ExecResult`); `jail`: how the kernel is
+  confined (the bubblewrap command, the launcher that sets the rlimits and drops to a leased uid,
+  `sandbox_problem`).
 
 Imports `glmkit.errors`, `glmkit.data`, `glmkit.model`, `glmkit.checkpoint`, `glmkit.infer`; never
 `train`, `eval`, `serve`, `bench` or `cli`.

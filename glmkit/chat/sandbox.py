@@ -6,18 +6,10 @@ matplotlib figures saved as PNG files in the workspace); `ExecResult.as_observat
 the model reads. `SandboxPool` keeps one sandbox per conversation id and closes idle ones.
 
 The sandbox, and its limits (fields of `Limits`, defaults in brackets):
-- no network: the kernel has its own network namespace (with a private loopback device only), so
-  no socket reaches the host's 127.0.0.1, any other host or the internet. Jupyter's channels are Unix
-  sockets (the IPC transport) in the workspace's `.kernel/` folder.
-- an unprivileged user: bubblewrap, started as root, creates the namespaces (mount, pid, net, ipc,
-  uts) first; then the kernel drops to a uid of its own (one per sandbox, leased from
-  `UID_BASE`..`UID_BASE + UID_COUNT`), with no capabilities and no_new_privs, before any user code
-  runs (an unprivileged user cannot create the namespaces itself on these machines).
-- files: the host's /usr (the kernel's Python, its standard library and dist-packages) and the
-  Python's own prefix read-only, a few files of /etc that programs need (and a synthetic passwd,
-  group and hosts), a private /proc and a minimal /dev. The workspace, bound at its own path, is the
-  only writable place (also HOME and TMPDIR). /root, /home, the project's checkout, /etc/shadow and
-  every other host path do not exist inside.
+- isolation, built by `glmkit.chat.jail` (its docstring says how): no network (the kernel's own
+  network namespace; Jupyter's channels are Unix sockets in the workspace's `.kernel/` folder), an
+  unprivileged uid of its own without capabilities, and of the host's files only /usr, the Python's
+  prefix and a few of /etc, read-only. The workspace is the only writable place (also HOME and TMPDIR).
 - memory: RLIMIT_AS [1024 MiB] on the kernel: a larger allocation raises MemoryError in the kernel,
   which keeps running.
 - processes: RLIMIT_NPROC [64 tasks, threads included] for the sandbox's uid; a call after which the
@@ -34,16 +26,14 @@ The sandbox, and its limits (fields of `Limits`, defaults in brackets):
   conversation continues. A kernel that exits is restarted the same way.
 
 The host needs Linux, root, bubblewrap and a Python that the sandbox user can read with ipykernel
-and matplotlib-inline installed (Debian's python3 + python3-ipykernel: scripts/setup_sandbox.sh).
-Where any is missing `Sandbox` raises a GlmkitError naming it, unless `allow_unsandboxed=True`: then
-the kernel runs as the current user with the host's Python and file system, with only the memory,
-file size, output and time limits.
+and matplotlib-inline installed (Debian's python3 + python3-ipykernel: scripts/setup_sandbox.sh);
+`sandbox_problem()` says which is missing. Where any is, `Sandbox` raises a GlmkitError naming it,
+unless `allow_unsandboxed=True`: then the kernel runs as the current user with the host's Python and
+file system, with only the memory, file size, output and time limits.
 """
 from __future__ import annotations
 
 import base64
-import fcntl
-import functools
 import json
 import os
 import queue
@@ -58,38 +48,25 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from glmkit.chat.jail import (
+    SANDBOX_PYTHON,
+    UID_BASE,
+    UID_COUNT,
+    UidLease,
+    bwrap_argv,
+    etc_files,
+    kernel_env,
+    kill_uid,
+    launcher_argv,
+    pids_of,
+    python_prefixes,
+    sandbox_problem,
+)
 from glmkit.errors import GlmkitError
 
-SANDBOX_PYTHON = "/usr/bin/python3"  # Debian's, outside root's home (see scripts/setup_sandbox.sh)
-UID_BASE = 900_000  # sandbox uids: no account uses them; each sandbox leases one
-UID_COUNT = 1000
-LOCK_DIR = Path("/run/glmkit-sandbox")  # root-only: uid leases and the synthetic /etc files
 KERNEL_DIR = ".kernel"  # inside the workspace: connection file, IPC sockets, IPython state, log
 FIGURE_DIR = "figures"  # inside the workspace
-# /etc files that Python, numpy and matplotlib read; nothing else of /etc is visible
-ETC_FILES = ("/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/localtime",
-             "/etc/matplotlibrc", "/etc/fonts", "/etc/nsswitch.conf", "/etc/alternatives")
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-
-# Run by the kernel's Python as root inside the namespaces: set the limits, drop to the sandbox
-# uid (a uid of -1: stay the current user, the unsandboxed mode), then become the kernel.
-_LAUNCHER = """
-import os, resource, sys
-uid, gid, memory, nproc, fsize, cpu = (int(a) for a in sys.argv[1:7])
-for limit, value in ((resource.RLIMIT_AS, memory), (resource.RLIMIT_FSIZE, fsize), (resource.RLIMIT_CPU, cpu),
-                     (resource.RLIMIT_CORE, 0)):
-    resource.setrlimit(limit, (value, value))
-if uid >= 0:
-    os.setgroups([])
-    os.setgid(gid)
-    os.setuid(uid)
-    resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
-    os.chdir(os.environ["HOME"])  # the workspace, closed to root without capabilities
-if sys.argv[7:] == ["--probe"]:
-    import importlib.util, ipykernel
-    sys.exit(importlib.util.find_spec("matplotlib_inline") is None and "matplotlib_inline is not installed")
-os.execv(sys.executable, [sys.executable, "-m", "ipykernel_launcher"] + sys.argv[7:])
-"""
 
 # An IPython start-up file: drop a cell's output beyond the limit in the kernel, before it is sent.
 # It only spares work (the code may undo it); the host enforces the limit on what it receives.
@@ -174,142 +151,6 @@ class ExecResult:
         return text[:head] + marker.format(len(text) - head - tail) + text[len(text) - tail:]
 
 
-@functools.cache
-def _python_prefixes(python: str) -> tuple[str, ...]:
-    """The real folders of `python`'s installation that lie outside /usr (a venv, /opt/...)."""
-    out = subprocess.run([python, "-c", "import sys; print(sys.prefix); print(sys.base_prefix)"],
-                         capture_output=True, text=True, timeout=60)
-    if out.returncode != 0:
-        raise GlmkitError(f"the sandbox Python {python} does not run: {out.stderr.strip()[-500:]}")
-    roots = {os.path.realpath(line) for line in out.stdout.split()}
-    return tuple(sorted(r for r in roots if not (r == "/usr" or r.startswith("/usr/"))))
-
-
-def _private_ancestor(path: str) -> str | None:
-    """The first folder above `path` that other users cannot enter, if any."""
-    parts = Path(os.path.realpath(path)).parents
-    for folder in reversed(parts):
-        if os.stat(folder).st_mode & 0o001 == 0:
-            return str(folder)
-    return None
-
-
-@functools.cache
-def sandbox_problem(python: str = SANDBOX_PYTHON) -> str | None:
-    """Why a sandbox cannot be built on this machine (None: it can). Starts a probe sandbox once."""
-    if not sys.platform.startswith("linux"):
-        return "the sandbox needs Linux namespaces"
-    try:
-        import jupyter_client  # noqa: F401
-    except ImportError:
-        return "jupyter_client is not installed (pip install 'glmkit[tools]')"
-    if os.geteuid() != 0:
-        return ("the sandbox must start as root, to create namespaces and then drop to an unprivileged "
-                "uid (run glmkit as root, e.g. in a container)")
-    if shutil.which("bwrap") is None:
-        return "bubblewrap is not installed (apt-get install bubblewrap, or run scripts/setup_sandbox.sh)"
-    if not os.access(python, os.X_OK):
-        return (f"the sandbox Python {python} does not exist (apt-get install python3 python3-ipykernel "
-                "python3-matplotlib-inline, or run scripts/setup_sandbox.sh)")
-    folder = _private_ancestor(python)
-    if folder is not None:
-        return f"the sandbox Python {python} is inside {folder}, which the sandbox user cannot enter"
-    probe = _bwrap_argv(_python_prefixes(python)) + [
-        python, "-c", _LAUNCHER, str(UID_BASE + UID_COUNT), str(UID_BASE + UID_COUNT), str(1 << 30), "64", str(1 << 20),
-        "60", "--probe"]
-    out = subprocess.run(probe, capture_output=True, text=True, timeout=120, env=_kernel_env(Path("/"), Path("/")))
-    if out.returncode != 0:
-        return f"a probe sandbox failed: {out.stderr.strip()[-800:]}"
-    return None
-
-
-def _bwrap_argv(prefixes: tuple[str, ...], workspace: Path | None = None, etc_dir: Path | None = None) -> list[str]:
-    """The bubblewrap command that runs a program in the sandbox (without the program)."""
-    argv = ["bwrap", "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
-            "--hostname", "sandbox", "--die-with-parent", "--new-session",
-            # the launcher needs these two to drop to the sandbox uid; setuid clears them all
-            "--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID",
-            "--ro-bind", "/usr", "/usr"]
-    for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
-        if os.path.islink(top):  # merged /usr: /lib -> usr/lib
-            argv += ["--symlink", os.readlink(top), top]
-        elif os.path.isdir(top):
-            argv += ["--ro-bind", top, top]
-    for prefix in prefixes:
-        argv += ["--ro-bind", prefix, prefix]
-    argv += ["--perms", "0755", "--dir", "/etc"]  # made 0700 otherwise, closed to the sandbox uid
-    for path in ETC_FILES:
-        argv += ["--ro-bind-try", path, path]
-    if etc_dir is not None:
-        for name in ("passwd", "group", "hosts"):
-            argv += ["--ro-bind", str(etc_dir / name), f"/etc/{name}"]
-    argv += ["--proc", "/proc", "--dev", "/dev"]
-    if workspace is not None:
-        for folder in list(reversed(workspace.parents))[1:]:  # bubblewrap would make them 0700
-            argv += ["--perms", "0755", "--dir", str(folder)]
-        argv += ["--bind", str(workspace), str(workspace)]
-    return argv + ["--"]
-
-
-def _kernel_env(workspace: Path, kernel_dir: Path) -> dict[str, str]:
-    """The kernel's whole environment: nothing of the host's (tokens, paths) is passed on."""
-    return {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(workspace), "TMPDIR": str(workspace),
-            "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1", "PYDEVD_DISABLE_FILE_VALIDATION": "1",
-            "MPLBACKEND": "module://matplotlib_inline.backend_inline",
-            # caches outlive a restart (matplotlib's font list takes a second or more to build)
-            "MPLCONFIGDIR": str(workspace / ".cache" / "matplotlib"), "XDG_CACHE_HOME": str(workspace / ".cache"),
-            "IPYTHONDIR": str(kernel_dir / "ipython"), "XDG_CONFIG_HOME": str(kernel_dir / "config"),
-            # one thread per library and two malloc arenas keep the address space within RLIMIT_AS
-            "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-            "MALLOC_ARENA_MAX": "2"}
-
-
-def _pids_of(uid: int) -> list[int]:
-    pids = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                if os.stat(f"/proc/{name}").st_uid == uid:
-                    pids.append(int(name))
-            except FileNotFoundError:
-                pass
-    return pids
-
-
-def _kill_uid(uid: int, deadline_s: float = 10.0) -> None:
-    """SIGKILL every process of `uid` until none is left (a fork bomb keeps forking meanwhile)."""
-    end = time.monotonic() + deadline_s
-    while pids := _pids_of(uid):
-        if time.monotonic() > end:
-            raise GlmkitError(f"processes {pids[:10]} of sandbox uid {uid} survive SIGKILL")
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.02)
-
-
-class _UidLease:
-    """An exclusive hold on one sandbox uid, across processes: a flock on /run/glmkit-sandbox/uid-N."""
-
-    def __init__(self, base: int, count: int):
-        LOCK_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
-        for uid in range(base, base + count):
-            fd = os.open(LOCK_DIR / f"uid-{uid}.lock", os.O_CREAT | os.O_RDWR, 0o600)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                continue
-            self.uid, self._fd = uid, fd
-            return
-        raise GlmkitError(f"all {count} sandbox uids from {base} are in use: close idle sandboxes first")
-
-    def release(self) -> None:
-        os.close(self._fd)
-
-
 class Sandbox:
     """A stateful IPython kernel for one conversation, confined as the module docstring says.
 
@@ -333,7 +174,7 @@ class Sandbox:
             raise GlmkitError(f"workspace path {self.workspace} is too long for the kernel's sockets; "
                               "use a folder with a path under 80 characters")
         self._lock = threading.Lock()
-        self._lease = _UidLease(UID_BASE, UID_COUNT) if self.sandboxed else None
+        self._lease = UidLease(UID_BASE, UID_COUNT) if self.sandboxed else None
         self._proc: subprocess.Popen | None = None
         self._client = None
         self._images_saved = 0
@@ -357,7 +198,7 @@ class Sandbox:
 
     def _start(self) -> None:
         if self.uid is not None:
-            _kill_uid(self.uid)  # anything a crashed earlier holder of this uid left behind
+            kill_uid(self.uid)  # anything a crashed earlier holder of this uid left behind
         self._prepare_workspace()
         key = secrets.token_hex(32)
         info = {"transport": "ipc", "ip": str(self._kernel_dir / "ipc"), "shell_port": 1, "iopub_port": 2,
@@ -367,15 +208,17 @@ class Sandbox:
         connection.write_text(json.dumps(info))
         log = open(self._kernel_dir / "kernel.log", "wb")
         uid = self.uid if self.uid is not None else -1
-        launch = [self._python, "-c", _LAUNCHER, str(uid), str(uid), str(self.limits.memory_mb << 20),
-                  str(self.limits.max_processes), str(self.limits.max_file_mb << 20), str(self.limits.max_cpu_s),
-                  "-f", str(connection), "--HistoryManager.enabled=False", "--InteractiveShell.colors=NoColor"]
+        launch = launcher_argv(self._python, uid, self.limits.memory_mb << 20, self.limits.max_processes,
+                               self.limits.max_file_mb << 20, self.limits.max_cpu_s,
+                               ["-f", str(connection), "--HistoryManager.enabled=False",
+                                "--InteractiveShell.colors=NoColor"])
         if self.sandboxed:
-            launch = _bwrap_argv(_python_prefixes(self._python), self.workspace, self._etc_dir()) + launch
+            etc = etc_files(self.uid, self.workspace)
+            launch = bwrap_argv(python_prefixes(self._python), self.workspace, etc) + launch
         for path in (self.workspace, self._kernel_dir, connection, log.name):
             self._own(path)
         with log:
-            self._proc = subprocess.Popen(launch, env=_kernel_env(self.workspace, self._kernel_dir),
+            self._proc = subprocess.Popen(launch, env=kernel_env(self.workspace, self._kernel_dir),
                                           stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                           cwd=self.workspace, start_new_session=True)
         from jupyter_client import BlockingKernelClient
@@ -423,18 +266,6 @@ class Sandbox:
                 for name in dirs + files:
                     os.chown(os.path.join(folder, name), self.uid, self.uid, follow_symlinks=False)
 
-    def _etc_dir(self) -> Path:
-        """passwd, group and hosts for the sandbox, in the root-only lock folder."""
-        etc = LOCK_DIR / f"etc-{self.uid}"
-        etc.mkdir(mode=0o755, exist_ok=True)
-        (etc / "passwd").write_text(f"root:x:0:0:root:/nonexistent:/usr/sbin/nologin\n"
-                                    f"sandbox:x:{self.uid}:{self.uid}:sandbox:{self.workspace}:/bin/sh\n")
-        (etc / "group").write_text(f"root:x:0:\nsandbox:x:{self.uid}:\n")
-        (etc / "hosts").write_text("127.0.0.1 localhost sandbox\n::1 localhost\n")
-        for name in ("passwd", "group", "hosts"):
-            os.chmod(etc / name, 0o644)
-        return etc
-
     def _own(self, path) -> None:
         if self.uid is not None:
             os.chown(path, self.uid, self.uid, follow_symlinks=False)
@@ -452,7 +283,7 @@ class Sandbox:
             self._proc.wait()
             self._proc = None  # its pid, and so its process group's id, may be reused now
         if self.uid is not None:
-            _kill_uid(self.uid)
+            kill_uid(self.uid)
 
     def _restart(self, result: ExecResult, why: str) -> None:
         self._stop()
@@ -475,7 +306,6 @@ class Sandbox:
             if self._kernel_dir.is_dir() and not self._kernel_dir.is_symlink():
                 shutil.rmtree(self._kernel_dir, ignore_errors=True)
             if self._lease is not None:
-                shutil.rmtree(LOCK_DIR / f"etc-{self._lease.uid}", ignore_errors=True)
                 self._lease.release()
                 self._lease = None
 
@@ -500,8 +330,8 @@ class Sandbox:
                     self._restart(result, "the interrupted code did not stop")
             if done is None:
                 self._restart(result, "the interpreter exited")
-            elif self.uid is not None and len(_pids_of(self.uid)) > 1 + self.limits.max_processes // 2:
-                self._restart(result, f"the code left {len(_pids_of(self.uid))} processes running")
+            elif self.uid is not None and len(pids_of(self.uid)) > 1 + self.limits.max_processes // 2:
+                self._restart(result, f"the code left {len(pids_of(self.uid))} processes running")
             else:
                 self._discard_shell_replies()
             return result
