@@ -219,6 +219,12 @@ CASES = [
     ("bench-quantize-missing", ["bench", "quantize", "{missing}"], "checkpoint"),
     ("bench-quantize-variants", ["bench", "quantize", "{run}", "--variants", "int2"], "--variants"),
     ("bench-quantize-window", ["bench", "quantize", "{run}", "--window", "0"], "--window"),
+    ("bench-context-lengths", ["bench", "context", "--lengths", "1k,2k"], "--lengths"),
+    ("bench-context-lengths-short", ["bench", "context", "--lengths", "8"], "--lengths"),
+    ("bench-context-preset", ["bench", "context", "--preset", "huge-9000"], "--preset"),
+    ("bench-context-chunk-zero", ["bench", "context", "--prefill-chunk", "0"], "--prefill-chunk"),
+    ("bench-context-time-budget", ["bench", "context", "--time-budget", "0"], "--time-budget"),
+    ("bench-context-device", ["bench", "context", "--device", "tpu"], "--device"),
     ("bench-train-flex-options", ["bench", "train", "--device", "cpu", "--flex-options", "{{", "--flex-options", "{{"],
      "--flex-options"),
     # serve

@@ -166,3 +166,38 @@ def test_causal_chunk_temporaries_are_chunk_by_context():
 
     grow = peak(2048) - peak(512)
     assert 32 * 1536 * 1 <= grow <= 1.1 * 32 * 1536 * (1 + 4)
+
+
+# ------------------------------------------------------------------------------------- the bench
+
+def test_bench_context_skips_what_its_budgets_predict_too_costly():
+    from glmkit.bench.context import ContextBench, _skip_reason
+    bench = ContextBench(time_budget=100.0, memory_budget=1000)
+    last = (1024, {"prefill_s": 10.0, "peak": 100 * 2**20})
+    assert _skip_reason(None, 4096, bench) is None
+    assert _skip_reason(last, 2048, bench) is None                          # 40 s, 300 MiB
+    assert "predicted prefill 160 s > --time-budget 100 s" in _skip_reason(last, 4096, bench)
+    low = ContextBench(time_budget=1e6, memory_budget=500)
+    assert "predicted peak 600 MiB > --memory-budget 500 MiB" in _skip_reason(last, 4096, low)
+
+
+@pytest.mark.slow
+def test_bench_context_reports_what_it_measured(capsys, tmp_path):
+    """`glmkit bench context` at two tiny lengths: both sides ran at both, the same first token as HF,
+    the summary's ratios are the quotients of the longest length's points, and the PNG exists."""
+    pytest.importorskip("transformers")
+    import json
+
+    from glmkit.cli import main
+    png = tmp_path / "ctx.png"
+    assert main(["bench", "context", "--preset", "tiny", "--lengths", "64,256", "--prefill-chunk", "32",
+                 "--plot", str(png)]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["max_len"] == 256 and out["match"] is True and out["skipped"] == []
+    last = out["points"][-1]
+    assert [p["length"] for p in out["points"]] == [64, 256]
+    assert out["glmkit_peak_mb"] == last["glmkit"]["peak_mb"] and out["hf_peak_mb"] == last["hf"]["peak_mb"]
+    assert out["prefill_time_ratio"] == pytest.approx(last["glmkit"]["prefill_s"] / last["hf"]["prefill_s"])
+    if out["hf_peak_mb"] > 0:
+        assert out["peak_ratio"] == pytest.approx(out["glmkit_peak_mb"] / out["hf_peak_mb"])
+    assert png.stat().st_size > 10_000

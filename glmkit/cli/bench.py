@@ -6,9 +6,10 @@
     glmkit bench engine                    # 64 mixed requests: continuous batching vs HF's
     glmkit bench serve                     # glmkit serve vs transformers serve over HTTP, c = 1, 8, 32
     glmkit bench quantize runs/demo        # fp32 / bf16 / int8 / int4 weights, fp8 KV: memory, bits/byte, speed
+    glmkit bench context                   # prefill + decode time and peak memory vs context length
 
 Each prints its numbers as it measures them and, as its last line, one JSON object: the result dict
-of `glmkit.bench.{data,train,generate,engine,serve,quantize}`. The bench modules are imported only when their bench runs.
+of `glmkit.bench.{data,train,generate,engine,serve,quantize,context}`. The bench modules are imported only when their bench runs.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import argparse
 import importlib
 import json
 
-from glmkit.cli.options import existing_dir, nonnegative_int, positive_int
+from glmkit.cli.options import existing_dir, nonnegative_int, positive_float, positive_int
 
 # benchmark -> (module, function, options dataclass, one-line help)
 BENCHES: dict[str, tuple[str, str, str, str]] = {
@@ -34,6 +35,8 @@ BENCHES: dict[str, tuple[str, str, str, str]] = {
     "quantize": ("glmkit.bench.quantize", "bench_quantize", "QuantizeBench",
                  "one checkpoint as fp32 / bf16 / int8 / int4 weights and with an fp8 KV cache: weight and KV "
                  "memory, validation bits/byte, decode tokens/s, ratios against bf16"),
+    "context": ("glmkit.bench.context", "bench_context", "ContextBench",
+                "prefill and decode time and peak memory against context length, glmkit vs HF transformers"),
 }
 
 
@@ -124,6 +127,23 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="OMP_NUM_THREADS (torch threads) of both servers (default 1)")
     p.add_argument("--no-hf", dest="hf", action="store_false", help="glmkit serve alone (no transformers serve)")
     p.add_argument("--timeout", type=positive_int, default=1200, help="seconds for the whole bench (default 1200)")
+
+
+def _context_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="small", help="model preset (max_position_embeddings raised to the longest length)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--dtype", default="float32", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--lengths", default="1024,2048,4096,8192,16384,32768",
+                   help="comma-separated context lengths in tokens (CUDA: up to 131072 and beyond)")
+    p.add_argument("--prefill-chunk", type=positive_int, default=512, help="glmkit's prefill chunk (tokens)")
+    p.add_argument("--part-a", action="store_true",
+                   help="also time glmkit with the prompt as a bidirectional GLM Part A (layer-by-layer chunks)")
+    p.add_argument("--threads", type=positive_int, default=1, help="torch threads in each measuring process")
+    p.add_argument("--time-budget", type=positive_float, default=600.0,
+                   help="seconds: skip a side's lengths whose predicted prefill takes longer (default 600)")
+    p.add_argument("--memory-budget", type=positive_int, default=16384,
+                   help="MiB: skip a side's lengths whose predicted peak is larger (default 16384)")
+    p.add_argument("--plot", default="context.png", help="PNG of the curves ('' for none)")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -142,7 +162,8 @@ def _quantize_arguments(p: argparse.ArgumentParser) -> None:
 
 
 ARGUMENTS = {"data": _data_arguments, "train": _train_arguments, "generate": _generate_arguments,
-             "engine": _engine_arguments, "serve": _serve_arguments, "quantize": _quantize_arguments}
+             "engine": _engine_arguments, "serve": _serve_arguments, "quantize": _quantize_arguments,
+             "context": _context_arguments}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
