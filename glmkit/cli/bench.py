@@ -127,6 +127,7 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="OMP_NUM_THREADS (torch threads) of both servers (default 1)")
     p.add_argument("--no-hf", dest="hf", action="store_false", help="glmkit serve alone (no transformers serve)")
     p.add_argument("--timeout", type=positive_int, default=1200, help="seconds for the whole bench (default 1200)")
+    p.add_argument("--seed", type=int, default=0)
 
 
 def _context_arguments(p: argparse.ArgumentParser) -> None:
