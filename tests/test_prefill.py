@@ -151,10 +151,10 @@ def test_part_a_prefill_memory_grows_with_the_chunk_not_the_prompt():
     assert one_long - one_short >= (2048 - 512) * 4 * 2 * c.intermediate_size     # the (T, 2 ffn) gate/up
 
 
-def test_causal_chunk_temporaries_are_chunk_by_context():
-    """One causal chunk of 32 tokens at the end of a 2048-slot row against one at 512: the extra
-    bytes are the chunk's (32, kv_len) mask (bool, plus the float copy SDPA makes) and nothing that
-    grows with the prompt in both dimensions."""
+def test_causal_chunk_temporaries_do_not_grow_with_the_context():
+    """One causal chunk of 32 tokens at the end of a 2048-slot row against one at 512: on the CPU it
+    attends without a (32, kv_len) mask (`AttentionMask("causal_tail")`), so the peak grows by less
+    than one byte per added (query, key) pair (a mask would add 5: bool + SDPA's float copy)."""
     model = _model("tiny", max_position_embeddings=4096)
     ids = _prompt(32, seed=7)
 
@@ -164,8 +164,23 @@ def test_causal_chunk_temporaries_are_chunk_by_context():
         with torch.inference_mode():
             return measured_cpu_peak(lambda: forward_rows(model, pool, 0, [ids], [slots], [[0] * 32], [slots], [0]))
 
-    grow = peak(2048) - peak(512)
-    assert 32 * 1536 * 1 <= grow <= 1.1 * 32 * 1536 * (1 + 4)
+    assert peak(2048) - peak(512) < 32 * 1536
+
+
+def test_causal_tail_attention_equals_the_dense_mask():
+    """Queries that are the last T of S keys, causal (GQA, MHA, T = S, bf16): the log-sum-exp merge of
+    two mask-free flash calls equals SDPA with the (T, S) boolean mask."""
+    from glmkit.model.attention import attend
+    torch.manual_seed(0)
+    for H, Hkv, T, S, dtype, tol in [(4, 2, 8, 40, torch.float32, 1e-6), (4, 4, 8, 40, torch.float32, 1e-6),
+                                     (8, 2, 33, 100, torch.float32, 1e-6), (4, 2, 5, 5, torch.float32, 1e-6),
+                                     (4, 2, 16, 64, torch.bfloat16, 1e-2)]:
+        q = torch.randn(1, T, H, 16, dtype=dtype)
+        k, v = torch.randn(1, S, Hkv, 16, dtype=dtype), torch.randn(1, S, Hkv, 16, dtype=dtype)
+        got = attend(q, k, v, AttentionMask("causal_tail"))
+        visible = torch.ones(T, S, dtype=torch.bool).tril(diagonal=S - T)
+        want = attend(q.float(), k.float(), v.float(), AttentionMask("sdpa", dense=visible[None, None]))
+        torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
 
 
 # ------------------------------------------------------------------------------------- the bench

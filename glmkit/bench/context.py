@@ -17,7 +17,9 @@ load the model, warm up on a short prompt, then
   logits only, as `generate` does), then one decode forward with the cache;
 - with `--part-a`, also glmkit with the prompt as a GLM Part A (bidirectional: `Request.infill` with a
   [gMASK] at its end), prefilled layer by layer; HF has no such layout.
-Times are wall clock (CUDA synchronised); the first sampled token of both sides is compared (`match`).
+Times are wall clock (CUDA synchronised) and the process's CPU time beside it (`*_cpu_*`: on a shared
+CPU with one thread the cost of the computation itself, whatever else runs; `prefill_cpu_time_ratio`);
+the first sampled token of both sides is compared (`match`).
 
 Peak memory, the same method for every side:
 - CPU: peak resident set size (Linux `VmHWM`, reset through `/proc/self/clear_refs` right before the
@@ -163,26 +165,26 @@ def _glmkit_side(folder: str, job: dict) -> dict:
         engine.add(request(prompt))
         tokens, times, prefill_peak = [], [], 0
         _sync(device)
-        t0 = time.perf_counter()
+        t0 = _clock()
         while engine.has_work() and len(tokens) < 2:
             new = [o.token for o in engine.step() if o.token is not None]
             if new:
                 _sync(device)
-                times.append(time.perf_counter())
+                times.append(_clock())
                 tokens += new
                 if len(tokens) == 1 and peak is not None:
                     prefill_peak = peak.read()
         if len(tokens) < 2:
             raise GlmkitError(f"the engine produced {len(tokens)} token(s) instead of 2")
-        return tokens[0], times[0] - t0, times[1] - times[0], prefill_peak
+        return tokens[0], _minus(times[0], t0), _minus(times[1], times[0]), prefill_peak
 
     run(_prompt(job, min(L, 256), seed=1))                         # warm-up
     prompt = _prompt(job, L)
     peak = _Peak(device)
     peak.start()
-    token, prefill_s, decode_s, prefill_peak = run(prompt, peak)
-    return {"token": token, "prefill_s": prefill_s, "decode_s": decode_s, "prefill_peak": prefill_peak,
-            "peak": peak.read()}
+    token, prefill, decode, prefill_peak = run(prompt, peak)
+    return {"token": token, "prefill_s": prefill[0], "decode_s": decode[0], "prefill_cpu_s": prefill[1],
+            "decode_cpu_s": decode[1], "prefill_peak": prefill_peak, "peak": peak.read()}
 
 
 def _hf_side(folder: str, job: dict) -> dict:
@@ -195,25 +197,35 @@ def _hf_side(folder: str, job: dict) -> dict:
     def run(prompt, peak=None):
         x = torch.tensor([prompt], device=device)
         _sync(device)
-        t0 = time.perf_counter()
+        t0 = _clock()
         out = hf(input_ids=x, use_cache=True, logits_to_keep=1)
         token = out.logits[0, -1].argmax()
         _sync(device)
-        t1 = time.perf_counter()
+        t1 = _clock()
         prefill_peak = peak.read() if peak else 0
         hf(input_ids=token.view(1, 1), past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
         _sync(device)
-        t2 = time.perf_counter()
-        return int(token), t1 - t0, t2 - t1, prefill_peak
+        t2 = _clock()
+        return int(token), _minus(t1, t0), _minus(t2, t1), prefill_peak
 
     with torch.inference_mode():
         run(_prompt(job, min(L, 256), seed=1))                     # warm-up
         prompt = _prompt(job, L)
         peak = _Peak(device)
         peak.start()
-        token, prefill_s, decode_s, prefill_peak = run(prompt, peak)
-    return {"token": token, "prefill_s": prefill_s, "decode_s": decode_s, "prefill_peak": prefill_peak,
-            "peak": peak.read()}
+        token, prefill, decode, prefill_peak = run(prompt, peak)
+    return {"token": token, "prefill_s": prefill[0], "decode_s": decode[0], "prefill_cpu_s": prefill[1],
+            "decode_cpu_s": decode[1], "prefill_peak": prefill_peak, "peak": peak.read()}
+
+
+def _clock() -> tuple[float, float]:
+    """(wall clock, this process's CPU time): with one thread on a shared machine the CPU time is what
+    the computation cost, whatever else runs; the wall clock is what a user waits."""
+    return time.perf_counter(), time.process_time()
+
+
+def _minus(a: tuple[float, float], b: tuple[float, float]) -> tuple[float, float]:
+    return a[0] - b[0], a[1] - b[1]
 
 
 def _prompt(job: dict, n: int, seed: int = 0) -> list[int]:
@@ -308,7 +320,8 @@ def bench_context(bench: ContextBench, log: Callable[[str], None] | None = None)
                     continue
                 last[side] = (L, r)
                 rows[L][side] = r
-                log(f"{L:>7} {side:<14} prefill {r['prefill_s']:8.3f} s  decode {r['decode_s'] * 1e3:8.2f} ms  "
+                log(f"{L:>7} {side:<14} prefill {r['prefill_s']:8.3f} s (CPU {r['prefill_cpu_s']:7.3f} s)  "
+                    f"decode {r['decode_s'] * 1e3:8.2f} ms (CPU {r['decode_cpu_s'] * 1e3:7.2f})  "
                     f"peak {r['peak'] / 2**20:9.1f} MiB (prefill {r['prefill_peak'] / 2**20:.1f})")
             ours, theirs = rows[L].get("glmkit"), rows[L].get("hf")
             if ours and theirs:
@@ -324,11 +337,13 @@ def bench_context(bench: ContextBench, log: Callable[[str], None] | None = None)
         out.update(max_len=L, glmkit_peak_mb=ours["peak"] / 2**20, hf_peak_mb=theirs["peak"] / 2**20,
                    peak_ratio=ours["peak"] / theirs["peak"] if theirs["peak"] > 0 else None,
                    prefill_time_ratio=ours["prefill_s"] / theirs["prefill_s"],
+                   prefill_cpu_time_ratio=ours["prefill_cpu_s"] / theirs["prefill_cpu_s"],
                    decode_time_ratio=ours["decode_s"] / theirs["decode_s"],
                    match=all(rows[x]["match"] for x in both))
         ratio = "n/a" if out["peak_ratio"] is None else f"{out['peak_ratio']:.2f}"
         log(f"at {L} tokens: glmkit peak {out['glmkit_peak_mb']:.1f} MiB vs HF {out['hf_peak_mb']:.1f} MiB "
-            f"(ratio {ratio}), prefill time ratio {out['prefill_time_ratio']:.2f}, "
+            f"(ratio {ratio}), prefill time ratio {out['prefill_time_ratio']:.2f} (CPU time "
+            f"{out['prefill_cpu_time_ratio']:.2f}), "
             f"decode step ratio {out['decode_time_ratio']:.2f}, same first token at every length: {out['match']}")
     else:
         out.update(max_len=None, glmkit_peak_mb=None, hf_peak_mb=None, peak_ratio=None, prefill_time_ratio=None)
@@ -344,6 +359,7 @@ def _point(row: dict) -> dict:
         if side in row:
             r = row[side]
             p[side] = {"prefill_s": r["prefill_s"], "decode_ms": r["decode_s"] * 1e3,
+                       "prefill_cpu_s": r["prefill_cpu_s"], "decode_cpu_ms": r["decode_cpu_s"] * 1e3,
                        "peak_mb": r["peak"] / 2**20, "prefill_peak_mb": r["prefill_peak"] / 2**20}
     if "match" in row:
         p["match"] = row["match"]
@@ -357,12 +373,18 @@ def plot_context(points: list[dict], path: str, title: str) -> str:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for key, ax, label in (("prefill_s", axes[0], "prefill (s)"), ("decode_ms", axes[1], "one decode step (ms)"),
+    for key, ax, label in (("prefill_s", axes[0], "prefill (s): wall, dashed = CPU time"),
+                           ("decode_ms", axes[1], "one decode step (ms): wall, dashed = CPU time"),
                            ("peak_mb", axes[2], "peak memory (MiB)")):
-        for side in SIDES:
+        for i, side in enumerate(SIDES):
             xs = [p["length"] for p in points if side in p]
-            if xs:
-                ax.plot(xs, [p[side][key] for p in points if side in p], marker="o", label=side)
+            if not xs:
+                continue
+            color = f"C{i}"
+            ax.plot(xs, [p[side][key] for p in points if side in p], marker="o", color=color, label=side)
+            cpu = key.replace("_s", "_cpu_s").replace("_ms", "_cpu_ms")
+            if cpu != key:
+                ax.plot(xs, [p[side][cpu] for p in points if side in p], ls="--", color=color)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("context length (tokens)")

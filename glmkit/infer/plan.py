@@ -19,9 +19,10 @@ The three parts, as the engine (`glmkit.infer.engine`, `glmkit.infer.runner`) al
       on top, `glmkit.infer.runner.prefill_bidirectional`), and
   (b) a decode step of every row (rows x 1 token against max_len keys) with its logits.
   It is a model of the code, not a measurement: per layer the residual stream, the (T, S) boolean
-  visibility mask `glmkit.infer.runner` builds (plus the float copy SDPA makes of it), q/k/v and their
-  rotated copies (with a KV dtype other than the model's, the upcast copy of the keys and values
-  attention reads), the attention output, and the MLP's gate/up activations (MoE: the top-k copies of
+  visibility mask `glmkit.infer.runner` builds (plus the float copy SDPA makes of it; on the CPU a
+  causal chunk attends without one, `AttentionMask("causal_tail")`, so there the figure is an upper
+  bound), q/k/v and their rotated copies (with a KV dtype other than the model's, the upcast copy of
+  the keys and values attention reads), the attention output, and the MLP's gate/up activations (MoE: the top-k copies of
   each token through the experts, the fp32 router scores). Kernel workspaces (cuBLAS, flash
   attention) and the allocator's fragmentation are not in it. `tests/test_plan.py` checks it against
   the measured peak of the same forward (CPU: torch's memory profiler; CUDA: max_memory_allocated).

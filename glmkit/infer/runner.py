@@ -18,8 +18,9 @@ of the pool over the whole cache width with a mask: the fixed shapes `torch.comp
 
 Chunked prefill, bounded memory. A causal prompt (or the part of a prompt after Part A) is fed by the
 engine in chunks of T tokens through `forward_rows`: each chunk's keys depend only on earlier tokens,
-so chunk after chunk is exact, and the only temporary that grows with the context is the chunk's
-(T, kv_len) boolean visibility mask (SDPA's CPU kernel turns it into a float copy of the same shape).
+so chunk after chunk is exact. A chunk that follows its row's Part A attends with
+`AttentionMask("causal_tail")`: no mask on the CPU (see `glmkit.model.attention`), elsewhere a
+(T, kv_len) boolean one, the only temporary there that grows with the context.
 Part A is bidirectional: every token's hidden state in layer l + 1 depends on the keys of ALL of Part
 A in layer l, later chunks included. `prefill_bidirectional` therefore runs Part A layer by layer:
 for each layer, (1) every chunk's QKV projection, writing its keys and values into the row's cache
@@ -60,6 +61,15 @@ def visibility(slots: torch.Tensor, sep: torch.Tensor, kv_len: int) -> torch.Ten
     return ((k < sep[:, None, None]) | (k <= slots[:, :, None]))[:, None]
 
 
+def _causal_tail(slots: list[list[int]], sep: list[int], kv_len: int) -> bool:
+    """One row whose T tokens fill the last T slots after its whole Part A: a chunk of causal prefill,
+    query t sees keys 0 .. kv_len - T + t (`AttentionMask("causal_tail")`, no (T, kv_len) mask)."""
+    if len(slots) != 1 or len(slots[0]) < 2:
+        return False
+    r = slots[0]
+    return r[-1] == kv_len - 1 and r[-1] - r[0] == len(r) - 1 and sep[0] <= r[0]
+
+
 def forward_rows(model, pool: KVCache, r0: int, ids: list[list[int]], pos: list[list[int]],
                  bpos: list[list[int]], slots: list[list[int]], sep: list[int]) -> torch.Tensor:
     """Rows r0 .. r0+B-1, T tokens each (host lists, B x T; sep: B) -> hidden states (B, T, h).
@@ -73,7 +83,12 @@ def forward_rows(model, pool: KVCache, r0: int, ids: list[list[int]], pos: list[
     every = all(r[0] == kv_len - 1 for r in slots) if T == 1 else all(s >= kv_len for s in sep)
     t = lambda x: torch.tensor(x, dtype=torch.long, device=device)
     slot_t = t(slots)
-    attn = AttentionMask("full") if every else AttentionMask("sdpa", dense=visibility(slot_t, t(sep), kv_len))
+    if every:
+        attn = AttentionMask("full")
+    elif _causal_tail(slots, sep, kv_len):
+        attn = AttentionMask("causal_tail")
+    else:
+        attn = AttentionMask("sdpa", dense=visibility(slot_t, t(sep), kv_len))
     view = _RowsView(pool, r0, B, kv_len)
     return model(t(ids), t(pos), t(bpos), attn, cache=view, input_pos=slot_t)
 

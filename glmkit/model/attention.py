@@ -38,6 +38,12 @@ Backends (`BACKENDS`, chosen by name: a run's option, set on the model with
 Whatever the backend, a batch whose rows are each one unpadded causal sample (CLM) or one
 bidirectional sample (MLM) gets no mask at all (`AttentionMask("causal" | "full")`): the stock kernels
 then skip the masked half instead of reading a mask.
+
+`AttentionMask("causal_tail")` is a chunk of a causal prefill against a KV cache: the T queries are
+the last T of the S keys and query t sees keys 0 .. S - T + t (causal, aligned bottom-right). On the
+CPU it is two mask-free flash calls, the S - T earlier keys (all visible) and the T x T causal block,
+merged by their log-sum-exps (`_causal_tail`), so no (T, S) mask exists; elsewhere it is the (T, S)
+boolean mask through SDPA.
 """
 
 from __future__ import annotations
@@ -171,6 +177,7 @@ class MaskPlan:
 @dataclass
 class AttentionMask:
     backend: str                          # "sdpa" | "flex" | "split" | "causal" | "full" (no mask needed)
+                                          # | "causal_tail" (queries = the last T of the S keys, causal)
     dense: torch.Tensor | None = None     # sdpa: (B, 1, Tq, Tk) bool, True = visible
     block_mask: Any = None                # flex: torch BlockMask
     plan: SplitPlan | None = None         # split
@@ -412,9 +419,11 @@ def attend(q, k, v, mask: AttentionMask | None = None, scale: float | None = Non
         k, v = k[:, :mask.kv_len], v[:, :mask.kv_len]
     if mask is not None and mask.backend == "split":
         return _split(q, k, v, mask.plan, scale)
+    if mask is not None and mask.backend == "causal_tail" and k.shape[1] > q.shape[1]:
+        return _causal_tail(q, k, v, scale)
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)      # (B, H, T, D)
-    if mask is None or mask.backend in ("causal", "full"):
-        causal = mask is None or mask.backend == "causal"
+    if mask is None or mask.backend in ("causal", "full", "causal_tail"):     # causal_tail here: T == S
+        causal = mask is None or mask.backend != "full"
         out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, scale=scale, enable_gqa=gqa)
     elif mask.backend == "flex":
         # contiguous inputs: compiled Flex (torch 2.13, inductor CPU at least) returns wrong values when
@@ -426,6 +435,34 @@ def attend(q, k, v, mask: AttentionMask | None = None, scale: float | None = Non
             kt, vt = (x.repeat_interleave(H // Hkv, dim=1) for x in (kt, vt))
             gqa = False
         out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask.dense, scale=scale, enable_gqa=gqa)
+    return out.transpose(1, 2)
+
+
+def _causal_tail(q, k, v, scale):
+    """q (B, T, H, D) = the last T of the S positions of k, v (B, S, Hkv, D), causal -> (B, T, H, D).
+    CPU: attention over the S - T earlier keys (no mask: all visible; GQA by folding each group's
+    queries into one kv head's sequence) and over the last T keys (causal, the stock top-left mask),
+    merged by log-sum-exp: out = (e^l1 o1 + e^l2 o2) / (e^l1 + e^l2). Temporaries are (T, heads)-sized;
+    no (T, S) mask. Elsewhere (or without torch's CPU flash kernel): the (T, S) boolean mask."""
+    B, T, H, D = q.shape
+    S, Hkv = k.shape[1], k.shape[2]
+    P, G = S - T, H // Hkv
+    flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if q.device.type != "cpu" or flash is None:
+        visible = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=P)    # k <= P + t
+        return attend(q, k, v, AttentionMask("sdpa", dense=visible[None, None]), scale)
+    qt = q.transpose(1, 2)                                                        # (B, H, T, D)
+    kt, vt = k.transpose(1, 2), v.transpose(1, 2)                                 # (B, Hkv, S, D)
+    # earlier keys: head h reads kv head h // G, so G query heads x T tokens form one kv head's queries
+    o1, l1 = flash(qt.reshape(B, Hkv, G * T, D), kt[:, :, :P], vt[:, :, :P], 0.0, False, scale=scale)
+    tail_k, tail_v = kt[:, :, P:], vt[:, :, P:]
+    if G > 1:
+        tail_k, tail_v = (x.repeat_interleave(G, dim=1) for x in (tail_k, tail_v))   # (B, H, T, D): T-sized
+    o2, l2 = flash(qt, tail_k, tail_v, 0.0, True, scale=scale)
+    l1 = l1.reshape(B, H, T, 1)
+    l2 = l2.reshape(B, H, T, 1)
+    lse = torch.logaddexp(l1, l2)
+    out = o1.reshape(B, H, T, D) * torch.exp(l1 - lse).to(o1.dtype) + o2 * torch.exp(l2 - lse).to(o2.dtype)
     return out.transpose(1, 2)
 
 
