@@ -54,6 +54,22 @@ def test_part_a_in_chunks_equals_one_forward(name):
         assert not b[0].any()                                 # the other row is untouched
 
 
+def test_part_a_in_chunks_with_an_fp8_cache_equals_one_forward_with_it():
+    """With an fp8 KV pool every chunk attends to the stored (fp8-rounded) keys of all of Part A, as a
+    one-shot forward through the same pool does: the same hidden states."""
+    model = _model("tiny")
+    ids = _prompt(40, seed=8)
+    pos, bpos = list(range(40)), [0] * 40
+    with torch.no_grad():
+        one = KVCache.for_model(model, rows=1, max_len=48, kv_dtype="fp8")
+        want = forward_rows(model, one, 0, [ids], [pos], [bpos], [pos], [40])[0]
+        chunked = KVCache.for_model(model, rows=1, max_len=48, kv_dtype="fp8")
+        got = prefill_bidirectional(model, chunked, 0, ids, pos, bpos, chunk=16)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+    for a, b in zip(one.k + one.v, chunked.k + chunked.v):       # equal, or one fp8 step apart (3-bit mantissa)
+        torch.testing.assert_close(b.float(), a.float(), rtol=0.125, atol=2 ** -9)
+
+
 def _engine_run(model, req, chunk):
     return Engine(model, Ids, max_batch=2, max_len=128, prefill_chunk=chunk).generate([req])[0]
 

@@ -122,7 +122,7 @@ def prefill_bidirectional(model, pool: KVCache, row: int, ids: list[int], pos: l
     # cos/sin of the whole of Part A at once (n x rotary dim: small): dynamic NTK sees Part A's length
     rope = None if model.rotary is None else model.rotary(pos_t, bpos_t, x.dtype)
     q_all = None
-    view = _RowsView(pool, row, 1, n)
+    rows = torch.zeros(1, 1, dtype=torch.long, device=device)
     full = AttentionMask("full")
     for i, block in enumerate(model.layers):
         att = block.self_attn
@@ -132,7 +132,8 @@ def prefill_bidirectional(model, pool: KVCache, row: int, ids: list[int], pos: l
             if q_all is None:
                 q_all = q.new_empty(1, n, *q.shape[2:])                 # (1, n, H, D), reused by every layer
             q_all[:, s:e] = q
-            keys, values = view.update(i, t(list(range(s, e))), k, v)   # after the last chunk: (1, n, Hkv, D)
+            # read back only after the last chunk: (1, n, Hkv, D) (an upcast copy when the pool is fp8)
+            keys, values = pool.update(i, row, rows, t(list(range(s, e))), k, v, n if e == n else 0)
         for s, e in spans:                                              # (2) each chunk against all of them
             xs = x[:, s:e]
             a = block.input_layernorm(xs)
