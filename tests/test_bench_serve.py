@@ -19,6 +19,7 @@ from glmkit.bench.serve import (  # noqa: E402
     levels,
     running,
     summary,
+    table,
     wait_ready,
     workload,
 )
@@ -36,6 +37,15 @@ def test_levels_and_summary():
     assert r["tokens_per_s"] == 8.0 and r["tokens"] == 16 and r["exact"] is False
     assert r["p50_ms"] == pytest.approx(250.0) and r["p99_ms"] == pytest.approx(397.0)     # numpy's linear
     assert r["ttft_p50_ms"] == pytest.approx(25.0)
+
+
+def test_table():
+    g = {"tokens_per_s": 300.0, "p50_ms": 1000.4, "p99_ms": 2500.6, "ttft_p50_ms": 50.0, "ttft_p99_ms": 80.2}
+    h = {"tokens_per_s": 100.0, "p50_ms": 3000.0, "p99_ms": 9000.0, "ttft_p50_ms": 70.0, "ttft_p99_ms": 99.0}
+    rows = table([(32, 64, {"glmkit": g, "hf": h}), (1, 8, {"glmkit": g})])
+    assert rows[2:] == ["| 32 | 64 | 300.0 | 100.0 | 3.00x | 1,000 / 2,501 | 3,000 / 9,000 | 50 / 80 | 70 / 99 |",
+                        "| 1 | 8 | 300.0 | - | - | 1,000 / 2,501 | - | 50 / 80 | - |"]
+    assert rows[0].count("|") == rows[1].count("|") == rows[2].count("|")
 
 
 def test_workload_is_the_same_for_a_seed_and_new_per_level(bilingual_tokenizer):
