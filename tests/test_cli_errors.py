@@ -123,6 +123,7 @@ CASES = [
     ("eval-passkey-checkpoint-missing", ["eval", "passkey", "{missing}"], "checkpoint"),
     ("eval-passkey-lengths-type", ["eval", "passkey", "{run}", "--lengths", "long"], "--lengths"),
     ("eval-passkey-lengths-zero", ["eval", "passkey", "{run}", "--lengths", "0"], "--lengths"),
+    ("eval-passkey-kv-dtype", ["eval", "passkey", "{run}", "--kv-dtype", "int8"], "--kv-dtype"),
     ("eval-passkey-too-long", ["eval", "passkey", "{run}", "--lengths", "100K"], "--lengths 102400 needs"),
     ("eval-passkey-too-short", ["eval", "passkey", "{run}", "--lengths", "16"], "--lengths 16 is shorter"),
     ("eval-passkey-depths-range", ["eval", "passkey", "{run}", "--depths", "0,1.5"], "--depths"),

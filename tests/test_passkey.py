@@ -106,6 +106,13 @@ def test_a_model_that_copies_finds_every_key(objective):
     assert len({t["key"] for t in report["trials"]}) > 20          # one key per trial, not one per run
 
 
+def test_the_copying_model_with_an_fp8_kv_cache():
+    """Keys and values stored as float8_e4m3fn (glmkit.model.kv_cache) keep every key retrievable."""
+    from dataclasses import replace
+    report = passkey_eval(copier(), TOK, "glm", replace(GRID, kv_dtype="fp8"))
+    assert report["accuracy"] == [[1.0] * 3] * 3 and report["config"]["kv_dtype"] == "fp8"
+
+
 @pytest.mark.parametrize("objective", ["glm", "clm"])
 def test_a_random_model_finds_none(objective):
     report = passkey_eval(untrained(), TOK, objective, GRID)

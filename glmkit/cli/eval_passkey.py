@@ -15,7 +15,13 @@ import argparse
 import json
 from pathlib import Path
 
-from glmkit.cli.options import check_device, check_output_file, existing_dir, positive_int
+from glmkit.cli.options import (
+    add_memory_arguments,
+    check_device,
+    check_output_file,
+    existing_dir,
+    positive_int,
+)
 from glmkit.eval.passkey import FILLERS, PasskeyConfig, parse_depths, parse_lengths
 
 
@@ -39,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--objective", choices=("glm", "clm"),
                         help="read the prompt as a GLM Part A + [gMASK] (glm) or causally (clm); default: as trained")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
-    parser.add_argument("--quantize", choices=("int8", "int4"), default=None, help="weight-only quantized linear layers")
+    add_memory_arguments(parser)
     parser.add_argument("--out", help="the report JSON (default: CHECKPOINT/passkey.json)")
     parser.add_argument("--plot", help="the heat map, .png / .pdf / .svg (default: the report's name with .png)")
 
@@ -47,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = PasskeyConfig(lengths=parse_lengths(args.lengths), depths=parse_depths(args.depths), trials=args.trials,
                         digits=args.digits, filler=args.filler, seed=args.seed, batch=args.batch,
-                        prefill_chunk=args.prefill_chunk).validate()
+                        prefill_chunk=args.prefill_chunk, kv_dtype=args.kv_dtype).validate()
     check_device(args.device)
     out = check_output_file(args.out or Path(args.checkpoint) / "passkey.json", "--out", (".json",))
     plot = check_output_file(args.plot or out.with_suffix(".png"), "--plot", (".png", ".pdf", ".svg"))

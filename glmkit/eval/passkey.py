@@ -63,6 +63,7 @@ class PasskeyConfig:
     seed: int = 0
     batch: int = 4                      # prompts decoded at once (KV-cache rows of the engine)
     prefill_chunk: int = 512            # most prompt tokens the engine feeds per request per step
+    kv_dtype: str = "auto"              # the KV cache's storage dtype (glmkit.model.kv_cache): auto | fp32 | bf16 | fp16 | fp8
 
     def validate(self) -> PasskeyConfig:
         def bad(option, what):
@@ -222,7 +223,7 @@ def passkey_eval(model, tok, objective: str, cfg: PasskeyConfig,
         raise GlmkitError(f"--lengths {min(cfg.lengths)} is shorter than the instruction, needle and question "
                           f"(~{fixed} tokens with this tokenizer); use lengths of at least {fixed + 8}")
     engine = Engine(model, tok, max_batch=min(cfg.batch, cfg.trials * len(cfg.depths)),
-                    max_len=longest + 1 + n_new, prefill_chunk=cfg.prefill_chunk)
+                    max_len=longest + 1 + n_new, prefill_chunk=cfg.prefill_chunk, kv_dtype=cfg.kv_dtype)
     filler = Filler(tok, cfg.filler, longest, cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     sampling = SamplingConfig(max_new_tokens=n_new)
