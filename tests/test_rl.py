@@ -231,6 +231,21 @@ def test_tool_episodes_reward_the_checked_answer_and_keep_the_ids_read_and_sampl
     assert batch.targets[batch.loss_mask].tolist() == [t for i in ids for t in i]
 
 
+def test_attempts_decoded_together_sample_what_they_sample_one_at_a_time(chat_tok):
+    from glmkit.eval.toolrl import ToolEpisodes
+    from glmkit.eval.tooltasks import ToolSuite
+
+    task = ToolSuite(seed=0, per_split={"train": 1, "heldout": 0}, families=("functions",),
+                     langs=("en",)).tasks("train")[0]
+    model = tiny_model(vocab_size=chat_tok.vocab_size, max_position_embeddings=4096)
+    play = lambda n: ToolEpisodes([task], None, max_new_tokens=6, max_rounds=2, concurrency=n).play(  # noqa: E731
+        model, chat_tok, task, [11, 12, 13], causal=False, max_len=4096)
+    alone, together = play(1), play(3)
+    assert [e.rounds for e in together] == [e.rounds for e in alone]
+    assert [e.reward for e in together] == [e.reward for e in alone]
+    assert len({tuple(e.rounds[0][1]) for e in alone}) > 1          # the seeds drew different attempts
+
+
 def test_an_rl_run_resumes_exactly(chat_tok, tmp_path):
     init = _init_checkpoint(chat_tok, tmp_path / "init")
     prompts = [chat_tok.encode(f"[gMASK]<sop><|user|>\nQuestion {i}?<|assistant|>", allow_special=True)

@@ -51,7 +51,7 @@ def _source(cfg: TrainConfig, split: str, temperature: float):
     from glmkit.eval.toolrl import ToolEpisodes
     return ToolEpisodes.from_folder(cfg.rl_tasks, split, fmt=cfg.chat_format, temperature=temperature,
                                     max_new_tokens=cfg.rl_max_new_tokens, max_rounds=cfg.rl_max_rounds,
-                                    format_reward=cfg.rl_format_reward)
+                                    format_reward=cfg.rl_format_reward, concurrency=cfg.rl_concurrency)
 
 
 def _score(cfg: TrainConfig) -> None:

@@ -31,7 +31,7 @@ def field_help(cls=TrainConfig) -> dict[str, str]:
 
 CHAT_ONLY = ("chat_data", "chat_format", "chat_val", "init", "lora_rank", "lora_alpha", "lora_targets")   # `glmkit sft`'s options
 RL_ONLY = ("rl_tasks", "rl_group", "rl_tasks_per_batch", "rl_temperature", "rl_max_new_tokens", "rl_max_rounds",
-           "rl_scale_std", "rl_format_reward")                                               # `glmkit rl`'s
+           "rl_scale_std", "rl_format_reward", "rl_concurrency")                             # `glmkit rl`'s
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

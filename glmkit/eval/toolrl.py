@@ -11,7 +11,10 @@ answers, at most `max_rounds` replies of at most `max_new_tokens` tokens, sample
 the attempt's seed. The `python` tool is `ExactPython` (the suite's own arithmetic and `str.count`,
 computed in-process; other code gets an error observation), so an attempt needs no sandbox and is
 reproducible. All attempts at one task share one engine built over the current weights (its prefix reuse
-serves the shared prompt), never an older one.
+serves the shared prompt), never an older one. With `concurrency` > 1 that many attempts run at once in
+threads on the engine (`glmkit.infer.shared.SharedEngine`), their decode steps batched together: faster,
+and the same samples up to float rounding (a batched matmul may round differently from a single row, so
+in rare ties a sampled token can differ; with 1, a resumed run samples bit for bit the same).
 
 Reward (one number per attempt), from the attempt's transcript scored by `glmkit.eval.tooleval.score_episode`,
 the scoring of `glmkit eval tools`:
@@ -49,6 +52,7 @@ class ToolEpisodes:
     format_reward: float = 0.0
     fingerprint: str = ""
     logits_processor: object = None     # passed to every request (tests: a `glmkit.chat.agent.ScriptedModel`)
+    concurrency: int = 1                # attempts of a task run at once on one engine
 
     @classmethod
     def from_folder(cls, folder: str | Path, split: str = "train", **options) -> ToolEpisodes:
@@ -72,8 +76,36 @@ class ToolEpisodes:
     def play(self, model, tokenizer, task: ToolTask, seeds: list[int], *, causal: bool,
              max_len: int) -> list[Episode]:
         from glmkit.infer.engine import Engine
-        engine = Engine(model, tokenizer, max_batch=1, max_len=max_len)
-        return [self._attempt(engine, tokenizer, task, seed, causal) for seed in seeds]
+        workers = max(1, min(self.concurrency, len(seeds)))
+        engine = Engine(model, tokenizer, max_batch=workers, max_len=max_len)
+        if workers == 1:
+            return [self._attempt(engine, tokenizer, task, seed, causal) for seed in seeds]
+        import threading
+
+        from glmkit.infer.shared import SharedEngine
+        shared, results, failures, lock = SharedEngine(engine), [None] * len(seeds), [], threading.Lock()
+        todo = iter(range(len(seeds)))
+
+        def work():
+            view = shared.view()
+            while not failures:
+                with lock:
+                    i = next(todo, None)
+                if i is None:
+                    return
+                try:
+                    results[i] = self._attempt(view, tokenizer, task, seeds[i], causal)
+                except BaseException as e:  # handed to the caller
+                    failures.append(e)
+
+        threads = [threading.Thread(target=work, name=f"glmkit-rl-{k}", daemon=True) for k in range(workers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if failures:
+            raise failures[0]
+        return results
 
     def _attempt(self, engine, tokenizer, task: ToolTask, seed: int, causal: bool) -> Episode:
         from glmkit.infer.sampling import SamplingConfig

@@ -139,7 +139,10 @@ class TrainConfig:
     rl_scale_std: bool = False
     """RL: also divide each group's advantages by its reward standard deviation (GRPO; default: mean only)"""
     rl_format_reward: float = 0.0
-    """RL: reward added to an attempt whose every reply parsed and whose calls had readable arguments"""
+    """RL: reward added to an attempt whose every attempted call parsed cleanly and that ended with an answer"""
+    rl_concurrency: int = 1
+    """RL: attempts of a task decoded together on one engine (faster; 1: resume samples bit for bit the same,
+    more: the same up to float rounding)"""
     init: str | None = None
     """start from this model: a glmkit run or checkpoint folder, a converted HF folder or an HF folder
     (its tokenizer and config come with it)"""
@@ -230,7 +233,8 @@ class TrainConfig:
         checks = [(self.chat_format in FORMATS, f"--chat-format must be one of {', '.join(FORMATS)}"),
                   (self.rl_group >= 2, f"--rl-group must be 2 or more (got {self.rl_group}): the group's mean "
                                        "reward is each attempt's baseline"),
-                  (self.rl_tasks_per_batch >= 1, "--rl-tasks-per-batch must be positive"),
+                  (self.rl_tasks_per_batch >= 1 and self.rl_concurrency >= 1,
+                   "--rl-tasks-per-batch and --rl-concurrency must be positive"),
                   (self.rl_temperature > 0, "--rl-temperature must be positive (RL samples; 0 would be greedy)"),
                   (self.rl_max_new_tokens >= 1 and self.rl_max_rounds >= 1,
                    "--rl-max-new-tokens and --rl-max-rounds must be positive"),
