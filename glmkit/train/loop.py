@@ -275,7 +275,9 @@ def _loop(run: Run, resumed: bool, log: Callable[[str], None] | None = None) -> 
                     "measured_peak_flops": measured,
                     "world_size": info.world_size, "parallel": D.mode_of(run.module)})
     if info.is_main:
-        progress.write(f"{run.model_config.name}: {model.num_params():,} parameters, {positions:,} positions "
+        per_step = (f"{cfg.rl_tasks_per_batch * cfg.rl_group * cfg.grad_accum * info.world_size:,} sampled attempts"
+                    if rl else f"{positions:,} positions")
+        progress.write(f"{run.model_config.name}: {model.num_params():,} parameters, {per_step} "
                        f"per step on {info.world_size} x {info.device.type} ({D.mode_of(run.module)}); "
                        f"MFU against the {peak_basis}: {peak / 1e12:.3g} TFLOP/s")
     stop = _StopSignal()
