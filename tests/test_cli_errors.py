@@ -248,6 +248,7 @@ CASES = [
     ("plan-kv-dtype", ["plan", "tiny", "--kv-dtype", "int4"], "--kv-dtype"),
     # demo (its own checks of the run are the demo's; a wrong type is refused before any work)
     ("demo-max-steps-type", ["demo", "--max-steps", "many"], "--max-steps"),
+    ("demo-tool-steps-type", ["demo", "--tool-steps", "many"], "--tool-steps"),
     # the command itself
     ("unknown-verb", ["trian"], "trian"),
 ]

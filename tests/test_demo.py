@@ -12,6 +12,7 @@ from glmkit.cli import main
 from glmkit.data.objective_config import SpecialIds
 from glmkit.data.objectives import glm_sample
 from glmkit.data.tokenizer import GLMTokenizer
+from glmkit.errors import GlmkitError
 from glmkit.eval.blank_probe import WordBlank, read_blanks, summarize, unigram_readings, word_blanks
 from glmkit.model.attention import AttentionMask
 from glmkit.model.config import GLMConfig
@@ -136,7 +137,7 @@ def test_a_finished_demo_is_shown_not_rerun_or_rewritten(tmp_path, capsys):
     path = tmp_path / "demo.json"
     path.write_text(json.dumps(_record(tmp_path)))
     before = path.read_bytes()
-    assert main(["demo", "--out-dir", str(tmp_path)]) == 0
+    assert main(["demo", "--out-dir", str(tmp_path), "--no-tools-stage"]) == 0
     out = capsys.readouterr().out
     assert "holds a finished demo" in out and "bits per byte" in out and "median rank" in out
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["demo.json"]
@@ -150,6 +151,9 @@ def test_a_finished_demo_is_shown_not_rerun_or_rewritten(tmp_path, capsys):
     (["--blanks", "-2"], "--blanks"),
     (["--objective", "nope"], "--objective"),
     (["--corpus", "no/such/corpus"], "--corpus"),
+    (["--tool-families", "arithmetic,poetry"], "--tool-families"),
+    (["--tool-steps", "0"], "--tool-steps"),
+    (["--tool-lr", "0"], "--tool-lr"),
 ])
 def test_bad_options_are_refused_before_any_work(tmp_path, capsys, argv, named):
     (tmp_path / "demo.json").write_text(json.dumps(_record(tmp_path)))
@@ -167,17 +171,97 @@ def test_tiny_demo_end_to_end_then_a_rerun_keeps_its_record(tmp_path, capsys):
     tok = GLMTokenizer.train([d.text for d in docs], vocab_size=600)
     src = Source("mixed", "test", "kjv + people's daily", lambda s: iter(docs))
     corpus = build_corpus([src], tok, tmp_path / "corpus", val_fraction=0.3, seed=0)
+    # the tiny model with room for the tool-use conversations (about 2,100 tokens with this small vocabulary)
     argv = ["demo", "--out-dir", str(tmp_path / "run"), "--corpus", str(corpus.directory), "--model", "tiny",
-            "--model-overrides", "", "--max-steps", "2", "--batch-size", "2", "--seq-len", "64", "--eval-every", "1",
-            "--blanks", "2", "--no-samples", "--no-progress"]
+            "--model-overrides", "max_position_embeddings=4096", "--max-steps", "2", "--batch-size", "2",
+            "--seq-len", "64", "--eval-every", "1", "--blanks", "2", "--no-samples", "--no-progress",
+            "--tool-train", "2", "--tool-heldout", "1", "--tool-steps", "2", "--tool-batch-size", "1",
+            "--tool-max-new-tokens", "4"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "estimate:" in out and "elapsed]" in out and "word blanks (4): greedy fill exact" in out
-    record = tmp_path / "run" / "demo.json"
+    assert "| arithmetic (2) | fine-tuned |" in out and "user       What is " in out
+    record, tools = tmp_path / "run" / "demo.json", tmp_path / "run" / "tools" / "tools.json"
     rec = json.loads(record.read_text())
     assert rec["training"]["steps"] == 2 and len(rec["blanks"]) == 4
     assert rec["unigram"]["bits_per_byte"] > 0 and rec["after"]["blanks"]["all"]["n"] == 4
-    before = record.read_bytes()
+    stage = json.loads(tools.read_text())
+    assert stage["training"]["steps"] == 2 and stage["recipe"]["pretraining"] == rec["recipe"]
+    for side in ("before", "after"):           # 2 families x 2 languages x 1 task, with tools and without
+        s = stage[side]["summary"]
+        assert s["tasks"] == 4 and s["episodes"] == 8 and list(s["families"]) == ["arithmetic", "lookup"]
+    assert [t["task"] for t in stage["transcripts"]] == ["arithmetic-en-heldout-0000", "lookup-en-heldout-0000"]
+    assert stage["seq_len"] % 128 == 0 and stage["seq_len"] - 128 < stage["longest_conversation"] <= stage["seq_len"]
+    before, before_tools = record.read_bytes(), tools.read_bytes()
     assert main(argv) == 0                                        # the same command again
-    assert "holds a finished demo" in capsys.readouterr().out
-    assert record.read_bytes() == before
+    out = capsys.readouterr().out
+    assert "holds a finished demo" in out and "holds a finished tool-use stage" in out
+    assert record.read_bytes() == before and tools.read_bytes() == before_tools
+    assert main(argv[:-1] + ["5"]) == 2                           # another stage recipe: refused, nothing rewritten
+    assert "max_new_tokens 4 -> 5" in capsys.readouterr().err
+    assert tools.read_bytes() == before_tools
+    tools.unlink()                                                # as if the stage had been interrupted
+    assert main(argv[:-1] + ["5"]) == 2                           # its fine-tuning is not resumed under another recipe
+    assert "unfinished tool-use stage of another recipe" in capsys.readouterr().err
+    assert main(argv[:-1] + ["5", "--overwrite-tools"]) == 0      # the stage again, on the same pretrained model
+    assert json.loads(tools.read_text())["recipe"]["max_new_tokens"] == 5 and record.read_bytes() == before
+
+
+# ---------------------------------------------------------------------------- the tool-use stage
+
+def test_tool_stage_recipe_is_checked_and_rows_fit_the_conversations():
+    from glmkit.eval.tooldemo import ToolStage, row_length
+    assert ToolStage().validate().recipe()["families"] == ["arithmetic", "lookup"]
+    with pytest.raises(GlmkitError, match="--tool-families"):
+        ToolStage(families=("arithmetic", "poetry")).validate()
+    with pytest.raises(GlmkitError, match="--tool-steps"):
+        ToolStage(steps=0).validate()
+    assert row_length(ToolStage(), 1670, 2048) == 1792               # auto: rounded up to 128
+    assert row_length(ToolStage(seq_len=1700), 1670, 2048) == 1700
+    with pytest.raises(GlmkitError, match="shorter than the longest"):
+        row_length(ToolStage(seq_len=1024), 1670, 2048)
+    with pytest.raises(GlmkitError, match="max_position_embeddings"):
+        row_length(ToolStage(), 1670, 1024)
+
+
+def _summary(tasks, parse, em_tools, em_none):
+    m = {"tasks": tasks, "parse_rate": parse, "answer_em_with_tools": em_tools, "answer_em_without_tools": em_none}
+    return {**m, "families": {"arithmetic": m}}
+
+
+def test_before_after_table():
+    from glmkit.eval.tooldemo import before_after_table
+    before = {"summary": _summary(4, None, 0.0, 0.0)}
+    after = {"summary": _summary(4, 0.975, 0.75, 0.25)}
+    assert before_after_table(before, after) == "\n".join([
+        "| held-out tasks | model | parse rate | answer EM with tools | answer EM without tools |",
+        "|---|---|---:|---:|---:|",
+        "| all (4) | pretrained | - | 0% | 0% |",
+        "| all (4) | fine-tuned | 98% | 75% | 25% |",
+        "| arithmetic (4) | pretrained | - | 0% | 0% |",
+        "| arithmetic (4) | fine-tuned | 98% | 75% | 25% |"])
+
+
+def test_an_episode_runs_the_real_agent_loop_and_prints_as_a_transcript(chat_tok):
+    """A scripted model writes the task's call and answer: the call runs on the task's tool, the
+    transcript records it, and the demo prints it as written here."""
+    from glmkit.chat.agent import ScriptedModel
+    from glmkit.eval.tooldemo import ToolStage, episode, format_transcript
+    from glmkit.eval.tooltasks import ExactPython, ToolSuite
+    from glmkit.infer.engine import Engine
+    task = ToolSuite(per_split={"train": 0, "heldout": 1}, families=("arithmetic",), langs=("en",)).tasks("heldout")[0]
+    code = task.calls[0].args["code"]
+    script = ScriptedModel.from_texts(chat_tok, [
+        f"<think></think>\n<tool_call>python\n<arg_key>code</arg_key>\n<arg_value>{code}</arg_value>\n"
+        "</tool_call><|observation|>",
+        f"<think></think>\nIt is {task.answer}.<|user|>"])
+    torch.manual_seed(0)
+    model = GLM(GLMConfig.from_name("tiny", vocab_size=len(chat_tok), max_position_embeddings=2048)).eval()
+    events = episode(Engine(model, chat_tok, max_batch=1, max_len=2048), chat_tok, task, ToolStage(max_new_tokens=64),
+                     store=None, python=ExactPython(), logits_processor=script, clock=lambda: 0.0)
+    assert format_transcript(events) == "\n".join([
+        f"user       {task.question}",
+        f"call       python(code={json.dumps(code)})",
+        f"result     {task.answer}",
+        f"assistant  It is {task.answer}.",
+        "(end: answer, 2 rounds, 1 calls)"])

@@ -20,7 +20,7 @@ from glmkit.errors import GlmkitError
 # verb -> (module, one-line help). Keep in the order a new user meets them. A two-word name ("eval tools")
 # is a sub-verb: `glmkit eval tools ...` runs its own module, `glmkit eval ...` the verb's.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("glmkit.cli.demo", "the main job: build the default corpus, show samples, pretrain a small GLM, fill blanks"),
+    "demo": ("glmkit.cli.demo", "the main job: build the default corpus, show samples, pretrain a small GLM, fill blanks, teach it to call tools"),
     "corpus": ("glmkit.cli.corpus", "build or inspect a tokenized corpus (default: the bilingual one)"),
     "tokenizer": ("glmkit.cli.tokenizer", "train a bilingual byte-level BPE; encode/decode text"),
     "samples": ("glmkit.cli.samples", "print samples of each objective (GLM [MASK]/[sMASK]/[gMASK], MLM, CLM) on real text"),

@@ -10,12 +10,18 @@
 4. times a few training steps and prints an estimate, then pretrains a small GLM-4-shaped model with
    GLM-130B's objective mixture of [MASK] and [gMASK] (about ten minutes on 2 free cores);
 5. measures the trained model on the same blanks and text, prints the blanks before and after and a
-   summary table, writes the loss curves to a PNG and everything measured to `demo.json`.
+   summary table, writes the loss curves to a PNG and everything measured to `demo.json`;
+6. the tool-use stage (`glmkit.eval.tooldemo`; `--no-tools-stage` skips it): writes the tool-use task
+   suite, runs its held-out tasks through the agent loop with the pretrained model (with tools and
+   without), fine-tunes the model on the train conversations, runs them again, prints the before/after
+   table and a transcript of the fine-tuned model calling the sandboxed interpreter and the browser,
+   and records it all in `tools/tools.json`.
 
 Everything goes to `--out-dir` (default `runs/demo`). Options are checked before any work starts. A
 second run of the same recipe shows the recorded results of a finished demo (never rewriting them),
 or resumes an interrupted training; `--overwrite` starts over; another recipe in the same folder is
-refused (use `--overwrite` or another `--out-dir`).
+refused (use `--overwrite` or another `--out-dir`). The tool-use stage keeps its own record the same way
+(`--overwrite-tools` runs it again on the same pretrained model); a finished demo without it gains it.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -31,6 +38,9 @@ import torch
 
 from glmkit.cli.options import nonnegative_int, positive_float, positive_int
 from glmkit.errors import GlmkitError
+from glmkit.eval.tooldemo import ToolStage
+
+STAGE = ToolStage()         # the tool-use stage's defaults
 
 GENERATION_PROMPTS = ["And the LORD spake unto Moses, saying,", "中国人民"]
 
@@ -68,6 +78,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="start the training over")
     parser.add_argument("--no-samples", action="store_true", help="skip printing objective samples")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    tools = parser.add_argument_group("the tool-use stage (after pretraining; glmkit.eval.tooldemo)")
+    tools.add_argument("--no-tools-stage", action="store_true", help="stop after pretraining")
+    tools.add_argument("--tool-families", default=",".join(STAGE.families),
+                       help=f"task families taught and measured (default {','.join(STAGE.families)})")
+    tools.add_argument("--tool-train", type=positive_int, default=STAGE.train,
+                       help=f"train conversations per family and language (default {STAGE.train})")
+    tools.add_argument("--tool-heldout", type=positive_int, default=STAGE.heldout,
+                       help=f"held-out tasks per family and language (default {STAGE.heldout})")
+    tools.add_argument("--tool-steps", type=positive_int, default=STAGE.steps,
+                       help=f"fine-tuning steps (default {STAGE.steps})")
+    tools.add_argument("--tool-batch-size", type=positive_int, default=STAGE.batch_size,
+                       help=f"fine-tuning rows per step (default {STAGE.batch_size})")
+    tools.add_argument("--tool-seq-len", type=nonnegative_int, default=STAGE.seq_len,
+                       help="fine-tuning row length (default 0: the longest conversation, rounded up to 128)")
+    tools.add_argument("--tool-lr", type=positive_float, default=STAGE.lr,
+                       help=f"fine-tuning peak learning rate (default {STAGE.lr:g})")
+    tools.add_argument("--tool-max-new-tokens", type=positive_int, default=STAGE.max_new_tokens,
+                       help=f"most tokens per model reply when measuring (default {STAGE.max_new_tokens})")
+    tools.add_argument("--overwrite-tools", action="store_true",
+                       help="run the tool-use stage again (the pretraining and its results stay)")
 
 
 class _Clock:
@@ -253,14 +283,19 @@ def run(args: argparse.Namespace) -> int:
 
     clock = _Clock()
     cfg = validate(args)
+    stage = tool_stage(args)
     recipe = _recipe(args)
     rec = None if args.overwrite else recorded(args.out_dir, recipe)
+    if stage is not None and rec is not None and not args.overwrite_tools:
+        recorded_tools(args.out_dir, tools_recipe(recipe, stage))      # another stage recipe: refused now
     if rec is not None:
         print(f"{args.out_dir} holds a finished demo ({rec['finished']}); its recorded results "
               f"(--overwrite runs it again):\n\n{summary_table(rec)}")
-        return 0
+        return 0 if stage is None else run_tools_stage(args, stage, recipe, clock, first=6)
     if args.overwrite:
         (Path(args.out_dir) / "demo.json").unlink(missing_ok=True)
+    # a tool stage left in the folder was built on a pretrained model that this run replaces
+    shutil.rmtree(Path(args.out_dir) / "tools", ignore_errors=True)
 
     _heading("1. the default bilingual corpus and tokenizer", clock)
     corpus = default_corpus(progress=True) if args.corpus is None else Corpus.open(args.corpus)
@@ -336,4 +371,156 @@ def run(args: argparse.Namespace) -> int:
     tmp.write_text(json.dumps(rec, ensure_ascii=False, indent=1) + "\n")
     os.replace(tmp, path)
     print(f"\n{summary_table(rec)}\n\nloss curves: {png}\nrecorded: {path}")
+    return 0 if stage is None else run_tools_stage(args, stage, recipe, clock, first=6)
+
+
+# ------------------------------------------------------------------------------------------ tool use
+
+def tool_stage(args) -> ToolStage | None:
+    """The tool-use stage's recipe from the options (checked now), or None with --no-tools-stage."""
+    if args.no_tools_stage:
+        return None
+    families = tuple(f.strip() for f in args.tool_families.split(",") if f.strip())
+    return ToolStage(families=families, train=args.tool_train, heldout=args.tool_heldout, steps=args.tool_steps,
+                     batch_size=args.tool_batch_size, seq_len=args.tool_seq_len, lr=args.tool_lr,
+                     max_new_tokens=args.tool_max_new_tokens).validate()
+
+
+def tools_recipe(recipe: dict, stage: ToolStage) -> dict:
+    return {"pretraining": recipe, **stage.recipe()}
+
+
+def recorded_tools(out_dir: str | Path, recipe: dict) -> dict | None:
+    """The results of a finished tool-use stage of `recipe` in `out_dir/tools`, or None. Another recipe
+    there is a GlmkitError (its results are replaced only with --overwrite-tools)."""
+    path = Path(out_dir) / "tools" / "tools.json"
+    if not path.is_file():
+        return None
+    try:
+        rec = json.loads(path.read_text())
+    except ValueError:
+        raise GlmkitError(f"{path} is not valid JSON; pass --overwrite-tools to run the tool-use stage again") from None
+    old = rec.get("recipe") or {}
+    if old == recipe:
+        return rec
+    diff = ", ".join(f"{k} {old.get(k)!r} -> {recipe[k]!r}" for k in recipe if old.get(k) != recipe[k])
+    raise GlmkitError(f"{path.parent} holds a finished tool-use stage with another recipe ({diff}); pass "
+                      "--overwrite-tools to replace it (the pretraining stays), or --no-tools-stage")
+
+
+def _claim(folder: Path, recipe: dict) -> None:
+    """Mark `folder` as this stage recipe's; an unfinished stage of another recipe there is refused (its
+    fine-tuning would resume under the wrong options)."""
+    path = folder / "recipe.json"
+    if path.is_file() and json.loads(path.read_text()) != recipe:
+        raise GlmkitError(f"{folder} holds an unfinished tool-use stage of another recipe; pass --overwrite-tools "
+                          "to start it over, or run it with its own options to finish it")
+    folder.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(recipe, indent=1) + "\n")
+
+
+def _python_for_transcript(workspace: Path):
+    """The sandboxed interpreter where this machine has one, else the suite's exact arithmetic (and why)."""
+    from glmkit.chat.sandbox import Sandbox, sandbox_problem
+    from glmkit.eval.tooltasks import ExactPython
+    problem = sandbox_problem()
+    if problem is None:
+        return Sandbox(workspace), "the sandboxed interpreter (glmkit.chat.sandbox)"
+    return ExactPython(), f"ExactPython: no sandbox on this machine ({problem}; scripts/setup_sandbox.sh)"
+
+
+def run_tools_stage(args, stage: ToolStage, recipe: dict, clock: _Clock, first: int) -> int:
+    """Fine-tune the pretrained demo model in `args.out_dir` on the tool-use suite, measure it before and
+    after on held-out tasks, print the table and a transcript; recorded in `out_dir/tools/tools.json`."""
+    from glmkit.chat.docstore import DocStore
+    from glmkit.checkpoint.loader import load
+    from glmkit.eval import tooldemo
+    from glmkit.eval.tooleval import read_tasks
+    from glmkit.infer.engine import Engine
+    from glmkit.train.loop import train
+
+    folder = Path(args.out_dir) / "tools"
+    recipe = tools_recipe(recipe, stage)
+    if args.overwrite_tools or args.overwrite:
+        shutil.rmtree(folder, ignore_errors=True)
+    rec = recorded_tools(args.out_dir, recipe)
+    if rec is not None:
+        print(f"\n{folder} holds a finished tool-use stage ({rec['finished']}; --overwrite-tools runs it "
+              f"again):\n\n{tools_summary(rec)}")
+        return 0
+    _claim(folder, recipe)
+    t0 = time.time()
+    families = ", ".join(stage.families)
+    _heading(f"{first}. tool use: the task suite ({families}; English and Chinese), {stage.train} train "
+             f"conversations and {stage.heldout} held-out tasks per family and language", clock)
+    suite, paths = tooldemo.write_stage_suite(stage, folder / "suite")
+    train_rows = len(suite.tasks("train"))
+    print(f"  {train_rows} train conversations ({tooldemo.FORMAT}) in {paths['train']}; "
+          f"{len(suite.tasks('heldout'))} held-out tasks; {len(suite.documents())} invented documents in "
+          f"{paths['store']}")
+    pretrained = load(args.out_dir)
+    tok = pretrained.tokenizer
+    longest = tooldemo.longest_conversation(paths["train"], tok)
+    seq_len = tooldemo.row_length(stage, longest, pretrained.model.config.max_position_embeddings)
+    tasks = read_tasks(paths["heldout_tasks"])
+    store = DocStore(paths["store"])
+
+    _heading(f"{first + 1}. the pretrained model on the {len(tasks)} held-out tasks, with their tools and "
+             "without", clock)
+    before = tooldemo.measure(Engine(pretrained.model, tok, max_batch=8), tok, tasks, stage, store=store)
+    print(before["table"])
+
+    _heading(f"{first + 2}. fine-tuning on the {train_rows} conversations ({tooldemo.FORMAT} format, loss on the "
+             f"assistant's turns): {stage.steps} steps of {stage.batch_size} x {seq_len}", clock)
+    cfg = tooldemo.sft_config(stage, init=args.out_dir, chat_data=paths["train"], out_dir=folder / "sft",
+                              seq_len=seq_len, progress=not args.no_progress)
+    t_train = time.time()
+    metrics = train(cfg, log=lambda line: print(line, flush=True))
+    if metrics["interrupted"]:
+        print(f"interrupted at step {metrics['step']}; run the same command again to continue")
+        return 130
+    train_minutes = (time.time() - t_train) / 60
+
+    _heading(f"{first + 3}. the fine-tuned model on the same held-out tasks", clock)
+    tuned = load(folder / "sft")
+    engine = Engine(tuned.model, tok, max_batch=8)
+    after = tooldemo.measure(engine, tok, tasks, stage, store=store)
+    print(after["table"])
+
+    _heading(f"{first + 4}. the fine-tuned model at work: the first English held-out task of each family", clock)
+    python, python_name = _python_for_transcript(folder / "workspace")
+    transcripts = []
+    try:
+        for family in stage.families:
+            task = next(t for t in tasks if t.family == family and t.lang == "en")
+            events = tooldemo.episode(engine, tok, task, stage,
+                                      store=store, python=python)
+            transcripts.append({"task": task.id, "answer": task.answer, "events": events})
+    finally:
+        if hasattr(python, "close"):
+            python.close()
+    rec = {"recipe": recipe, "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+           "minutes": round((time.time() - t0) / 60, 2), "seq_len": seq_len, "longest_conversation": longest,
+           "python_in_transcripts": python_name,
+           "training": {"steps": metrics["step"], "loss": metrics["loss"], "minutes": round(train_minutes, 2),
+                        "tok_per_s": metrics.get("tok_per_s")},
+           "before": before, "after": after, "transcripts": transcripts}
+    path = folder / "tools.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(rec, ensure_ascii=False, indent=1) + "\n")
+    os.replace(tmp, path)
+    print(f"\n{tools_summary(rec)}\n\nrecorded: {path}; the whole demo took {clock} (minutes:seconds)")
     return 0
+
+
+def tools_summary(rec: dict) -> str:
+    """The recorded tool-use stage: the before/after table and the transcripts."""
+    from glmkit.eval.tooldemo import before_after_table, format_transcript
+    r, t = rec["recipe"], rec["training"]
+    lines = [f"tool use: {t['steps']} fine-tuning steps of {r['batch_size']} x {rec['seq_len']} in "
+             f"{t['minutes']:.1f} min (the stage {rec['minutes']:.1f} min); final loss {t['loss']:.3f} "
+             "(nats per assistant token)", "", before_after_table(rec["before"], rec["after"]), "",
+             f"transcripts (python: {rec['python_in_transcripts']}):"]
+    for tr in rec["transcripts"]:
+        lines += ["", f"[{tr['task']}; expected answer {tr['answer']}]", format_transcript(tr["events"])]
+    return "\n".join(lines)
