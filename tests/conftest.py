@@ -1,4 +1,5 @@
-"""Fixtures shared by the test modules; the plain helpers they use are in tests/helpers.py.
+"""Fixtures shared by the test modules; the plain helpers they use are in tests/helpers.py (and, for
+the `glmkit serve` tests, tests/serve_helpers.py).
 
 Session-scoped fixtures build an expensive thing once for the whole run. They are shared: a test that
 changes one (writes into a run directory, trains a model) works on a copy (`shutil.copytree`,
@@ -90,3 +91,39 @@ def glm4_tok(tmp_path_factory):
     file = tmp_path_factory.mktemp("glm4_tok") / "tokenizer.json"
     backend.save(str(file))
     return GLMTokenizer.load(file)
+
+
+# ---------------------------------------------------------------------------- the OpenAI server (test_serve_*.py)
+# One server per test module, as before the tests were split: a module's tests share it (the
+# script's markers keep their replies apart) and it stops when the module ends.
+
+@pytest.fixture(scope="module")
+def chat_model(chat_tok):
+    """A tiny random GLM over `chat_tok`'s vocabulary (1024 positions), the same in every module."""
+    from glmkit.model.config import GLMConfig
+    from glmkit.model.glm import GLM
+    torch.manual_seed(0)
+    return GLM(GLMConfig.from_name("tiny", vocab_size=len(chat_tok), max_position_embeddings=1024)).eval()
+
+
+@pytest.fixture(scope="module")
+def served_script(chat_tok):
+    """The shared server's `serve_helpers.Script`: a test adds its marker, then reads the prompts."""
+    from serve_helpers import Script
+    return Script(chat_tok)
+
+
+@pytest.fixture(scope="module")
+def served(chat_model, chat_tok, served_script):
+    """(server, base_url) of the module's glmkit server: 16 rows, a queue of 128, keepalives every 0.5 s."""
+    from serve_helpers import serving
+    with serving(chat_model, chat_tok, max_batch=16, processor_hook=served_script, keepalive_s=0.5,
+                 max_waiting=128) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def served_client(served):
+    """The official `openai` client of the module's server."""
+    import openai
+    return openai.OpenAI(base_url=served[1], api_key="unused", max_retries=0, timeout=60)
