@@ -37,7 +37,7 @@ def _reference(q, k, v, batch):
 
 @pytest.mark.parametrize("rows", list(ROWS))
 @pytest.mark.parametrize("layout", ["glm", "span"])
-@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+@pytest.mark.parametrize("backend", ["sdpa", "flex", "segments"])
 def test_backends_match_reference(rows, layout, backend):
     batch = make_batch(ROWS[rows], T=24, layout=layout)
     q, k, v = _qkv(*batch.shape)
@@ -195,6 +195,35 @@ def test_split_backend_through_each_varlen_signature(monkeypatch, fake, heads):
     torch.testing.assert_close(q.grad, q2.grad, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("heads", [(4, 4), (4, 2)], ids=["mha", "gqa"])
+def test_segments_gradients_match_the_dense_mask(heads):
+    """The segments backend (no mask, one sample at a time) gives the dense reference's outputs and
+    gradients on packed, padded rows of GLM, CLM and MLM samples."""
+    batch = make_batch(ROWS["packed"], T=24)
+    H, Hkv = heads
+    grads = {}
+    for backend in ("sdpa", "segments"):
+        torch.manual_seed(0)
+        q, k, v = (x.requires_grad_() for x in _qkv(*batch.shape, H=H, Hkv=Hkv))
+        mask = make_attention_mask(batch, backend)
+        assert mask.backend == backend
+        out = attend(q, k, v, mask)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        grads[backend] = (out, q.grad, k.grad, v.grad)
+    for a, b in zip(grads["sdpa"], grads["segments"]):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+
+
+def test_auto_on_the_cpu_takes_segments_for_long_rows():
+    import glmkit.model.attention as att
+    long = make_batch([[("glm", 880, [20, 7]), ("clm", 100)], [("mlm", 1000)]], T=att.SEGMENTS_MIN_LEN)
+    assert resolve_backend("auto", "cpu", torch.float32, long) == "segments"
+    assert resolve_backend("auto", "cpu", torch.float32, make_batch(ROWS["packed"], T=24)) == "sdpa"
+    span = make_batch([[("glm", 880, [20, 7])]], T=att.SEGMENTS_MIN_LEN, layout="span")
+    assert resolve_backend("auto", "cpu", torch.float32, span) == "sdpa"
+    assert resolve_backend("segments", "cpu", torch.float32, span) == "sdpa"       # documented fallback
+
+
 def test_backend_resolution():
     batch = make_batch(ROWS["one_sample"], T=24)
     assert resolve_backend("auto", "cpu") == "sdpa"
@@ -282,7 +311,7 @@ def test_random_packed_rows_every_path_matches_reference(seed):
         batch = make_batch(rows, T=32, layout=layout, seed=seed)
         q, k, v = _qkv(*batch.shape)
         ref = _reference(q, k, v, batch)
-        for backend in ("sdpa", "flex"):
+        for backend in ("sdpa", "flex", "segments"):
             torch.testing.assert_close(attend(q, k, v, make_attention_mask(batch, backend)), ref,
                                        atol=2e-5, rtol=1e-4)
         assert split_applies(batch) == (layout == "glm" or all(

@@ -98,9 +98,13 @@ def max_glm_length(cfg: ObjectiveConfig, seq_len: int) -> int:
 
 
 def chunk_length(cfg: ObjectiveConfig, seq_len: int) -> int:
-    """Longest piece of a document that becomes one sample fitting a row of seq_len tokens."""
+    """Longest piece of a document that becomes one sample fitting a row of seq_len tokens: the row for
+    MLM and CLM, the row less [gMASK]'s two tokens when every sample is a [gMASK] one, else the
+    [MASK] bound of `max_glm_length` (~91% of a long row: 2 tokens per ~3.2 masked)."""
     if cfg.kind != "glm":
         return seq_len
+    if cfg.mixture[0] == cfg.mixture[1] == 0 and seq_len - 2 >= cfg.min_length:
+        return seq_len - 2
     c = max_glm_length(cfg, seq_len)
     if c < cfg.min_length:
         need = next(T for T in range(seq_len, 100 * seq_len + 100) if max_glm_length(cfg, T) >= cfg.min_length)

@@ -30,8 +30,17 @@ Backends (`BACKENDS`, chosen by name: a run's option, set on the model with
           as keys, causal with flash's bottom-right alignment. Work done: a^2 + ab + b^2/2 per sample,
           exactly the mask's. Applies only when each sample's Part B is one causal run (`glm` layout,
           MLM, CLM); the `span` layout falls back to flex.
+- `segments` any device, no mask at all: the split's decomposition with stock SDPA, one sample at
+          a time (a Python loop over the samples of the rows, planned on the host): Part A
+          bidirectional over itself, Part B as the last rows of a causal SDPA over the whole sample
+          (which computes the Part A rows' causal triangle once more and drops it: a^2 + (a+b)^2/2
+          of work, against the dense mask's T^2 per row). Memory O(T) instead of the dense mask's
+          O(T^2), which on the CPU is worse than it looks: SDPA turns the bool mask into a float one
+          (4 bytes an entry) in every layer and keeps it for the backward (at 8K tokens 256 MB per
+          layer). The long-context CPU training path. Applies where the split does (else sdpa).
 - `auto`  CUDA: split when it applies, the dtype is half precision and rows are at least
-          `SPLIT_MIN_LEN` long, else flex; CPU: sdpa. The length rule comes from DESIGN.md §4's kernel
+          `SPLIT_MIN_LEN` long, else flex; CPU: segments when it applies and rows are at least
+          `SEGMENTS_MIN_LEN` long, else sdpa. The length rule comes from DESIGN.md §4's kernel
           table (one H200, fwd+bwd, head dim 64): at 1024 tokens Flex beat the split (1.11 vs 1.34 ms at
           90% Part A, 0.93 vs 1.15 at 50%), at 4096 the split beat Flex (2.93 vs 4.11, 2.47 vs 2.98);
           the two cross near 2048. Re-measure with `glmkit bench train --attention-table` on your card.
@@ -65,8 +74,9 @@ from glmkit.batch import Batch, dense_mask
 from glmkit.errors import GlmkitError
 from glmkit.model import rope_scaling
 
-BACKENDS = ("auto", "sdpa", "flex", "split")
+BACKENDS = ("auto", "sdpa", "flex", "split", "segments")
 SPLIT_MIN_LEN = 2048     # `auto` picks split only for rows at least this long (see the docstring)
+SEGMENTS_MIN_LEN = 1024  # `auto` on the CPU picks segments for rows at least this long (BENCHMARKS.md)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -163,15 +173,16 @@ class SplitPlan:
 class MaskPlan:
     """The host-side part of a batch's mask: the backend that runs ("causal" / "full" when no row needs
     a mask) and, for split, the flat-token plan (CPU tensors until `to` moves them)."""
-    backend: str                          # "sdpa" | "flex" | "split" | "causal" | "full"
+    backend: str                          # "sdpa" | "flex" | "split" | "segments" | "causal" | "full"
     split: SplitPlan | None = None
+    runs: tuple[tuple[int, int, int, int], ...] | None = None    # segments: `segment_runs`
 
     def to(self, device: str | torch.device, non_blocking: bool = False) -> MaskPlan:
         split = self.split.to(device, non_blocking) if self.split is not None else None
-        return MaskPlan(self.backend, split)
+        return MaskPlan(self.backend, split, self.runs)
 
     def pin_memory(self) -> MaskPlan:
-        return MaskPlan(self.backend, self.split.pin_memory() if self.split is not None else None)
+        return MaskPlan(self.backend, self.split.pin_memory() if self.split is not None else None, self.runs)
 
 
 @dataclass
@@ -181,6 +192,7 @@ class AttentionMask:
     dense: torch.Tensor | None = None     # sdpa: (B, 1, Tq, Tk) bool, True = visible
     block_mask: Any = None                # flex: torch BlockMask
     plan: SplitPlan | None = None         # split
+    runs: tuple[tuple[int, int, int, int], ...] | None = None    # segments: (row, start, sep, end) per sample
     kv_len: int | None = None             # attend to the first kv_len keys only (a KV cache's filled
                                           # slots, eager decoding); None = every key
     flex_options: dict | None = None      # flex on CUDA: FlexKernelOptions (see `check_flex_options`)
@@ -191,9 +203,12 @@ def resolve_backend(backend: str, device: torch.device | str, dtype: torch.dtype
     if backend not in BACKENDS:
         raise GlmkitError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     cuda = torch.device(device).type == "cuda"
+    if backend == "segments":
+        return "segments" if batch is None or split_applies(batch) else "sdpa"     # the span layout: dense
     if backend == "auto":
         if not cuda:
-            return "sdpa"
+            long_rows = batch is not None and batch.input_ids.shape[1] >= SEGMENTS_MIN_LEN
+            return "segments" if long_rows and split_applies(batch) else "sdpa"
         half = dtype in (torch.float16, torch.bfloat16)
         long_rows = batch is None or batch.input_ids.shape[1] >= SPLIT_MIN_LEN
         return "split" if half and long_rows and split_available() and (batch is None or split_applies(batch)) \
@@ -222,6 +237,8 @@ def plan_mask(batch: Batch, backend: str = "sdpa", device: str | torch.device = 
         backend = "sdpa"
     if backend == "split":
         return MaskPlan("split", split_plan(batch, device="cpu"))
+    if backend == "segments":
+        return MaskPlan("segments", runs=segment_runs(batch))
     return MaskPlan(backend)
 
 
@@ -241,6 +258,8 @@ def make_attention_mask(batch: Batch, backend: str = "sdpa", dtype: torch.dtype 
         return AttentionMask("sdpa", dense=dense_mask(batch)[:, None])
     if plan.backend == "flex":
         return AttentionMask("flex", block_mask=_block_mask(batch), flex_options=flex_options)
+    if plan.backend == "segments":
+        return AttentionMask("segments", runs=plan.runs)
     return AttentionMask("split", plan=plan.split)
 
 
@@ -295,6 +314,12 @@ def split_applies(batch: Batch) -> bool:
         if part_b.size and (part_b != part_b[0]).any():
             return False
     return True
+
+
+def segment_runs(batch: Batch) -> tuple[tuple[int, int, int, int], ...]:
+    """(row, start, Part A end, end) of every sample of every row (padding is one bidirectional run)."""
+    seg, sep = _host(batch.segment_ids), _host(batch.sep)
+    return tuple((b, s, min(max(int(sep[b, s]), s), e), e) for b, s, e in _samples(seg))
 
 
 def split_plan(batch: Batch, device: str | torch.device | None = None) -> SplitPlan:
@@ -421,6 +446,8 @@ def attend(q, k, v, mask: AttentionMask | None = None, scale: float | None = Non
         return _split(q, k, v, mask.plan, scale)
     if mask is not None and mask.backend == "causal_tail" and k.shape[1] > q.shape[1]:
         return _causal_tail(q, k, v, scale)
+    if mask is not None and mask.backend == "segments":
+        return _segments(q, k, v, mask.runs, scale)
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)      # (B, H, T, D)
     if mask is None or mask.backend in ("causal", "full", "causal_tail"):     # causal_tail here: T == S
         causal = mask is None or mask.backend != "full"
@@ -508,3 +535,20 @@ def _split(q, k, v, plan: SplitPlan, scale):
     ob = _varlen(qf.index_select(0, plan.b_idx), kf, vf, plan.cu_b, plan.cu_k, plan.max_len, scale,
                  causal=True, gqa=gqa)                                     # causal, bottom-right aligned
     return torch.cat((oa, ob)).index_select(0, plan.inverse).view(B, T, H, D)
+
+
+def _segments(q, k, v, runs: tuple[tuple[int, int, int, int], ...], scale):
+    """The segments backend: per sample, SDPA without a mask (module docstring)."""
+    B, T, H, _ = q.shape
+    gqa = H != k.shape[2]
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)              # (B, H, T, D)
+    rows: list[list[torch.Tensor]] = [[] for _ in range(B)]
+    for b, s, a, e in runs:
+        if a > s:                                           # Part A: bidirectional over itself
+            qa, ka, va = (x[b:b + 1, :, s:a] for x in (qt, kt, vt))
+            rows[b].append(F.scaled_dot_product_attention(qa, ka, va, scale=scale, enable_gqa=gqa))
+        if e > a:                                           # Part B: the rows of a causal pass over the sample
+            qs, ks, vs = (x[b:b + 1, :, s:e] for x in (qt, kt, vt))
+            out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa)
+            rows[b].append(out[:, :, a - s:])
+    return torch.cat([torch.cat(r, dim=2) for r in rows]).transpose(1, 2)            # (B, T, H, D)

@@ -80,8 +80,8 @@ class TrainConfig:
     compile: bool = False
     """torch.compile each transformer block"""
     attention_backend: str = "auto"
-    """attention kernel: auto | sdpa | flex | split (glmkit.model.attention; a run-time choice: a run
-    resumes under another one)"""
+    """attention kernel: auto | sdpa | flex | split | segments (glmkit.model.attention; a run-time choice:
+    a run resumes under another one)"""
     flex_options: str = ""
     """FlexAttention kernel options as JSON, e.g. '{"BLOCK_M": 64, "BLOCK_N": 64}' (default: torch's)"""
     moe_impl: str = "auto"
