@@ -61,9 +61,10 @@ class WordTokenizer:
 TOK = WordTokenizer()
 
 
-def untrained(seed: int = 0, max_positions: int = 4096) -> GLM:
+def untrained(seed: int = 0, max_positions: int = 4096, **kw) -> GLM:
     torch.manual_seed(seed)
-    return GLM(GLMConfig.from_name("tiny", vocab_size=TOK.vocab_size, max_position_embeddings=max_positions)).eval()
+    return GLM(GLMConfig.from_name("tiny", vocab_size=TOK.vocab_size, max_position_embeddings=max_positions,
+                                   **kw)).eval()
 
 
 def copier(max_positions: int = 4096) -> GLM:
@@ -168,8 +169,13 @@ def test_sentences_and_answers():
 
 def test_lengths_beyond_the_context_are_refused_before_any_work():
     model = untrained(max_positions=256)
-    with pytest.raises(GlmkitError, match=r"--lengths 300 needs .* reads at most 256; use lengths up to \d+"):
+    with pytest.raises(GlmkitError, match=r"--lengths 300 needs .* reads at most 256 .*; use lengths up to \d+"):
         passkey_eval(model, TOK, "glm", PasskeyConfig(lengths=(64, 300), depths=(0.5,), trials=1, digits=2))
+    stretched = untrained(max_positions=256, rope_scaling={"rope_type": "linear", "factor": 2.0})   # reads 512
+    grid = PasskeyConfig(lengths=(400,), depths=(0.5,), trials=1, digits=2)
+    assert passkey_eval(stretched, TOK, "glm", grid)["context_limit"] == 512
+    with pytest.raises(GlmkitError, match=r"reads at most 512 \(max_position_embeddings 256, rope_scaling"):
+        passkey_eval(stretched, TOK, "glm", PasskeyConfig(lengths=(600,), depths=(0.5,), trials=1, digits=2))
     with pytest.raises(GlmkitError, match="--lengths 40 is shorter than the instruction"):
         passkey_eval(model, TOK, "glm", PasskeyConfig(lengths=(100, 40), depths=(0.5,), trials=1, digits=2))
     with pytest.raises(GlmkitError, match="objective 'mlm'"):

@@ -189,8 +189,9 @@ def answer_of(text: str) -> str | None:
 # ------------------------------------------------------------------------------------------ the run
 
 def context_limit(model) -> int:
-    """How many positions the model reads (prompt and answer together): what the engine accepts."""
-    return int(model.config.max_position_embeddings)
+    """How many positions the model reads (prompt and answer together), as the engine accepts them:
+    `max_position_embeddings` stretched by the config's RoPE scaling (`GLMConfig.context_length`)."""
+    return int(model.config.context_length)
 
 
 def answer_tokens(tok, digits: int) -> int:
@@ -217,7 +218,9 @@ def passkey_eval(model, tok, objective: str, cfg: PasskeyConfig,
     if need > limit:
         fits = limit - int(glm) - n_new
         raise GlmkitError(f"--lengths {longest} needs {need} positions (prompt{' + [gMASK]' if glm else ''} + "
-                          f"{n_new} answer tokens) but the model reads at most {limit}; use lengths up to {fits}")
+                          f"{n_new} answer tokens) but the model reads at most {limit} (max_position_embeddings "
+                          f"{model.config.max_position_embeddings}, rope_scaling {model.config.rope_scaling}); "
+                          f"use lengths up to {fits}")
     fixed = len(tok.encode(INSTRUCTION + NEEDLE.format(key="9" * cfg.digits) + QUESTION))
     if min(cfg.lengths) < fixed:
         raise GlmkitError(f"--lengths {min(cfg.lengths)} is shorter than the instruction, needle and question "
