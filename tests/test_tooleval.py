@@ -193,6 +193,26 @@ def test_wrong_arguments_and_calling_twice(engine, chat_tok, suite, store):
             a["rounds_per_task"], a["answer_em_with_tools"], a["parse_rate"]) == (0.0, 1.0, 0.0, 2.0, 3.0, 1.0, 1.0)
 
 
+def test_python_arguments_are_judged_by_what_the_code_returned(engine, chat_tok, suite, store):
+    """Valid Python that computes something else is a wrong argument; another expression of the same
+    value is a right one (the episode's own tool results decide, through the real agent loop)."""
+    arithmetic = [t for t in suite.tasks("heldout") if t.family == "arithmetic"]
+    first, second = arithmetic[:2]
+    a, b, c = (int(x) for x in first.key.split(":")[2:])
+    same = {"mul_add": f"{b} * {a} + {c}", "mul_sub": f"{b} * {a} - {c}", "sum_mul": f"{c} * ({b} + {a})",
+            "mul3": f"{c} * {b} * {a}"}[first.key.split(":")[1]]
+    codes = {first.id: same, second.id: "0 + + + 20"}
+
+    def scripts(task, tools):
+        return [glm45_reply([("python", {"code": codes[task.id]})]), glm45_reply(content=task.answer, stop="<|user|>")]
+
+    report = run(engine, chat_tok, [first, second], scripts, store)
+    by = {e.task.id: e for e in report.episodes if e.tools}
+    assert [(by[t.id].names_ok, by[t.id].args_ok, by[t.id].answer_ok) for t in (first, second)] == [
+        (True, True, True), (True, False, True)]
+    assert report.summary()["argument_exact_match"] == 0.5
+
+
 def test_a_lookup_answer_must_cite_the_document_shown(engine, chat_tok, suite, store):
     lookup = [t for t in suite.tasks("heldout") if t.family == "lookup"]
 

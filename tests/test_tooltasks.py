@@ -107,8 +107,19 @@ def test_check_answer_and_calls_on_exact_cases():
     assert check_answer(t, f"The result is {int(t.answer):,}.")
     assert not check_answer(t, f"The result is {int(t.answer) + 1}.")
     assert not check_answer(t, f"{t.answer} is not it; the answer is 12.")  # the last number counts
-    assert check_calls(t, [("python", {"code": "1 + 1"})]) == (True, True)
+    code = t.calls[0].args["code"]
+    assert check_calls(t, [("python", {"code": code})]) == (True, True)          # run here by ExactPython
+    a, b, c = (int(x) for x in t.key.split(":")[2:])
+    swapped = {"mul_add": f"{b} * {a} + {c}", "mul_sub": f"{b} * {a} - {c}", "sum_mul": f"{c} * ({b} + {a})",
+               "mul3": f"{c} * {b} * {a}"}[t.key.split(":")[1]]
+    assert check_calls(t, [("python", {"code": swapped})]) == (True, True)       # another way to the answer
+    assert check_calls(t, [("python", {"code": "0 + + + 20"})]) == (True, False)  # valid Python, wrong value
     assert check_calls(t, [("python", {"code": "1 +"})]) == (True, False)
+    assert check_calls(t, [("python", {"code": f"print({code})"})]) == (True, False)  # ExactPython cannot run it
+    # with what the calls returned (a real interpreter): judged by the result, whatever the code
+    assert check_calls(t, [("python", {"code": f"print({code})"})], [f"{t.answer}\n"]) == (True, True)
+    assert check_calls(t, [("python", {"code": code})], [str(int(t.answer) + 1)]) == (True, False)
+    assert check_calls(t, [("python", {"code": code})], [None]) == (True, False)     # the call never ran
     assert check_calls(t, []) == (False, False)
 
     f = next(t for t in SUITE.tasks("train") if t.calls[0].tool == "convert_currency")

@@ -27,7 +27,8 @@ rescored): `attempts` (tool calls the model emitted: every call the parser produ
 rejected, e.g. an undeclared name or a call cut off before its name ended), `parse_failures` (attempts
 that did not parse cleanly: rejected ones, calls whose arguments are not a JSON object, calls the parser
 reported a fault in), the parsed `calls` (name, arguments), `names_ok` / `args_ok` (`check_calls`: the
-expected tool names in order; and their arguments too), `answer` and `answer_ok` (the episode ended with
+expected tool names in order; and their arguments too, a python call's judged by what it returned in
+the episode), `answer` and `answer_ok` (the episode ended with
 an answer, `check_answer` accepts it, and for a lookup task with tools its citations name only the task's
 document and quote what the browser showed), `end` (answer | length | max_rounds | max_calls | error),
 `rounds`, `tokens` (generated), `seconds`, and the conversation (`messages`, OpenAI dicts: what an RL
@@ -121,16 +122,21 @@ def score_episode(task: ToolTask, events: list[dict], *, tools: bool, browser: B
     the episode's browser, to check that a lookup answer's quotes were shown (None: not checked)."""
     attempts = failures = tokens = 0
     calls: list[tuple[str, dict]] = []
+    call_ids: list[str | None] = []
+    results: dict[str, str] = {}
     answer, end, rounds = "", "error", 0
     for e in events:
         if e["event"] == "assistant":
             a, f, parsed = _calls_of(e["message"], e.get("parse_errors") or [])
             attempts, failures, tokens = attempts + a, failures + f, tokens + e.get("tokens", 0)
             calls += parsed
+            call_ids += [c.get("id") for c in e["message"].get("tool_calls") or []]
             answer, rounds = _text(e["message"].get("content")), e["round"]
+        elif e["event"] == "tool" and e.get("id") is not None:
+            results[e["id"]] = e.get("result") or ""
         elif e["event"] == "end":
             end, rounds = e["reason"], e["rounds"]
-    names_ok, args_ok = check_calls(task, calls)
+    names_ok, args_ok = check_calls(task, calls, [results.get(i) for i in call_ids])
     answer_ok = end == "answer" and check_answer(task, answer)
     if answer_ok and tools and task.source:
         observations = [e["result"] for e in events if e["event"] == "tool" and e.get("result")]

@@ -103,7 +103,7 @@ def _check(task: ToolTask, answer: str, calls, observations: list[str], toolbox:
     problems = []
     if not check_answer(task, answer):
         problems.append(f"the answer {answer!r} does not state {task.answer!r}")
-    if check_calls(task, calls) != (True, True):
+    if check_calls(task, calls, observations) != (True, True):
         problems.append(f"the calls {calls} are not the expected ones")
     if task.source:
         if cited_sources(answer, observations) != [task.source]:

@@ -18,8 +18,9 @@ same key is never in both, whatever the seed or the counts; within a split keys 
 Each task carries what a correct episode looks like (`ToolTask.calls`, dialect-neutral: `python`
 {code}, `search` {query}, `open` {source}, or a user function's name and arguments) and what checks
 one: `check_answer(task, text)` (the final answer; numbers compared as numbers, the last one in the
-text, citations removed) and `check_calls(task, calls)` (the tool names in order, and for user
-functions the arguments after the function's own type coercion). A lookup answer must also cite the
+text, citations removed) and `check_calls(task, calls, results)` (the tool names in order, and the
+arguments: a user function's after its own type coercion, a `python` call's by what the code returned,
+which must state the answer). A lookup answer must also cite the
 task's document (`cited_sources`). `ExactPython` computes the `python` observations of the suite's own
 code exactly, in-process, for machines without a sandbox (it evaluates only integer arithmetic and
 `str.count`).
@@ -422,19 +423,23 @@ def neutral_calls(calls: list[tuple[str, dict]]) -> list[Call]:
     return out
 
 
-def check_calls(task: ToolTask, calls: list[tuple[str, dict]]) -> tuple[bool, bool]:
+def check_calls(task: ToolTask, calls: list[tuple[str, dict]],
+                results: list[str | None] | None = None) -> tuple[bool, bool]:
     """(the tool names are the expected ones in order, and the arguments are right as well). Arguments:
     user functions exactly, after the function's own type coercion (`"250"` for a float is 250.0);
-    `python` code that is valid Python; a search whose query contains the place's name. The id opened is
-    checked through the citation (`cited_sources`)."""
+    `python` code that computes the task's answer: valid Python whose result states it (`check_answer`
+    on the result), so `(a + b) * c` and `c * (a + b)` are both right and valid but wrong code is not;
+    a search whose query contains the place's name. The id opened is checked through the citation
+    (`cited_sources`). `results`: what each call returned, in the order of `calls` (None where a call
+    never ran); without it the python code is evaluated by `ExactPython` (the suite's own forms: other
+    code counts as wrong)."""
     got = neutral_calls(calls)
     if [c.tool for c in got] != [c.tool for c in task.calls]:
         return False, False
-    for want, have in zip(task.calls, got):
+    for k, (want, have) in enumerate(zip(task.calls, got)):
         if want.tool == "python":
-            try:
-                ast.parse(str(have.args.get("code", "")))
-            except SyntaxError:
+            ran = False if results is None else (results[k] if k < len(results) else None)
+            if not _python_right(task, str(have.args.get("code", "")), ran):
                 return True, False
         elif want.tool == "search":
             if _normal(want.args["query"]) not in _normal(str(have.args.get("query", ""))):
@@ -442,6 +447,21 @@ def check_calls(task: ToolTask, calls: list[tuple[str, dict]]) -> tuple[bool, bo
         elif want.tool != "open" and not _same_arguments(want.tool, want.args, have.args):
             return True, False
     return True, True
+
+
+def _python_right(task: ToolTask, code: str, result: str | None | bool) -> bool:
+    """Whether `code` is valid Python that computed the task's answer: its `result` (None: the call never
+    ran; `False`: run it here with `ExactPython`) states the answer."""
+    try:
+        ast.parse(code)
+    except SyntaxError:
+        return False
+    if result is False:
+        try:
+            result = ExactPython().run(code).value
+        except (GlmkitError, ArithmeticError, RecursionError):
+            return False
+    return result is not None and check_answer(task, result)
 
 
 def _same_arguments(name: str, want: dict, have: dict) -> bool:
