@@ -147,7 +147,7 @@ def _glmkit_side(folder: str, job: dict) -> dict:
     from glmkit.infer.sampling import SamplingConfig
     from glmkit.model.kv_cache import decode_layout
 
-    device, L = job["device"], job["length"]
+    device = job["device"]
     model = decode_layout(from_hf(folder, dtype=DTYPES[job["dtype"]], device=device).eval())
     v = model.config.vocab_size
     ids = SimpleNamespace(sop_id=v - 1, eop_id=v - 2, eot_id=v - 3, gmask_id=v - 4)
@@ -178,19 +178,13 @@ def _glmkit_side(folder: str, job: dict) -> dict:
             raise GlmkitError(f"the engine produced {len(tokens)} token(s) instead of 2")
         return tokens[0], _minus(times[0], t0), _minus(times[1], times[0]), prefill_peak
 
-    run(_prompt(job, min(L, 256), seed=1))                         # warm-up
-    prompt = _prompt(job, L)
-    peak = _Peak(device)
-    peak.start()
-    token, prefill, decode, prefill_peak = run(prompt, peak)
-    return {"token": token, "prefill_s": prefill[0], "decode_s": decode[0], "prefill_cpu_s": prefill[1],
-            "decode_cpu_s": decode[1], "prefill_peak": prefill_peak, "peak": peak.read()}
+    return _one_point(run, job)
 
 
 def _hf_side(folder: str, job: dict) -> dict:
     from transformers import AutoModelForCausalLM
 
-    device, L = job["device"], job["length"]
+    device = job["device"]
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[job["dtype"]], attn_implementation="sdpa")
     hf = hf.to(device).eval()
 
@@ -209,11 +203,18 @@ def _hf_side(folder: str, job: dict) -> dict:
         return int(token), _minus(t1, t0), _minus(t2, t1), prefill_peak
 
     with torch.inference_mode():
-        run(_prompt(job, min(L, 256), seed=1))                     # warm-up
-        prompt = _prompt(job, L)
-        peak = _Peak(device)
-        peak.start()
-        token, prefill, decode, prefill_peak = run(prompt, peak)
+        return _one_point(run, job)
+
+
+def _one_point(run, job: dict) -> dict:
+    """One side's point: `run(prompt, peak)` -> (first token, prefill (wall, cpu), decode (wall, cpu),
+    peak at the end of prefill), once on a short prompt to warm up, then on the job's prompt with the
+    peak tracker running."""
+    run(_prompt(job, min(job["length"], 256), seed=1))             # warm-up
+    prompt = _prompt(job, job["length"])
+    peak = _Peak(job["device"])
+    peak.start()
+    token, prefill, decode, prefill_peak = run(prompt, peak)
     return {"token": token, "prefill_s": prefill[0], "decode_s": decode[0], "prefill_cpu_s": prefill[1],
             "decode_cpu_s": decode[1], "prefill_peak": prefill_peak, "peak": peak.read()}
 
