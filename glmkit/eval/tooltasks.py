@@ -438,8 +438,9 @@ def check_calls(task: ToolTask, calls: list[tuple[str, dict]],
         return False, False
     for k, (want, have) in enumerate(zip(task.calls, got)):
         if want.tool == "python":
-            ran = False if results is None else (results[k] if k < len(results) else None)
-            if not _python_right(task, str(have.args.get("code", "")), ran):
+            code = str(have.args.get("code", ""))
+            result = _exact_result(code) if results is None else (results[k] if k < len(results) else None)
+            if not _valid_python(code) or result is None or not check_answer(task, result):
                 return True, False
         elif want.tool == "search":
             if _normal(want.args["query"]) not in _normal(str(have.args.get("query", ""))):
@@ -449,19 +450,20 @@ def check_calls(task: ToolTask, calls: list[tuple[str, dict]],
     return True, True
 
 
-def _python_right(task: ToolTask, code: str, result: str | None | bool) -> bool:
-    """Whether `code` is valid Python that computed the task's answer: its `result` (None: the call never
-    ran; `False`: run it here with `ExactPython`) states the answer."""
+def _valid_python(code: str) -> bool:
     try:
         ast.parse(code)
     except SyntaxError:
         return False
-    if result is False:
-        try:
-            result = ExactPython().run(code).value
-        except (GlmkitError, ArithmeticError, RecursionError):
-            return False
-    return result is not None and check_answer(task, result)
+    return True
+
+
+def _exact_result(code: str) -> str | None:
+    """What `ExactPython` returns for `code`; None where it cannot run it."""
+    try:
+        return ExactPython().run(code).value
+    except (GlmkitError, ArithmeticError, RecursionError):
+        return None
 
 
 def _same_arguments(name: str, want: dict, have: dict) -> bool:
